@@ -1,0 +1,1 @@
+"""Benchmark harness: size, latency, memory, energy and quality of dense vs candidates, interleaved."""

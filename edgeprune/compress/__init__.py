@@ -1,0 +1,1 @@
+"""Compression: architecture adapters, importance, plans, surgery, reconstruction, sparsity, fine-tuning."""

@@ -1,0 +1,42 @@
+"""DistilBERT: q_lin/k_lin/v_lin/out_lin attention and lin1/lin2 FFN; config names differ (n_heads, dim)."""
+
+from __future__ import annotations
+
+from edgeprune.compress.adapters import register
+from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape
+from edgeprune.compress.adapters.bert import linear_slices
+
+
+@register
+class DistilBertAdapter(ArchAdapter):
+    family = "distilbert"
+    model_types = ("distilbert",)
+    auto_class = "AutoModel"
+
+    def layers(self, model):
+        return list(model.base_model.transformer.layer)
+
+    def num_layers(self, config):
+        return config.n_layers
+
+    def head_dim(self, config):
+        return config.dim // config.n_heads
+
+    def hidden_size(self, config):
+        return config.dim
+
+    def dense_shapes(self, config):
+        return [LayerShape(config.n_heads, config.n_heads, config.hidden_dim) for _ in range(config.n_layers)]
+
+    def attention_slices(self, layer):
+        attn = layer.attention
+        return (linear_slices(attn.q_lin, (Q,), IN) + linear_slices(attn.k_lin, (KV,), IN)
+                + linear_slices(attn.v_lin, (KV,), IN) + linear_slices(attn.out_lin, (Q,), OUT))
+
+    def ffn_slices(self, layer):
+        return linear_slices(layer.ffn.lin1, ("ffn",), IN) + linear_slices(layer.ffn.lin2, ("ffn",), OUT)
+
+    def set_attention_shape(self, layer, shape: LayerShape, head_dim: int) -> None:
+        # DistilBERT derives the per-head width as dim // n_heads, so both must shrink together.
+        layer.attention.n_heads = shape.heads
+        layer.attention.dim = shape.heads * head_dim

@@ -1,0 +1,132 @@
+"""``compress``: model source -> compressed artifact directory. Orchestration only; the math lives elsewhere."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeprune.artifacts import check_output_dir, staged_output
+from edgeprune.compress.plan import StructuredConfig
+from edgeprune.configs import FrozenConfig
+from edgeprune.errors import EdgePruneError
+
+
+SPARSITY_PATTERNS = ("unstructured", "N:M", "4x4")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(FrozenConfig):
+    """Calibration data for data-aware importance and reconstruction."""
+
+    path: str | None = None  # STS tsv, plain text, or a `datasets` name / local data file
+    samples: int = 256
+    max_length: int = 128
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_length < 2 or self.batch_size < 1:
+            raise EdgePruneError("calibration samples, max_length and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(FrozenConfig):
+    """Layer-wise least-squares re-fit of the kept output projections after structured pruning."""
+
+    enabled: bool = False
+    damping: float = 1e-2  # ridge term, relative to the mean diagonal of the Gram matrix
+
+
+@dataclass(frozen=True)
+class SparsityConfig(FrozenConfig):
+    """Unstructured / semi-structured sparsity; zeros stay in dense tensors."""
+
+    fraction: float = 0.0
+    pattern: str = "unstructured"  # unstructured | N:M (e.g. "2:4") | 4x4 (blocks)
+    scope: str = "local"  # local (per tensor) | global (one threshold across tensors)
+    steps: int = 1  # iterative schedule: reach `fraction` in K steps
+    finetune_each_step: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise EdgePruneError(f"--sparsity must be in [0, 1) (got {self.fraction})")
+        if self.scope not in ("local", "global"):
+            raise EdgePruneError(f"--scope must be local or global (got {self.scope!r})")
+        if self.steps < 1:
+            raise EdgePruneError(f"--steps must be >= 1 (got {self.steps})")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(FrozenConfig):
+    """Recovery fine-tuning, optionally distilling from the dense model."""
+
+    data: str | None = None
+    epochs: float = 1.0
+    distill: bool = False
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    max_steps: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None
+
+
+@dataclass(frozen=True)
+class CompressConfig(FrozenConfig):
+    """A compression recipe. Saved as ``recipe.yaml`` beside the output."""
+
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: str = "auto"
+    seed: int = 0
+
+
+def structured_prune(loaded, cfg: StructuredConfig, calib=None):
+    """Score units, allocate, cut. Returns the plan that was applied."""
+    from edgeprune.compress.importance import get_importance
+    from edgeprune.compress.plan import get_allocation
+    from edgeprune.compress.surgery import apply_plan
+
+    model, adapter = loaded.model, loaded.adapter
+    scores = get_importance(cfg.importance)(model, adapter, calib)
+    shapes = adapter.shapes(model.config)
+    plan = get_allocation(cfg.allocation)(scores, shapes, cfg, adapter, model.config)
+    plan.meta.update({"importance": cfg.importance, "allocation": cfg.allocation, "gqa_mode": cfg.gqa_mode})
+    apply_plan(model, adapter, plan)
+    return plan
+
+
+def compress(model: str | Path, out: str | Path, config: CompressConfig | None = None, overwrite: bool = False,
+             allow_pickle: bool = False) -> Path:
+    """Compress ``model`` per ``config`` and write the artifact to ``out`` (atomically)."""
+    import torch
+
+    from edgeprune.compress.artifact import save_artifact
+    from edgeprune.compress.surgery import parameter_count
+    from edgeprune.models import load_model
+
+    config = config or CompressConfig()
+    out = Path(out)
+    if Path(model).exists() and Path(model).resolve() == out.resolve():
+        raise EdgePruneError("the output directory must differ from the model directory")
+    check_output_dir(out, overwrite)  # fail before the (slow) model load
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    loaded = load_model(model, task=config.task, allow_pickle=allow_pickle)
+    dense_parameters = parameter_count(loaded.model)
+    timings = {"load_s": round(time.perf_counter() - started, 3)}
+    plan = None
+    step = time.perf_counter()
+    if config.structured.active:
+        plan = structured_prune(loaded, config.structured)
+    timings["structured_s"] = round(time.perf_counter() - step, 3)
+    timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
+    with staged_output(out, overwrite) as tmp:
+        save_artifact(tmp, loaded, config.to_dict(), parent={"model": loaded.source.to_dict()}, plan=plan,
+                      dense_parameters=dense_parameters, timings=timings)
+    return out

@@ -1,0 +1,100 @@
+"""Save a compressed model as an artifact directory and load it back with its exact per-layer shapes."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeprune.artifacts import read_manifest, write_manifest
+from edgeprune.errors import EdgePruneError
+from edgeprune.models import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
+
+PLAN_FILE = "plan.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def save_artifact(directory: Path, loaded: LoadedModel, recipe: dict[str, Any], parent: dict | None,
+                  plan=None, **extra: Any) -> dict:
+    """Write weights (safetensors), config with per-layer shapes, tokenizer, plan, recipe and manifest."""
+    import yaml
+
+    from edgeprune.compress.surgery import parameter_count, record_shapes
+
+    directory = Path(directory)
+    model = loaded.model
+    record_shapes(model, loaded.adapter.shapes(model.config))
+    model.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+    if plan is not None:
+        plan.save(directory / PLAN_FILE)
+    (directory / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return write_manifest(
+        directory, "compress", recipe, parent,
+        task=loaded.task, auto_class=TASK_CLASSES[loaded.task], model_type=model.config.model_type,
+        parameters=parameter_count(model), layer_shapes=[s.to_dict() for s in loaded.adapter.shapes(model.config)],
+        **extra,
+    )
+
+
+def _no_init():
+    try:
+        from transformers.modeling_utils import no_init_weights
+
+        return no_init_weights()
+    except ImportError:  # pragma: no cover - older/newer transformers
+        return contextlib.nullcontext()
+
+
+def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise EdgePruneError(f"{directory}: no safetensors weights in artifact")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
+    """Rebuild a compressed model: dense skeleton -> stored shapes -> load weights strictly."""
+    import transformers
+
+    from edgeprune.compress.adapters import get_adapter
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if manifest.get("stage") != "compress":
+        raise EdgePruneError(f"{directory}: a {manifest.get('stage')!r} artifact, not a compressed model")
+    config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    adapter = get_adapter(config)
+    task = task_for(adapter, task or manifest.get("task"))
+    model_cls = getattr(transformers, TASK_CLASSES[task])
+    with _no_init():
+        model = model_cls.from_config(config, dtype=torch.float32)
+    adapter.resize_to(model, adapter.shapes(config))
+    state = _read_state_dict(directory)
+    if task != manifest.get("task"):
+        # A different head than was saved: load only the shared backbone.
+        prefix = model.base_model_prefix + "."
+        state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
+    if task == manifest.get("task") and (missing or unexpected):
+        raise EdgePruneError(f"{directory}: weights do not match the stored shapes "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, ModelSource("artifact", str(directory.resolve())), adapter, task)
+
+
+def load(path: str | Path, task: str | None = None) -> LoadedModel:
+    """Public API ``edgeprune.load(OUT)``: the rebuilt model with ``.model``, ``.tokenizer``, ``.adapter``."""
+    return load_artifact(path, task=task)

@@ -1,0 +1,65 @@
+"""``edgeprune compress``. Argument parsing only; heavy imports happen inside the handler."""
+
+from __future__ import annotations
+
+import argparse
+
+# CLI flag -> StructuredConfig field. Flags left unset keep the recipe's (or the default) value.
+STRUCTURED_FLAGS = {
+    "heads": "heads", "ffn": "ffn", "importance": "importance", "allocation": "allocation",
+    "round_to": "round_to", "gqa_mode": "gqa_mode", "flops_budget": "flops_budget", "seq_len": "seq_len",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compress", help="prune (and optionally sparsify/fine-tune) a model into an artifact",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="alias (minilm, smollm2-135m), local HF dir, .gguf file, hub id or artifact")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("--recipe", help="YAML/JSON recipe; flags given on the command line override it")
+    p.add_argument("--heads", type=float, help="fraction of attention heads to remove per layer, in [0, 1)")
+    p.add_argument("--ffn", type=float, help="fraction of FFN neurons to remove per layer, in [0, 1)")
+    p.add_argument("--importance", help="importance criterion (magnitude, ...)")
+    p.add_argument("--allocation", help="uniform (per layer) or global (ranked across layers)")
+    p.add_argument("--round-to", type=int, help="keep widths a multiple of N")
+    p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
+    p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")
+    p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
+    p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights you trust")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.set_defaults(func=run_compress)
+
+
+def config_from_args(args):
+    from edgeprune.compress.api import CompressConfig
+
+    base = CompressConfig.from_file(args.recipe).to_dict() if args.recipe else CompressConfig().to_dict()
+    for flag, field in STRUCTURED_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            base["structured"][field] = value
+    for key in ("task", "seed"):
+        if getattr(args, key, None) is not None:
+            base[key] = getattr(args, key)
+    return CompressConfig.from_dict(base)
+
+
+def run_compress(args) -> int:
+    from edgeprune.artifacts import read_manifest
+    from edgeprune.cli import print_json_last
+    from edgeprune.compress.api import compress
+
+    config = config_from_args(args)
+    out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    manifest = read_manifest(out)
+    summary = {"output": str(out), "parameters": manifest["parameters"], "dense_parameters": manifest["dense_parameters"],
+               "timings": manifest["timings"]}
+    print(f"wrote {out}: {manifest['parameters']:,} parameters "
+          f"({manifest['parameters'] / manifest['dense_parameters']:.1%} of {manifest['dense_parameters']:,}), "
+          f"compress {manifest['timings']['compress_s']:.1f}s")
+    if args.json:
+        print_json_last(summary)
+    return 0

@@ -1,0 +1,66 @@
+"""Readers for the evaluation/calibration data formats (STS-B tsv, plain text such as WikiText-2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.errors import EdgePruneError
+
+
+@dataclass(frozen=True)
+class STSPair:
+    sentence1: str
+    sentence2: str
+    score: float
+
+
+def _read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise EdgePruneError(f"data file not found: {path}")
+    if not path.is_file():
+        raise EdgePruneError(f"data path is not a file: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgePruneError(f"cannot read data file {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def read_sts(path: str | Path, limit: int | None = None) -> list[STSPair]:
+    """STS-B tsv: genre, file, year, id, score, sentence1, sentence2[, extra...]. Split on tabs only:
+    sentences contain quote characters, so a CSV reader would mangle them."""
+    pairs = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        try:
+            pairs.append(STSPair(cols[5], cols[6], float(cols[4])))
+        except (IndexError, ValueError):
+            raise EdgePruneError(f"{path}:{number}: not an STS-B row (need score in column 5 and two sentences)") from None
+        if limit and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise EdgePruneError(f"{path}: no STS-B rows found")
+    return pairs
+
+
+def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
+    """Calibration sentences: both sides of an STS file, or the non-empty lines of a text file."""
+    text = _read_text(path)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.count("\t") >= 6:
+        sentences = [s for pair in read_sts(path) for s in (pair.sentence1, pair.sentence2)]
+    else:
+        sentences = [line.strip() for line in text.splitlines() if len(line.strip()) > 20]
+    if not sentences:
+        raise EdgePruneError(f"{path}: no sentences found")
+    return sentences[:limit] if limit else sentences
+
+
+def read_corpus(path: str | Path) -> str:
+    text = _read_text(path)
+    if not text.strip():
+        raise EdgePruneError(f"{path}: empty text file")
+    return text

@@ -1,0 +1,104 @@
+"""Numpy-only metrics: Spearman correlation, mean-pooled embeddings, perplexity from logits, agreement."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), as scipy.stats.rankdata(method='average')."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_vals = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_vals[end] != sorted_vals[start]:
+            ranks[order[start:end]] = 0.5 * (start + end - 1) + 1.0
+            start = end
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    ra, rb = rankdata(np.asarray(a)), rankdata(np.asarray(b))
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def mean_pool_normalize(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Mean over real tokens, then L2-normalise: the sentence-transformers recipe for MiniLM."""
+    mask = attention_mask[..., None].astype(hidden.dtype)
+    summed = (hidden * mask).sum(axis=1)
+    counts = np.clip(mask.sum(axis=1), 1e-9, None)
+    pooled = summed / counts
+    norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+    return pooled / norms
+
+
+def sts_spearman(embed: Callable[[list[str]], np.ndarray], pairs, batch_size: int = 64,
+                 progress: bool = False) -> tuple[float, np.ndarray]:
+    """Spearman x 100 of cosine(embedding1, embedding2) against gold scores; also returns the cosines."""
+    from tqdm.auto import tqdm
+
+    sentences = sorted({s for p in pairs for s in (p.sentence1, p.sentence2)}, key=len)
+    vectors: dict[str, np.ndarray] = {}
+    batches = range(0, len(sentences), batch_size)
+    for start in tqdm(batches, desc="embedding", disable=not progress, leave=False):
+        batch = sentences[start:start + batch_size]
+        for sentence, vector in zip(batch, embed(batch)):
+            vectors[sentence] = vector
+    cosines = np.array([float(np.dot(vectors[p.sentence1], vectors[p.sentence2])) for p in pairs])
+    return 100.0 * spearman(cosines, [p.score for p in pairs]), cosines
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under float64 log-softmax of its logits row."""
+    logits = logits.astype(np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = peak[..., 0] + np.log(np.exp(logits - peak).sum(axis=-1))
+    chosen = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_norm - chosen
+
+
+def sliding_window_perplexity(token_ids: np.ndarray, logits_fn: Callable[[np.ndarray], np.ndarray],
+                              window: int = 512, stride: int = 256, progress: bool = False) -> tuple[float, int]:
+    """Perplexity over ``token_ids`` with overlapping windows; each token is scored once, with up to
+    ``window - stride`` tokens of left context beyond the first window. Returns (ppl, tokens scored)."""
+    from tqdm.auto import tqdm
+
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    total_nll, scored, previous_end = 0.0, 0, 0
+    starts = list(range(0, max(len(token_ids) - 1, 1), stride))
+    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        end = min(start + window, len(token_ids))
+        chunk = token_ids[start:end]
+        new_from = max(previous_end, start + 1)  # first target position not yet scored (absolute)
+        logits = logits_fn(chunk[None, :])[0]
+        # logits at position i predict token i+1
+        positions = np.arange(new_from - 1 - start, len(chunk) - 1)
+        if len(positions):
+            total_nll += float(token_nll(logits[positions], chunk[positions + 1]).sum())
+            scored += len(positions)
+        previous_end = end
+        if end == len(token_ids):
+            break
+    return float(math.exp(total_nll / max(scored, 1))), scored
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """How closely a candidate's outputs follow a reference's (embeddings: cosine; logits: top-1)."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    flat_r = reference.reshape(-1, reference.shape[-1])
+    flat_c = candidate.reshape(-1, candidate.shape[-1])
+    cos = (flat_r * flat_c).sum(-1) / np.clip(np.linalg.norm(flat_r, axis=-1) * np.linalg.norm(flat_c, axis=-1), 1e-12, None)
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "top1_agreement": float((flat_r.argmax(-1) == flat_c.argmax(-1)).mean()),
+        "max_abs_diff": float(np.abs(flat_r - flat_c).max()),
+    }

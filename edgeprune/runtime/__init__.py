@@ -1,0 +1,1 @@
+"""Runtimes for exported models. Must import without torch or transformers (edge devices lack them)."""
