@@ -1,0 +1,85 @@
+"""The Runtime / Session protocol every backend implements, and the registry of backends by name.
+
+Torch-free by design. A Session holds one loaded model; benchmark timing happens inside ``benchmark`` (in
+the process that runs the model) so inter-process communication is never part of a measured latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from edgeprune.errors import EdgePruneError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple  # ints for fixed dims, strings (symbolic) or None for dynamic ones
+    dtype: str  # numpy dtype name, e.g. "int64", "float32"
+
+
+class Session(Protocol):
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    threads: int | None
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One inference; returns outputs by name."""
+
+    def benchmark(self, feeds: dict[str, np.ndarray], iterations: int, warmup: int = 0) -> list[float]:
+        """Run ``warmup`` untimed then ``iterations`` timed calls; seconds per call, measured in-process.
+        Implementations must consume every output so the work cannot be skipped."""
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    def available(self) -> bool: ...
+
+    def why_unavailable(self) -> str:
+        """One line telling the user how to make this runtime available."""
+
+    def load(self, model_path: str, threads: int | None = None, **options) -> Session:
+        """Load an export directory (or a .onnx file)."""
+
+
+_RUNTIMES: dict[str, Callable[[], Runtime]] = {}
+
+
+def register_runtime(name: str):
+    def decorator(factory):
+        _RUNTIMES[name] = factory
+        return factory
+    return decorator
+
+
+def runtime_names() -> list[str]:
+    _import_builtin()
+    return sorted(_RUNTIMES)
+
+
+def get_runtime(name: str, require_available: bool = True) -> Runtime:
+    _import_builtin()
+    if name not in _RUNTIMES:
+        raise EdgePruneError(f"unknown runtime {name!r}; available: {', '.join(sorted(_RUNTIMES))}")
+    runtime = _RUNTIMES[name]()
+    if require_available and not runtime.available():
+        raise EdgePruneError(f"runtime {name!r} is not available: {runtime.why_unavailable()}")
+    return runtime
+
+
+def _import_builtin() -> None:
+    # Adapters register on import; each module keeps its own heavy imports lazy.
+    import importlib
+
+    for module in ("edgeprune.runtime.onnxruntime_adapter", "edgeprune.runtime.deepsparse_adapter"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
