@@ -1,0 +1,31 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import FAMILIES, make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: tiny_models(family) -> path of a saved tiny random model (built once per session)."""
+    cache = {}
+
+    def get(family: str, task: str | None = None) -> Path:
+        key = (family, task)
+        if key not in cache:
+            cache[key] = make_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}-{task or 'base'}"), task=task)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return "edgeprune tests: tiny random models; real-model tests are marked slow (pytest -m slow)"

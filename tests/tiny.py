@@ -1,0 +1,91 @@
+"""Tiny random-weight models of every supported family, saved as real Hugging Face directories
+(config + safetensors + a word-level tokenizer), so tests exercise the same loading path as users."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB_WORDS = ("the a an is was are be to of and in on at for with by from as it this that he she they we you "
+               "man woman child dog cat horse bird car ball guitar plays playing rides riding eats eating runs "
+               "running sits sitting walks walking jumps red blue green small big old young quickly slowly "
+               "house street park water food table music song book game field road tree sky sun day night "
+               "one two three four five good bad new first last long short high low every some many").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+VOCAB_SIZE = 128
+WORDS = VOCAB_WORDS[: VOCAB_SIZE - len(SPECIALS)]
+
+FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2")
+
+
+def tiny_config(family: str):
+    import transformers
+
+    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=128)
+    if family in ("bert", "roberta"):
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        extra = {"pad_token_id": 0} if family == "bert" else {"pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 6}
+        return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common, **extra)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, dropout=0.0,
+                                             attention_dropout=0.0, pad_token_id=0, **common)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=128,
+                                       vocab_size=VOCAB_SIZE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=5, eos_token_id=6, pad_token_id=0)
+    if family in ("llama", "qwen2"):
+        cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
+        return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                   head_dim=8, intermediate_size=48, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                   bos_token_id=5, eos_token_id=6, pad_token_id=0, **common)
+    raise ValueError(family)
+
+
+def tiny_tokenizer(family: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if family in ("bert", "roberta", "distilbert"):
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                       model_max_length=128,
+                                       model_input_names=["input_ids", "attention_mask"] if family == "distilbert"
+                                       else ["input_ids", "token_type_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=128,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def make_tiny(family: str, directory: str | Path, seed: int = 0, task: str | None = None) -> Path:
+    """Build and save a tiny random model of ``family`` (decoders as causal LMs) into ``directory``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    decoder = family in ("gpt2", "llama", "qwen2")
+    cls_name = {"sequence-classification": "AutoModelForSequenceClassification"}.get(
+        task, "AutoModelForCausalLM" if decoder else "AutoModel")
+    model = getattr(transformers, cls_name).from_config(config)
+    with torch.no_grad():  # random biases and norms too, so a wrong slice cannot hide behind zeros/ones
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    tiny_tokenizer(family).save_pretrained(directory)
+    return directory
+
+
+def sample_texts(n: int = 8, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
