@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +47,27 @@ class SparsityConfig(FrozenConfig):
     scope: str = "local"  # local (per tensor) | global (one threshold across tensors)
     steps: int = 1  # iterative schedule: reach `fraction` in K steps
     finetune_each_step: bool = False
+    schedule: str = "cubic"  # cubic | linear ramp of the per-step target
+    importance: str = "magnitude"  # magnitude | movement (scores from fine-tuning; needs finetune data)
 
     def __post_init__(self):
+        from edgeprune.compress.sparsity import check_pattern
+
         if not 0.0 <= self.fraction < 1.0:
             raise EdgePruneError(f"--sparsity must be in [0, 1) (got {self.fraction})")
         if self.scope not in ("local", "global"):
             raise EdgePruneError(f"--scope must be local or global (got {self.scope!r})")
         if self.steps < 1:
             raise EdgePruneError(f"--steps must be >= 1 (got {self.steps})")
+        if self.schedule not in ("cubic", "linear"):
+            raise EdgePruneError(f"sparsity schedule must be cubic or linear (got {self.schedule!r})")
+        if self.importance not in ("magnitude", "movement"):
+            raise EdgePruneError(f"sparsity importance must be magnitude or movement (got {self.importance!r})")
+        check_pattern(self.pattern, self.fraction)
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0 or self.pattern not in ("unstructured", "4x4")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,27 @@ class FinetuneConfig(FrozenConfig):
     batch_size: int = 32
     max_length: int = 128
     max_steps: int | None = None
+    warmup: float = 0.1  # fraction of steps with a linear learning-rate warmup
+    weight_decay: float = 0.01
+    dropout: bool = True  # train mode (dropout on) while fine-tuning
+    train_embeddings: bool = False  # token embeddings (tied to the LM head in decoders) stay frozen
+    # encoders: distil mean-pooled embeddings (cosine | mse), plus hidden_weight x per-layer hidden-state MSE
+    distill_objective: str = "cosine"
+    hidden_weight: float = 0.0
+    # decoders: KL on logits at this temperature, plus lm_weight x LM loss
+    temperature: float = 2.0
+    lm_weight: float = 0.5
+    skip_tokens: int = 0  # decoders: skip the first N corpus tokens (e.g. the region perplexity is scored on)
+
+    def __post_init__(self):
+        if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 2:
+            raise EdgePruneError("fine-tuning epochs, lr, batch size and max_length must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise EdgePruneError(f"--max-steps must be >= 1 (got {self.max_steps})")
+        if self.distill_objective not in ("cosine", "mse"):
+            raise EdgePruneError(f"distill_objective must be cosine or mse (got {self.distill_objective!r})")
+        if not 0 <= self.warmup < 1 or self.temperature <= 0 or self.skip_tokens < 0:
+            raise EdgePruneError("fine-tuning warmup must be in [0, 1), temperature > 0, skip_tokens >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -101,6 +136,38 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     return plan
 
 
+def sparsify_and_finetune(loaded, config: CompressConfig, teacher=None) -> tuple[dict, list[dict]]:
+    """Sparsity (optionally iterative, with fine-tuning between steps), then recovery fine-tuning with the
+    masks held. ``teacher``: the dense model as loaded, for distillation. Returns manifest info and the
+    training log."""
+    from edgeprune.compress.finetune import finetune
+    from edgeprune.compress.sparsity import sparsify
+
+    sp, ft, info, log = config.sparsity, config.finetune, {}, []
+    masks = None
+    if sp.active:
+        segments = []
+
+        def segment(mask_set, movement):  # one fine-tuning segment between pruning steps
+            seg_cfg = ft.replace(epochs=ft.epochs / sp.steps,
+                                 max_steps=max(1, ft.max_steps // sp.steps) if ft.max_steps else None)
+            summary, seg_log = finetune(loaded, seg_cfg, teacher if ft.distill else None, mask_set, movement,
+                                        seed=config.seed + len(segments) + 1)
+            log.extend(dict(r, segment=len(segments) + 1) for r in seg_log)
+            segments.append(summary)
+
+        masks, info["sparsity"] = sparsify(loaded, sp, segment if ft.enabled else None)
+        if segments:
+            info["sparsity"]["finetune_segments"] = segments
+    if ft.enabled:
+        summary, final_log = finetune(loaded, ft, teacher if ft.distill else None, masks, seed=config.seed)
+        log.extend(dict(r, segment=0) for r in final_log)
+        info["finetune"] = summary
+        if masks is not None:  # non-zeros after training: the masks held
+            info["sparsity"]["nonzero_after_finetune"] = masks.stats()["nonzero"]
+    return info, log
+
+
 def compress(model: str | Path, out: str | Path, config: CompressConfig | None = None, overwrite: bool = False,
              allow_pickle: bool = False) -> Path:
     """Compress ``model`` per ``config`` and write the artifact to ``out`` (atomically)."""
@@ -120,13 +187,25 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     loaded = load_model(model, task=config.task, allow_pickle=allow_pickle)
     dense_parameters = parameter_count(loaded.model)
     timings = {"load_s": round(time.perf_counter() - started, 3)}
+    # the dense model as loaded is the distillation teacher
+    teacher = copy.deepcopy(loaded.model) if config.finetune.enabled and config.finetune.distill else None
     plan = None
     step = time.perf_counter()
     if config.structured.active:
         plan = structured_prune(loaded, config.structured)
     timings["structured_s"] = round(time.perf_counter() - step, 3)
+    extra, train_log = {}, []
+    if config.sparsity.active or config.finetune.enabled:
+        step = time.perf_counter()
+        extra, train_log = sparsify_and_finetune(loaded, config, teacher)
+        timings["sparsity_finetune_s"] = round(time.perf_counter() - step, 3)
+        teacher = None
     timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
     with staged_output(out, overwrite) as tmp:
+        if train_log:
+            from edgeprune.compress.finetune import write_log
+
+            write_log(tmp, train_log)
         save_artifact(tmp, loaded, config.to_dict(), parent={"model": loaded.source.to_dict()}, plan=plan,
-                      dense_parameters=dense_parameters, timings=timings)
+                      dense_parameters=dense_parameters, timings=timings, **extra)
     return out

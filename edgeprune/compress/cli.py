@@ -9,6 +9,15 @@ STRUCTURED_FLAGS = {
     "heads": "heads", "ffn": "ffn", "importance": "importance", "allocation": "allocation",
     "round_to": "round_to", "gqa_mode": "gqa_mode", "flops_budget": "flops_budget", "seq_len": "seq_len",
 }
+# Sparsity and fine-tuning flags -> (recipe section, field).
+SPARSITY_FINETUNE_FLAGS = {
+    "sparsity": ("sparsity", "fraction"), "pattern": ("sparsity", "pattern"), "scope": ("sparsity", "scope"),
+    "steps": ("sparsity", "steps"), "sparsity_importance": ("sparsity", "importance"),
+    "finetune_each_step": ("sparsity", "finetune_each_step"),
+    "finetune": ("finetune", "data"), "epochs": ("finetune", "epochs"), "distill": ("finetune", "distill"),
+    "lr": ("finetune", "learning_rate"), "max_steps": ("finetune", "max_steps"),
+    "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
+}
 
 
 def register(subparsers) -> None:
@@ -25,6 +34,20 @@ def register(subparsers) -> None:
     p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
     p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")
     p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
+    p.add_argument("--sparsity", type=float, help="fraction of block weights to zero (unstructured, 4x4)")
+    p.add_argument("--pattern", help="sparsity pattern: unstructured, N:M (e.g. 2:4; implies the fraction) or 4x4")
+    p.add_argument("--scope", choices=["local", "global"], help="sparsity per tensor or one threshold across tensors")
+    p.add_argument("--steps", type=int, help="iterative sparsity: reach the target in K pruning steps")
+    p.add_argument("--sparsity-importance", choices=["magnitude", "movement"], help="weight scores for sparsity")
+    p.add_argument("--finetune-each-step", action="store_true", default=None,
+                   help="fine-tune between iterative sparsity steps (needs --finetune)")
+    p.add_argument("--finetune", metavar="DATA", help="recovery fine-tuning data (STS tsv, text file, datasets name)")
+    p.add_argument("--epochs", type=float, help="fine-tuning epochs")
+    p.add_argument("--distill", action="store_true", default=None, help="distil from the dense model")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate")
+    p.add_argument("--max-steps", type=int, help="cap on fine-tuning steps")
+    p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
+    p.add_argument("--max-length", type=int, help="fine-tuning max tokens per sequence")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -41,6 +64,10 @@ def config_from_args(args):
         value = getattr(args, flag, None)
         if value is not None:
             base["structured"][field] = value
+    for flag, (section, field) in SPARSITY_FINETUNE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            base[section][field] = value
     for key in ("task", "seed"):
         if getattr(args, key, None) is not None:
             base[key] = getattr(args, key)
@@ -57,6 +84,10 @@ def run_compress(args) -> int:
     manifest = read_manifest(out)
     summary = {"output": str(out), "parameters": manifest["parameters"], "dense_parameters": manifest["dense_parameters"],
                "timings": manifest["timings"]}
+    if "sparsity" in manifest:
+        summary["sparsity"] = manifest["sparsity"]["sparsity"]
+    if "finetune" in manifest:
+        summary["finetune"] = manifest["finetune"]
     print(f"wrote {out}: {manifest['parameters']:,} parameters "
           f"({manifest['parameters'] / manifest['dense_parameters']:.1%} of {manifest['dense_parameters']:,}), "
           f"compress {manifest['timings']['compress_s']:.1f}s")

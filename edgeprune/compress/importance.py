@@ -11,7 +11,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from edgeprune.compress.adapters.base import KV, Q, ArchAdapter, unit_sq_norms
+from edgeprune.compress.adapters.base import KV, Q, ArchAdapter, LayerShape, unit_sq_norms
 from edgeprune.errors import EdgePruneError
 
 
@@ -20,6 +20,9 @@ class Scores:
     heads: list[torch.Tensor]  # per layer, one score per query head
     kv_heads: list[torch.Tensor]  # per layer, one score per KV head (equal to heads without GQA)
     neurons: list[torch.Tensor]  # per layer, one score per FFN neuron
+    # True when scores of different layers (and heads vs neurons) are in the same units (e.g. loss change),
+    # so a global allocator may rank them directly; otherwise it normalises per layer first.
+    comparable: bool = False
 
 
 class Importance(Protocol):
@@ -79,4 +82,268 @@ def magnitude(model, adapter: ArchAdapter, calib=None) -> Scores:
         heads.append(totals[Q].sqrt())
         kv_heads.append(totals[KV].sqrt())
         neurons.append(totals["ffn"].sqrt())
+    return Scores(heads, kv_heads, neurons)
+
+
+# --- calibrated criteria ------------------------------------------------------------------------------
+class UnitMasks:
+    """Per-head and per-neuron multiplicative masks, applied by forward pre-hooks on each layer's unit
+    consumers (attention output projection, FFN down projection). Masks are ``[batch, units]`` when
+    ``batch`` is given, so one backward pass yields per-sample gradients (needed for the Fisher)."""
+
+    def __init__(self, model, adapter: ArchAdapter):
+        self.model, self.adapter = model, adapter
+        self.head_dim = adapter.head_dim(model.config)
+        self.shapes = adapter.shapes(model.config)
+        self.heads: list[torch.Tensor] = []
+        self.neurons: list[torch.Tensor] = []
+        self._handles = []
+
+    def reset(self, batch: int | None = None, requires_grad: bool = True) -> None:
+        lead = () if batch is None else (batch,)
+        self.heads = [torch.ones(*lead, s.heads, requires_grad=requires_grad) for s in self.shapes]
+        self.neurons = [torch.ones(*lead, s.ffn, requires_grad=requires_grad) for s in self.shapes]
+
+    def _hook(self, index: int, width: int):
+        # Reads self.heads/self.neurons at call time, so reset() between batches needs no re-hooking.
+        def pre_hook(module, args):
+            mask = self.heads[index] if width > 1 else self.neurons[index]
+            if width > 1:
+                mask = mask.repeat_interleave(width, dim=-1)
+            x = args[0]
+            if mask.dim() == 2:  # per-sample masks: [batch, features] -> broadcast over tokens
+                mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+            return (x * mask.to(x.dtype),) + tuple(args[1:])
+        return pre_hook
+
+    def __enter__(self):
+        if not self.heads:
+            self.reset()
+        for index in range(len(self.shapes)):
+            attn_out, ffn_out = self.adapter.unit_consumers(self.model, index)
+            self._handles.append(attn_out.module.register_forward_pre_hook(self._hook(index, self.head_dim)))
+            self._handles.append(ffn_out.module.register_forward_pre_hook(self._hook(index, 1)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def model_output(model, batch: dict) -> tuple[torch.Tensor, bool]:
+    """(logits, True) for LM/classifier heads, else (last hidden state, False)."""
+    import inspect
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    out = model(**batch, **extra)
+    logits = getattr(out, "logits", None)
+    return (logits, True) if logits is not None else (out.last_hidden_state, False)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Generator, is_logits: bool) -> torch.Tensor:
+    """Summed over samples, a loss whose per-sample gradient squared is an unbiased Fisher sample.
+
+    Logits: cross-entropy against labels drawn from the model's own predictive distribution (the true
+    Fisher, no labels needed). Hidden states: the embedding under a unit-variance Gaussian model, i.e.
+    ``z . embedding`` with ``z ~ N(0, I)``, whose squared gradient estimates diag(J^T J) -- the curvature
+    of the embedding-distillation MSE at the dense model.
+    """
+    mask = batch["attention_mask"]
+    if is_logits:
+        logp = torch.log_softmax(output.float(), dim=-1)
+        with torch.no_grad():
+            labels = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
+        nll = -logp.reshape(-1, logp.shape[-1]).gather(1, labels).view(logp.shape[:-1])
+        if nll.dim() == 2:  # token-level (LM): ignore padding
+            nll = nll * mask.to(nll.dtype)
+        return nll.sum()
+    embedding = mean_pooled(output.float(), mask)
+    z = torch.randn(embedding.shape, generator=generator)
+    return (embedding * z).sum()
+
+
+def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int = 0):
+    """Per-sample gradients of the pseudo-label loss w.r.t. head and neuron masks, reduced two ways.
+
+    Returns ``(sum of |g|, sum of g^2)`` per layer for heads and neurons, summed over samples and draws.
+    """
+    from tqdm.auto import tqdm
+
+    if not calib:
+        raise EdgePruneError("gradient-based importance needs calibration batches (--calib)")
+    generator = torch.Generator().manual_seed(seed)
+    masks = UnitMasks(model, adapter)
+    n_layers = len(masks.shapes)
+    abs_h = [torch.zeros(s.heads) for s in masks.shapes]
+    sq_h = [torch.zeros(s.heads) for s in masks.shapes]
+    abs_n = [torch.zeros(s.ffn) for s in masks.shapes]
+    sq_n = [torch.zeros(s.ffn) for s in masks.shapes]
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)  # only mask gradients are wanted; skip weight-gradient work
+    try:
+        with masks:
+            for batch in tqdm(calib, desc="mask gradients", leave=False):
+                for _ in range(draws):
+                    masks.reset(batch["input_ids"].shape[0])
+                    output, is_logits = model_output(model, batch)
+                    loss = pseudo_label_loss(output, batch, generator, is_logits)
+                    grads = torch.autograd.grad(loss, masks.heads + masks.neurons)
+                    for i in range(n_layers):
+                        gh, gn = grads[i].detach(), grads[n_layers + i].detach()
+                        abs_h[i] += gh.abs().sum(0)
+                        sq_h[i] += gh.pow(2).sum(0)
+                        abs_n[i] += gn.abs().sum(0)
+                        sq_n[i] += gn.pow(2).sum(0)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return (abs_h, abs_n), (sq_h, sq_n)
+
+
+def _kv_scores(adapter: ArchAdapter, shape: LayerShape, heads: torch.Tensor) -> torch.Tensor:
+    """A KV head's score: the sum over the query heads that read it (all of them go with it)."""
+    if shape.kv_heads == shape.heads:
+        return heads.clone()
+    return heads.view(shape.kv_heads, -1).sum(1)
+
+
+def _scores_from(adapter, model, heads, neurons, comparable: bool) -> Scores:
+    shapes = adapter.shapes(model.config)
+    kv = [_kv_scores(adapter, s, h) for s, h in zip(shapes, heads)]
+    return Scores(list(heads), kv, list(neurons), comparable=comparable)
+
+
+@register_importance("fisher", needs_calibration=True)
+def fisher(model, adapter: ArchAdapter, calib=None) -> Scores:
+    """Diagonal Fisher information of each head/neuron mask (Michel et al. 2019; Kwon et al. 2022):
+    the sum over calibration samples of the squared per-sample mask gradient. Half of it approximates
+    the loss increase when that unit is removed, so scores compare across layers and unit kinds."""
+    _, (heads, neurons) = mask_gradients(model, adapter, calib)
+    return _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
+
+
+@register_importance("taylor", needs_calibration=True)
+def taylor(model, adapter: ArchAdapter, calib=None) -> Scores:
+    """First-order Taylor saliency |mask * dL/dmask| (mask = 1), summed over samples per sample."""
+    (heads, neurons), _ = mask_gradients(model, adapter, calib)
+    return _scores_from(adapter, model, heads, neurons, comparable=True)
+
+
+@register_importance("activation", needs_calibration=True)
+@torch.no_grad()
+def activation(model, adapter: ArchAdapter, calib=None) -> Scores:
+    """Output-norm contribution: the L2 norm, over calibration tokens, of what each head / neuron adds
+    to its consumer's output (``W[:, unit] @ x[unit]``); padding tokens are ignored."""
+    from tqdm.auto import tqdm
+
+    if not calib:
+        raise EdgePruneError("activation importance needs calibration batches (--calib)")
+    shapes = adapter.shapes(model.config)
+    head_dim = adapter.head_dim(model.config)
+    heads = [torch.zeros(s.heads) for s in shapes]
+    neurons = [torch.zeros(s.ffn) for s in shapes]
+    handles, current = [], {}
+
+    def weight_in_last(spec) -> torch.Tensor:  # [out_features, in_features] whatever the storage
+        return spec.tensor.detach().float().movedim(spec.dim, -1)
+
+    def make_hook(index: int, spec, kind: str):
+        def hook(module, args):
+            x = args[0].detach().float()
+            keep = current["mask"].reshape(-1).bool()
+            x = x.reshape(-1, x.shape[-1])[keep] if x.shape[:-1].numel() == keep.numel() else x.reshape(-1, x.shape[-1])
+            weight = weight_in_last(spec)
+            if kind == "heads":
+                n = x.shape[-1] // head_dim
+                xh = x.view(-1, n, head_dim)
+                wh = weight.view(weight.shape[0], n, head_dim)
+                contrib = torch.einsum("tnd,ond->tno", xh, wh)
+                heads[index] += contrib.pow(2).sum((0, 2))
+            else:
+                neurons[index] += x.pow(2).sum(0) * weight.pow(2).sum(0)
+        return hook
+
+    for index in range(len(shapes)):
+        attn_out, ffn_out = adapter.unit_consumers(model, index)
+        handles.append(attn_out.module.register_forward_pre_hook(make_hook(index, attn_out, "heads")))
+        handles.append(ffn_out.module.register_forward_pre_hook(make_hook(index, ffn_out, "neurons")))
+    try:
+        for batch in tqdm(calib, desc="activation", leave=False):
+            current["mask"] = batch["attention_mask"]
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _scores_from(adapter, model, [h.sqrt() for h in heads], [n.sqrt() for n in neurons], comparable=False)
+
+
+# --- movement (Sanh et al. 2020) ------------------------------------------------------------------
+def _unit_sums(values: torch.Tensor, spec, sizes: dict, widths: dict) -> dict[str, torch.Tensor]:
+    """Signed sum of ``values`` (shaped like ``spec.tensor``) over each unit's entries, by unit kind."""
+    if spec.dim >= values.dim():
+        return {}
+    moved = values.movedim(spec.dim, 0)
+    out, offset = {}, 0
+    for kind in spec.segments:
+        length = sizes[kind] * widths[kind]
+        out[kind] = out.get(kind, 0) + moved[offset:offset + length].reshape(sizes[kind], -1).sum(1)
+        offset += length
+    return out
+
+
+@register_importance("movement", needs_calibration=True)
+def movement(model, adapter: ArchAdapter, calib=None, learning_rate: float = 2e-5) -> Scores:
+    """Movement per head/neuron: −W·∂L/∂W accumulated while fine-tuning on the calibration batches with a
+    label-free loss (LM loss for decoders, SimCSE for encoders), summed over each unit's weights. Units whose
+    weights move away from zero score high. The weights are restored afterwards: scoring has no side effect."""
+    from tqdm.auto import tqdm
+
+    from edgeprune.compress.finetune import unsupervised_loss
+
+    if not calib:
+        raise EdgePruneError("importance 'movement' needs calibration data: pass --calib PATH")
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    layers = range(len(adapter.layers(model)))
+    specs = [[s for s in sum(adapter.unit_slices(model, i), []) if s.name == "weight"] for i in layers]
+    acc = {id(s.tensor): torch.zeros_like(s.tensor, dtype=torch.float32) for layer in specs for s in layer}
+    weights = {id(s.tensor): s.tensor for layer in specs for s in layer}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    model.train()  # encoders: dropout makes SimCSE's two views
+    try:
+        for batch in tqdm(calib, desc="movement", leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            unsupervised_loss(model, adapter, batch).backward()
+            with torch.no_grad():
+                for key, weight in weights.items():
+                    if weight.grad is not None:
+                        acc[key] -= (weight.grad * weight).float()
+            optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        model.eval()
+    heads, kv_heads, neurons = [], [], []
+    for index in layers:
+        shape, sizes, widths = layer_unit_sizes(adapter, model, index)
+        totals = {Q: torch.zeros(shape.heads), KV: torch.zeros(shape.kv_heads), "ffn": torch.zeros(shape.ffn)}
+        for spec in specs[index]:
+            for kind, value in _unit_sums(acc[id(spec.tensor)], spec, sizes, widths).items():
+                totals[kind] += value
+        if shape.kv_heads == shape.heads:  # MHA: q and kv are the same unit
+            totals[Q] = totals[Q] + totals[KV]
+            totals[KV] = totals[Q].clone()
+        heads.append(totals[Q])
+        kv_heads.append(totals[KV])
+        neurons.append(totals["ffn"])
     return Scores(heads, kv_heads, neurons)

@@ -149,3 +149,170 @@ def get_allocation(name: str) -> Callable[..., PrunePlan]:
         return _ALLOCATORS[name]
     except KeyError:
         raise EdgePruneError(f"unknown allocation {name!r}; available: {', '.join(sorted(_ALLOCATORS))}") from None
+
+
+# --- global allocation ---------------------------------------------------------------------------------
+@dataclass
+class _Units:
+    """Removable units of one kind across all layers: their layer, score and FLOPs cost."""
+
+    layer: list[int]
+    member: list[tuple[int, ...]]  # query-head indices (heads) or (neuron,) of each unit
+    score: list[float]
+    cost: list[float]
+
+
+def _head_units(scores, shapes: list[LayerShape], cfg: StructuredConfig, adapter: ArchAdapter, config,
+                seq_len: int) -> tuple[_Units, list[list[int]]]:
+    """Head units per layer, ordered best-first within the layer. Without GQA a unit is one head; with
+    GQA it is a whole KV group ("groups") or one rank slot taking one query head from every group
+    ("within"), so any number of kept units is a valid (G)QA layer. The best unit per layer is mandatory."""
+    units = _Units([], [], [], [])
+    mandatory: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        head_scores = scores.heads[i].float()
+        if shape.kv_heads == shape.heads:
+            members = [(h,) for h in range(shape.heads)]
+            values = [float(head_scores[h]) for h in range(shape.heads)]
+            full = LayerShape(shape.heads, shape.kv_heads, shape.ffn)
+            unit_cost = adapter.block_flops(config, full, seq_len) - adapter.block_flops(
+                config, LayerShape(shape.heads - 1, shape.kv_heads - 1, shape.ffn), seq_len)
+        elif cfg.gqa_mode == "groups":
+            group = shape.heads // shape.kv_heads
+            members = [tuple(range(g * group, (g + 1) * group)) for g in range(shape.kv_heads)]
+            values = [float(head_scores[list(m)].sum() + scores.kv_heads[i][g]) for g, m in enumerate(members)]
+            unit_cost = adapter.block_flops(config, shape, seq_len) - adapter.block_flops(
+                config, LayerShape(shape.heads - group, shape.kv_heads - 1, shape.ffn), seq_len)
+        else:
+            group = shape.heads // shape.kv_heads
+            ranked = [sorted(range(g * group, (g + 1) * group), key=lambda h: (-float(head_scores[h]), h))
+                      for g in range(shape.kv_heads)]
+            members = [tuple(r[slot] for r in ranked) for slot in range(group)]
+            values = [float(head_scores[list(m)].sum()) for m in members]
+            unit_cost = adapter.block_flops(config, shape, seq_len) - adapter.block_flops(
+                config, LayerShape(shape.heads - shape.kv_heads, shape.kv_heads, shape.ffn), seq_len)
+        order = sorted(range(len(members)), key=lambda u: (-values[u], u))
+        layer_units = []
+        for u in order:
+            layer_units.append(len(units.layer))
+            units.layer.append(i)
+            units.member.append(members[u])
+            units.score.append(values[u])
+            units.cost.append(float(unit_cost))
+        mandatory.append(layer_units[:1])
+    return units, mandatory
+
+
+def _neuron_units(scores, shapes, adapter: ArchAdapter, config, seq_len: int) -> tuple[_Units, list[list[int]]]:
+    units = _Units([], [], [], [])
+    mandatory = []
+    for i, shape in enumerate(shapes):
+        cost = adapter.block_flops(config, shape, seq_len) - adapter.block_flops(
+            config, LayerShape(shape.heads, shape.kv_heads, shape.ffn - 1), seq_len)
+        values = scores.neurons[i].float()
+        order = sorted(range(shape.ffn), key=lambda n: (-float(values[n]), n))
+        first = len(units.layer)
+        for n in order:
+            units.layer.append(i)
+            units.member.append((n,))
+            units.score.append(float(values[n]))
+            units.cost.append(float(cost))
+        mandatory.append([first])
+    return units, mandatory
+
+
+def _normalise(units: _Units, n_layers: int) -> None:
+    """Scores that are not comparable across layers: make each layer's units worth their FLOPs on
+    average (score / layer mean * cost), so ranking is by relative importance per FLOP."""
+    for i in range(n_layers):
+        idx = [u for u, layer in enumerate(units.layer) if layer == i]
+        mean = sum(units.score[u] for u in idx) / max(len(idx), 1)
+        for u in idx:
+            units.score[u] = units.score[u] / mean * units.cost[u] if mean > 0 else units.cost[u]
+
+
+def _plan_from(shapes, heads: _Units, kept_heads: set[int], neurons: _Units, kept_neurons: set[int],
+               cfg: StructuredConfig, adapter: ArchAdapter, config) -> PrunePlan:
+    layers = []
+    for i, shape in enumerate(shapes):
+        q = sorted(h for u in kept_heads if heads.layer[u] == i for h in heads.member[u])
+        if shape.kv_heads == shape.heads:
+            kv = list(q)
+        elif cfg.gqa_mode == "groups":
+            group = shape.heads // shape.kv_heads
+            kv = sorted({h // group for h in q})
+        else:
+            kv = list(range(shape.kv_heads))
+        n_scored = sorted((u for u in kept_neurons if neurons.layer[u] == i), key=lambda u: -neurons.score[u])
+        count = len(n_scored)
+        if cfg.round_to > 1 and count >= cfg.round_to:
+            count -= count % cfg.round_to  # round down, so the budget still holds
+        keep_n = sorted(neurons.member[u][0] for u in n_scored[:max(count, 1)])
+        layers.append(LayerPlan(tuple(q), tuple(kv), tuple(keep_n)))
+    return PrunePlan(layers, list(shapes))
+
+
+def _search(heads: _Units, neurons: _Units, mandatory_h: set[int], mandatory_n: set[int],
+            budget: float) -> tuple[set[int], set[int]]:
+    """Kwon et al.'s mask search: for every number of optional head units (best-first), fill the rest of
+    the FLOPs budget with the best neurons; keep the split with the largest total kept score."""
+    import numpy as np
+
+    opt_h = sorted((u for u in range(len(heads.score)) if u not in mandatory_h), key=lambda u: (-heads.score[u], u))
+    opt_n = sorted((u for u in range(len(neurons.score)) if u not in mandatory_n),
+                   key=lambda u: (-neurons.score[u], u))
+    base = sum(heads.cost[u] for u in mandatory_h) + sum(neurons.cost[u] for u in mandatory_n)
+    h_cost = np.concatenate([[0.0], np.cumsum([heads.cost[u] for u in opt_h])])
+    h_score = np.concatenate([[0.0], np.cumsum([heads.score[u] for u in opt_h])])
+    n_cost = np.concatenate([[0.0], np.cumsum([neurons.cost[u] for u in opt_n])])
+    n_score = np.concatenate([[0.0], np.cumsum([neurons.score[u] for u in opt_n])])
+    remaining = budget - base - h_cost
+    feasible = remaining >= 0
+    if not feasible.any():
+        raise EdgePruneError("the FLOPs budget is below the minimum of one head and one neuron per layer")
+    n_fit = np.searchsorted(n_cost, np.where(feasible, remaining, -1.0), side="right") - 1
+    total = np.where(feasible, h_score + n_score[np.clip(n_fit, 0, None)], -np.inf)
+    k = int(np.argmax(total))
+    return mandatory_h | set(opt_h[:k]), mandatory_n | set(opt_n[:int(n_fit[k])])
+
+
+def _top_global(units: _Units, mandatory: set[int], keep: int) -> set[int]:
+    rest = sorted((u for u in range(len(units.score)) if u not in mandatory), key=lambda u: (-units.score[u], u))
+    return mandatory | set(rest[:max(0, keep - len(mandatory))])
+
+
+@register_allocation("global")
+def global_allocation(scores, shapes: list[LayerShape], cfg: StructuredConfig, adapter: ArchAdapter,
+                      config) -> PrunePlan:
+    """Rank heads and neurons across layers. With ``flops_budget``: keep the best units that fit the
+    budget (Kwon-style search over the head/neuron split); otherwise keep the global fractions
+    ``1 - heads`` of head units and ``1 - ffn`` of neurons. Every layer keeps >= 1 head unit and neuron."""
+    seq_len = cfg.seq_len
+    heads, mand_h = _head_units(scores, shapes, cfg, adapter, config, seq_len)
+    neurons, mand_n = _neuron_units(scores, shapes, adapter, config, seq_len)
+    if not getattr(scores, "comparable", False):
+        _normalise(heads, len(shapes))
+        _normalise(neurons, len(shapes))
+    mandatory_h = {u for m in mand_h for u in m}
+    mandatory_n = {u for m in mand_n for u in m}
+    dense_flops = sum(adapter.block_flops(config, s, seq_len) for s in adapter.dense_shapes(config))
+    if cfg.flops_budget is not None:
+        fixed = sum(adapter.block_flops(config, s, seq_len) for s in shapes) - sum(heads.cost) - sum(neurons.cost)
+        budget = cfg.flops_budget * dense_flops - fixed
+        kept_h, kept_n = _search(heads, neurons, mandatory_h, mandatory_n, budget)
+    else:
+        kept_h = _top_global(heads, mandatory_h, kept_count(len(heads.score), cfg.heads))
+        kept_n = _top_global(neurons, mandatory_n, kept_count(len(neurons.score), cfg.ffn))
+    plan = _plan_from(shapes, heads, kept_h, neurons, kept_n, cfg, adapter, config)
+    kept_flops = sum(adapter.block_flops(config, s, seq_len) for s in plan.shapes)
+    plan.meta.update({"dense_block_flops": dense_flops, "kept_block_flops": kept_flops,
+                      "kept_flops_fraction": round(kept_flops / dense_flops, 6), "seq_len": seq_len})
+    return plan
+
+
+@register_allocation("flops_budget")
+def flops_budget_allocation(scores, shapes, cfg: StructuredConfig, adapter: ArchAdapter, config) -> PrunePlan:
+    """Global allocation that must meet ``flops_budget`` (the allocator ``--flops-budget`` selects)."""
+    if cfg.flops_budget is None:
+        raise EdgePruneError("allocation 'flops_budget' needs --flops-budget F")
+    return global_allocation(scores, shapes, cfg, adapter, config)

@@ -2,6 +2,20 @@
 
 Torch-free by design. A Session holds one loaded model; benchmark timing happens inside ``benchmark`` (in
 the process that runs the model) so inter-process communication is never part of a measured latency.
+
+Usage (what ``edgeprune.bench`` workers and the pipelines do)::
+
+    session = get_runtime("onnxruntime").load(export_dir, threads=2)   # or "deepsparse"
+    outputs = session.run({"input_ids": ids, "attention_mask": mask})  # {output name: np.ndarray}
+    seconds = session.benchmark(feeds, iterations=50, warmup=5)        # list of per-call seconds
+    session.close()
+
+``load`` accepts an export directory (the runtime picks its file via
+``edgeprune.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
+onnxruntime takes ``inter_op_threads`` and ``optimization`` (disable|basic|extended|all, default all);
+deepsparse takes none. Feeds may include inputs the model lacks (ignored) and are cast to the declared
+dtypes. Sessions with ``static_shapes = True`` (deepsparse) compile one engine per distinct input shape
+on first use, so give ``benchmark`` at least one warm-up call per new shape.
 """
 
 from __future__ import annotations

@@ -239,6 +239,35 @@ class ArchAdapter:
         layer = self.layers(model)[index]
         return self.attention_slices(layer), self.ffn_slices(layer)
 
+    def unit_consumers(self, model: nn.Module, index: int) -> tuple[ParamSlice, ParamSlice]:
+        """The "out" weight slices of layer ``index``: attention output projection, FFN down projection.
+
+        Their modules' *inputs* (last dim) are the per-head / per-neuron activations, so forward
+        pre-hooks there can mask units, and re-fitting their weights reconstructs the layer output.
+        """
+        attn, ffn = self.unit_slices(model, index)
+        pick = [next(s for s in group if s.role == OUT and s.name == "weight") for group in (attn, ffn)]
+        return pick[0], pick[1]
+
+    def sparsifiable_weights(self, model: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+        """(qualified name, weight, input dim) of every block matrix (q/k/v/out, FFN) for sparsity.
+
+        The input dim is the one a matmul reduces over (N:M groups run along it): 1 for nn.Linear,
+        0 for GPT-2's Conv1D, whose weight is stored (in, out).
+        """
+        names = {id(p): n for n, p in model.named_parameters()}
+        out, seen = [], set()
+        for index in range(len(self.layers(model))):
+            attn, ffn = self.unit_slices(model, index)
+            for spec in attn + ffn:
+                tensor = spec.tensor
+                if spec.name != "weight" or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                in_dim = 0 if type(spec.module).__name__ == "Conv1D" else 1
+                out.append((names[id(tensor)], tensor, in_dim))
+        return out
+
     def resize_to(self, model: nn.Module, shapes: Sequence[LayerShape]) -> None:
         """Give a freshly built dense model the stored per-layer shapes (values are loaded afterwards)."""
         dense = self.dense_shapes(model.config)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Reproduce the benchmark suites in this folder: each suite is a pipeline recipe (compress -> export ->
+# bench) and leaves OUT/<suite>/report/{report.json,report.md,*.png}.
+#
+#   benchmarks/run.sh                      # all suites into runs/<UTC date-time>
+#   benchmarks/run.sh OUT minilm-stsb      # one suite into OUT
+#
+# Timings are only as good as the machine is quiet: close other work, keep the laptop on power.
+# Set EDGEPRUNE_DATA to the folder holding stsb/ and wikitext-2/ if it is not ../shared/data.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-runs/$(date -u +%Y%m%d-%H%M%S)}"
+shift || true
+suites=("$@")
+if [ ${#suites[@]} -eq 0 ]; then
+  suites=(minilm-stsb smollm2-wikitext)
+fi
+mkdir -p "$out"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //')"
+  echo "cores: $(nproc)"
+  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+  echo "edgeprune: $(edgeprune --version)"
+  echo "commit: $(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} | tee "$out/machine.txt"
+for suite in "${suites[@]}"; do
+  case "$suite" in
+    smollm2*) edgeprune models fetch smollm2-135m >/dev/null ;;
+  esac
+  echo "== $suite: edgeprune pipeline $here/$suite.yaml -o $out/$suite"
+  start=$(date +%s)
+  edgeprune pipeline "$here/$suite.yaml" -o "$out/$suite" --overwrite 2>&1 | tee "$out/$suite.log"
+  echo "== $suite finished in $(( $(date +%s) - start ))s" | tee -a "$out/$suite.log"
+done
+echo "reports: $out/*/report/report.md"

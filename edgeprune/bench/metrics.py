@@ -1,0 +1,148 @@
+"""What the benchmark reports about a model: size, FLOPs, latency statistics, quality ratios."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeprune.artifacts import is_artifact, read_manifest
+from edgeprune.errors import EdgePruneError
+
+
+def latency_stats(seconds: Sequence[float], batch: int, seq: int) -> dict[str, Any]:
+    """Percentiles in milliseconds plus throughput. ``seconds`` holds one entry per timed call."""
+    values = np.asarray(seconds, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no latencies")
+    p50, p90, p99 = (float(np.percentile(values, q)) for q in (50, 90, 99))
+    mean = float(values.mean())
+    return {
+        "n": int(values.size),
+        "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "p99_ms": p99 * 1e3,
+        "mean_ms": mean * 1e3, "std_ms": float(values.std()) * 1e3, "min_ms": float(values.min()) * 1e3,
+        "throughput_seq_s": batch / mean,
+        "throughput_tok_s": batch * seq / mean,
+    }
+
+
+def round_medians_spread(per_round: Sequence[Sequence[float]]) -> float | None:
+    """Relative spread (max-min)/median of the per-round medians: how stable the median is across rounds."""
+    medians = [float(np.median(r)) for r in per_round if len(r)]
+    if len(medians) < 2:
+        return None
+    mid = float(np.median(medians))
+    return (max(medians) - min(medians)) / mid if mid > 0 else None
+
+
+def gzip_size(path: Path) -> int:
+    compressor = gzip.compress
+    return len(compressor(Path(path).read_bytes(), compresslevel=6))
+
+
+def onnx_counts(path: Path) -> dict[str, int]:
+    """Parameters and non-zeros over all initializers (dense and sparse), external data included."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    params = nonzeros = 0
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init, base_dir=str(Path(path).parent))
+        if array.ndim == 0 or array.dtype.kind not in "fiu":
+            continue
+        params += array.size
+        nonzeros += int(np.count_nonzero(array))
+    for sparse in model.graph.sparse_initializer:
+        size = int(np.prod(list(sparse.dims)))
+        params += size
+        nonzeros += int(np.prod(list(sparse.values.dims)))
+    return {"initializer_elements": params, "nonzeros": nonzeros}
+
+
+def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
+    """File bytes, gzip bytes, parameters and non-zeros of the ONNX file a runtime loads.
+
+    Prefers the exporter's manifest numbers; computes what it lacks. ``parameters`` is the PyTorch
+    parameter count of the compressed model when the export points to one (the honest "model size"),
+    else the initializer element count."""
+    onnx_path = Path(onnx_path)
+    size: dict[str, Any] = {"file": onnx_path.name}
+    manifest = read_manifest(model_dir) if Path(model_dir).is_dir() and is_artifact(model_dir) else {}
+    variant = next((v for v in manifest.get("variants", []) if v.get("file") == onnx_path.name), {})
+    files = [onnx_path] + [p for p in onnx_path.parent.glob(onnx_path.name + "*.data")]
+    size["bytes"] = variant.get("bytes") or sum(p.stat().st_size for p in files if p.is_file())
+    size["gzip_bytes"] = variant.get("gzip_bytes") or sum(gzip_size(p) for p in files if p.is_file())
+    counts = onnx_counts(onnx_path)
+    size["initializer_elements"] = counts["initializer_elements"]
+    size["nonzeros"] = variant.get("nonzeros") or counts["nonzeros"]
+    size["quantization"] = variant.get("quantization")
+    compressed = compressed_manifest(model_dir)
+    size["parameters"] = compressed.get("parameters") if compressed else counts["initializer_elements"]
+    size["dense_parameters"] = compressed.get("dense_parameters") if compressed else None
+    return size
+
+
+def compressed_manifest(model_dir: Path) -> dict[str, Any] | None:
+    """The compress-stage manifest an export came from (itself if it is one), if it can be found."""
+    model_dir = Path(model_dir)
+    if not (model_dir.is_dir() and is_artifact(model_dir)):
+        return None
+    manifest = read_manifest(model_dir)
+    for _ in range(4):
+        if manifest.get("stage") == "compress":
+            return manifest
+        parent = (manifest.get("parent") or {}).get("path")
+        if not parent or not is_artifact(parent):
+            return None
+        manifest = read_manifest(parent)
+    return None
+
+
+def analytic_flops(model_dir: Path, seq_lens: Sequence[int]) -> dict[str, Any] | None:
+    """Block FLOPs per sequence (2 per multiply-add; embeddings and LM head excluded) for each seq length,
+    from the per-layer shapes in config.json. Needs transformers; None where it is unavailable."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        import transformers
+
+        from edgeprune.compress.adapters import get_adapter
+        from edgeprune.compress.surgery import analytic_flops as _flops
+    except ImportError:
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+        adapter = get_adapter(config)
+    except (ValueError, OSError, EdgePruneError):  # an architecture without an adapter: no analytic count
+        return None
+    shapes = adapter.shapes(config)
+    per_seq = {str(s): int(_flops(adapter, config, shapes, int(s))) for s in seq_lens}
+    return {"per_sequence": per_seq, "per_token": {k: v / int(k) for k, v in per_seq.items()},
+            "scope": "transformer blocks, 2 FLOPs per multiply-add"}
+
+
+def config_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator in (None, 0) or (isinstance(numerator, float) and math.isnan(numerator)):
+        return None
+    return numerator / denominator
+
+
+def quality_ratio(task_metric: str, value: float | None, dense: float | None) -> float | None:
+    """Candidate quality as a fraction of dense, higher is better for every metric: Spearman directly,
+    perplexity inverted (dense ppl / candidate ppl)."""
+    if value is None or dense is None:
+        return None
+    if task_metric == "perplexity":
+        return ratio(dense, value)
+    return ratio(value, dense)

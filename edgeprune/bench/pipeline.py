@@ -1,0 +1,291 @@
+"""``edgeprune pipeline`` (compress -> export -> bench from one YAML recipe) and ``edgeprune sweep``
+(Pareto sweep over pruning levels with a budget search that returns the chosen artifact)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeprune.bench.harness import BenchConfig
+from edgeprune.configs import FrozenConfig
+from edgeprune.errors import EdgePruneError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+POSTTRAINING_RECIPE = RECIPES_DIR / "minilm-50-posttraining.yaml"
+
+
+@dataclass(frozen=True)
+class Variant(FrozenConfig):
+    """One model to build and measure. ``compress``/``recipe`` make a compressed artifact; ``reuse`` takes
+    another variant's compressed artifact (e.g. to quantize it); neither means the source model itself."""
+
+    name: str = ""
+    recipe: str | None = None  # compress recipe YAML (edgeprune compress --recipe)
+    compress: dict | None = None  # inline compress recipe (same keys as the YAML)
+    reuse: str | None = None
+    export: dict = field(default_factory=dict)  # ExportConfig fields (quantize, target, optimize, ...)
+    requires_runtime: str | None = None  # skip (with a note) when this runtime is unavailable
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise EdgePruneError(f"variant names must be non-empty and contain no '/': {self.name!r}")
+        if sum(x is not None for x in (self.recipe, self.compress, self.reuse)) > 1:
+            raise EdgePruneError(f"variant {self.name}: give at most one of recipe, compress, reuse")
+
+
+@dataclass(frozen=True)
+class PipelineConfig(FrozenConfig):
+    model: str = "minilm"
+    task: str | None = "sts"  # quality task for the benchmark (sts | perplexity | null)
+    data: str | None = "stsb/sts-dev.csv"  # absolute, or relative to the shared data folder
+    eval_limit: int | None = None
+    variants: tuple[Variant, ...] = ()
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    optional_runtimes: tuple[str, ...] = ()  # added to bench.runtimes when installed (e.g. deepsparse)
+
+    def __post_init__(self):
+        if not self.variants:
+            raise EdgePruneError("a pipeline needs at least one variant (the first is the dense reference)")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise EdgePruneError(f"variant names must be unique: {names}")
+        for v in self.variants:
+            if v.reuse and v.reuse not in names[: names.index(v.name)]:
+                raise EdgePruneError(f"variant {v.name}: reuse {v.reuse!r} must name an earlier variant")
+        if self.variants[0].requires_runtime:
+            raise EdgePruneError("the first (dense reference) variant cannot be optional")
+
+
+def resolve_data(path: str | None) -> str | None:
+    if path is None:
+        return None
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return str(candidate)
+    from edgeprune.paths import data_dir
+
+    shared = data_dir() / path
+    if shared.is_file():
+        return str(shared)
+    raise EdgePruneError(f"data file not found: {path} (also looked in {data_dir()})")
+
+
+def resolve_recipe(path: str, relative_to: Path | None = None) -> str:
+    """A compress recipe path as given, relative to the pipeline file, or a name in edgeprune/recipes/."""
+    for candidate in (Path(path).expanduser(), (relative_to or Path.cwd()) / path, RECIPES_DIR / path,
+                      RECIPES_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    raise EdgePruneError(f"compress recipe not found: {path} (looked beside the pipeline file and in {RECIPES_DIR})")
+
+
+def default_recipe() -> PipelineConfig:
+    """The README main job: MiniLM dense, structured 50/50 post-training, + INT8, 90% sparse on DeepSparse."""
+    structured = ({"name": "structured-50", "recipe": str(POSTTRAINING_RECIPE)} if POSTTRAINING_RECIPE.is_file()
+                  else {"name": "structured-50", "compress": {"structured": {"heads": 0.5, "ffn": 0.5}}})
+    variants = [
+        {"name": "dense", "export": {"target": "deepsparse"}},
+        structured,
+        {"name": "structured-50-int8", "reuse": "structured-50", "export": {"quantize": "int8-dynamic"}},
+        {"name": "unstructured-90", "compress": {"sparsity": {"fraction": 0.9, "scope": "global"}},
+         "export": {"target": "deepsparse"}, "requires_runtime": "deepsparse"},
+    ]
+    return PipelineConfig.from_dict({
+        "model": "minilm", "task": "sts", "data": "stsb/sts-dev.csv", "variants": variants,
+        "bench": {"runtimes": ["onnxruntime"], "batches": [1], "seqs": [128], "threads": 2, "rounds": 10,
+                  "round_seconds": 0.3},
+        "optional_runtimes": ["deepsparse"],
+    })
+
+
+def _runtime_available(name: str) -> bool:
+    from edgeprune.runtime.base import get_runtime
+
+    try:
+        return get_runtime(name, require_available=False).available()
+    except EdgePruneError:
+        return False
+
+
+def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None] = print,
+                   recipe_dir: Path | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Compress and export every variant under ``work``. Returns [(name, export dir)] and timings/notes."""
+    from edgeprune.compress.api import CompressConfig, compress
+    from edgeprune.exporters.api import ExportConfig, export
+
+    built: list[tuple[str, Path]] = []
+    compressed: dict[str, str] = {}
+    notes: dict[str, Any] = {}
+    for variant in config.variants:
+        if variant.requires_runtime and not _runtime_available(variant.requires_runtime):
+            notes[variant.name] = {"skipped": f"needs runtime {variant.requires_runtime}, which is not available"}
+            log(f"skipping {variant.name}: runtime {variant.requires_runtime} not available")
+            continue
+        started = time.perf_counter()
+        source = config.model
+        if variant.reuse:
+            # Quantizing (or re-targeting) an earlier variant starts from its validated fp32 export, which
+            # skips a second PyTorch -> ONNX export; the exporter checks the result against that file.
+            reused = dict(built).get(variant.reuse)
+            source = str(reused) if reused is not None else compressed.get(variant.reuse, config.model)
+        elif variant.recipe or variant.compress:
+            cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
+                   else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
+            out = work / "compressed" / variant.name
+            log(f"[{variant.name}] compress {config.model}")
+            compress(config.model, out, cfg)
+            source = str(out)
+        compressed[variant.name] = source
+        compress_s = time.perf_counter() - started
+        export_dir = work / "exports" / variant.name
+        fields = dict(variant.export)
+        if config.task == "perplexity":
+            fields.setdefault("task", "text-generation")
+        log(f"[{variant.name}] export {source} ({fields or 'fp32'})")
+        step = time.perf_counter()
+        export(source, export_dir, ExportConfig.from_dict(fields, where=f"variant {variant.name}.export"))
+        notes[variant.name] = {"compress_s": round(compress_s, 1), "export_s": round(time.perf_counter() - step, 1),
+                               "source": source}
+        built.append((variant.name, export_dir))
+    return built, notes
+
+
+def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = False, threads: int | None = None,
+                 log: Callable[[str], None] = print, recipe_dir: Path | None = None) -> dict[str, Any]:
+    """compress -> export -> bench; everything lands in ``out`` (atomically), the table is printed."""
+    from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
+    from edgeprune.bench.api import bench
+    from edgeprune.bench.report import markdown
+
+    check_output_dir(out, overwrite)
+    data = resolve_data(config.data) if config.task else None
+    runtimes = tuple(config.bench.runtimes) + tuple(
+        r for r in config.optional_runtimes if r not in config.bench.runtimes and _runtime_available(r))
+    bench_cfg = config.bench.replace(task=config.task, data=data, eval_limit=config.eval_limit, runtimes=runtimes,
+                                     **({"threads": threads} if threads else {}))
+    started = time.perf_counter()
+    with staged_output(out, overwrite) as tmp:
+        built, notes = build_variants(config, tmp, log, recipe_dir)
+        if len(built) < 2:
+            raise EdgePruneError("the pipeline needs the dense variant and at least one candidate to compare")
+        report = bench(str(built[0][1]), [str(p) for _, p in built[1:]], tmp / "report", bench_cfg,
+                       labels=[name for name, _ in built], log=log)
+        summary = {"output": str(out), "report": str(Path(out) / "report" / "report.json"), "variants": notes,
+                   "seconds": round(time.perf_counter() - started, 1), "comparisons": report["comparisons"]}
+        (tmp / "pipeline.yaml").write_text(config.to_yaml())
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        write_manifest(tmp, "pipeline", config.to_dict(), parent=None, variants=notes)
+    print(markdown(report))
+    print(f"pipeline finished in {summary['seconds']:.0f}s; report: {summary['report']}")
+    return summary
+
+
+# --- sweep ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepConfig(FrozenConfig):
+    model: str = "minilm"
+    task: str = "sts"
+    data: str = "stsb/sts-dev.csv"
+    eval_limit: int | None = 500
+    levels: tuple[float, ...] = (0.25, 0.5, 0.7)  # fraction of heads and FFN neurons removed
+    base_recipe: str | None = None  # compress recipe whose structured heads/ffn the sweep overrides
+    quantize: tuple[str, ...] = ("none",)  # export variants per level: none, int8-dynamic
+    bench: BenchConfig = field(default_factory=lambda: BenchConfig(threads=2, rounds=6))
+
+    def __post_init__(self):
+        if not self.levels or any(not 0.0 < x < 1.0 for x in self.levels):
+            raise EdgePruneError("sweep levels must be fractions in (0, 1)")
+        bad = set(self.quantize) - {"none", "int8-dynamic", "int8-static"}
+        if bad:
+            raise EdgePruneError(f"unknown quantize options in sweep: {sorted(bad)}")
+
+
+def default_sweep() -> SweepConfig:
+    base = str(POSTTRAINING_RECIPE) if POSTTRAINING_RECIPE.is_file() else None
+    return SweepConfig(base_recipe=base, quantize=("none", "int8-dynamic"))
+
+
+def sweep_pipeline(config: SweepConfig) -> PipelineConfig:
+    from edgeprune.compress.api import CompressConfig
+
+    base = CompressConfig.from_file(config.base_recipe).to_dict() if config.base_recipe else CompressConfig().to_dict()
+    variants: list[dict] = [{"name": "dense"}]
+    for q in config.quantize:
+        if q != "none":
+            variants.append({"name": f"dense-{q}", "reuse": "dense", "export": {"quantize": q}})
+    for level in config.levels:
+        recipe = json.loads(json.dumps(base))
+        recipe["structured"].update({"heads": level, "ffn": level, "flops_budget": None})
+        name = f"prune-{round(level * 100)}"
+        variants.append({"name": name, "compress": recipe})
+        for q in config.quantize:
+            if q != "none":
+                variants.append({"name": f"{name}-{q}", "reuse": name, "export": {"quantize": q}})
+    return PipelineConfig.from_dict({"model": config.model, "task": config.task, "data": config.data,
+                                     "eval_limit": config.eval_limit, "variants": variants,
+                                     "bench": config.bench.to_dict()})
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points not dominated by another that is at least as fast and at least as good (and better in one)."""
+    front = []
+    for p in points:
+        dominated = any(q is not p and q["p50_ms"] <= p["p50_ms"] and q["quality_ratio"] >= p["quality_ratio"]
+                        and (q["p50_ms"] < p["p50_ms"] or q["quality_ratio"] > p["quality_ratio"]) for q in points)
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p["p50_ms"])
+
+
+def choose(points: list[dict], min_quality: float | None, max_latency_ms: float | None) -> dict | None:
+    """Budget search: the fastest variant with quality_ratio >= min_quality, or the best-quality variant
+    with p50 <= max_latency_ms (both constraints apply when both are given)."""
+    ok = [p for p in points
+          if (min_quality is None or p["quality_ratio"] >= min_quality)
+          and (max_latency_ms is None or p["p50_ms"] <= max_latency_ms)]
+    if not ok:
+        return None
+    if min_quality is not None:
+        return min(ok, key=lambda p: (p["p50_ms"], -p["quality_ratio"]))
+    return max(ok, key=lambda p: (p["quality_ratio"], -p["p50_ms"]))
+
+
+def run_sweep(config: SweepConfig, out: str | Path, min_quality: float | None = None,
+              max_latency_ms: float | None = None, overwrite: bool = False, threads: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    if min_quality is not None and not 0 < min_quality <= 1.5:
+        raise EdgePruneError("--min-quality is a fraction of dense quality, e.g. 0.98")
+    pipeline = sweep_pipeline(config)
+    summary = run_pipeline(pipeline, out, overwrite=overwrite, threads=threads, log=log)
+    cfg = pipeline.bench
+    key = (cfg.runtimes[0], cfg.batches[0], cfg.seqs[-1])
+    points = [{"model": c["model"], "p50_ms": c["p50_ms"], "quality": c["quality"], "quality_ratio": c["quality_ratio"],
+               "speedup": c["speedup_p50"], "flops_ratio": c["flops_ratio"]}
+              for c in summary["comparisons"] if (c["runtime"], c["batch"], c["seq"]) == key
+              and c["quality_ratio"] is not None]
+    front = pareto_front(points)
+    result = {"output": str(out), "at": {"runtime": key[0], "batch": key[1], "seq": key[2]}, "points": points,
+              "pareto": [p["model"] for p in front]}
+    if min_quality is not None or max_latency_ms is not None:
+        chosen = choose(points, min_quality, max_latency_ms)
+        result["budget"] = {"min_quality": min_quality, "max_latency_ms": max_latency_ms}
+        if chosen is None:
+            result["chosen"] = None
+            print("no variant meets the budget")
+        else:
+            src = Path(out) / "exports" / chosen["model"]
+            dst = Path(out) / "chosen"
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+            result["chosen"] = dict(chosen, path=str(dst))
+            print(f"chosen: {chosen['model']} (p50 {chosen['p50_ms']:.2f} ms, quality {chosen['quality_ratio']:.1%} of "
+                  f"dense) -> {dst}")
+    (Path(out) / "sweep.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print("Pareto frontier (latency x quality): " + ", ".join(result["pareto"]))
+    return result

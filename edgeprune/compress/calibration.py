@@ -1,0 +1,132 @@
+"""Calibration data: a few hundred unlabeled texts, tokenized into batches for data-aware pruning.
+
+Sources: an STS-B tsv (both sentences of every pair), a plain text file (non-empty lines; for decoders,
+consecutive text is packed into ``max_length`` token windows), a local ``datasets`` data file
+(.json/.jsonl/.csv/.parquet/.arrow) or a ``datasets`` name (``name``, ``name:config`` or ``name:config:split``).
+Sampling is seeded, so the same recipe always sees the same texts.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+from edgeprune.errors import EdgePruneError
+
+DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "document", "question")
+
+
+def _texts_from_dataset(dataset, source: str) -> list[str]:
+    columns = list(dataset.column_names)
+    column = next((c for c in TEXT_COLUMNS if c in columns), None)
+    if column is None:
+        column = next((c for c in columns if dataset.features[c].dtype == "string"), None) if hasattr(dataset, "features") else None
+    if column is None:
+        raise EdgePruneError(f"{source}: no text column (looked for {', '.join(TEXT_COLUMNS)}); columns: {columns}")
+    return [t.strip() for t in dataset[column] if isinstance(t, str) and t.strip()]
+
+
+def _load_datasets(path: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise EdgePruneError("calibration from a datasets name needs the `datasets` package") from None
+    suffix = Path(path).suffix.lower()
+    try:
+        if Path(path).is_file():
+            if suffix not in DATASET_SUFFIXES:
+                raise EdgePruneError(f"{path}: unsupported calibration file type {suffix!r}")
+            dataset = datasets.load_dataset(DATASET_SUFFIXES[suffix], data_files=str(path), split="train")
+        else:
+            name, config, split = (path.split(":") + [None, None])[:3]
+            dataset = datasets.load_dataset(name, config or None, split=split or "train")
+    except EdgePruneError:
+        raise
+    except Exception as exc:  # datasets raises many types (offline, missing config, bad file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise EdgePruneError(f"cannot load calibration data {path!r}: {first}") from None
+    return _texts_from_dataset(dataset, path)
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """All candidate calibration texts of a source (before sampling)."""
+    from edgeprune.eval.data import read_sentences
+
+    if path is None:
+        raise EdgePruneError("this importance/reconstruction needs calibration data: pass --calib PATH")
+    location = Path(str(path)).expanduser()
+    if location.is_file() and location.suffix.lower() in DATASET_SUFFIXES and location.suffix.lower() != ".csv":
+        return _load_datasets(str(location))
+    if location.exists():
+        if location.is_dir():
+            raise EdgePruneError(f"calibration path is a directory, not a file: {location}")
+        return read_sentences(location)
+    if str(path).startswith((".", "/", "~")) or str(path).endswith((".txt", ".tsv", ".csv")):
+        raise EdgePruneError(f"calibration data not found: {path}")
+    return _load_datasets(str(path))
+
+
+def sample_texts(texts: Sequence[str], samples: int, seed: int) -> list[str]:
+    """``samples`` distinct texts chosen with a seeded RNG (all of them if there are fewer)."""
+    unique = list(dict.fromkeys(texts))
+    if len(unique) <= samples:
+        return unique
+    return random.Random(seed).sample(unique, samples)
+
+
+def _pack(tokenizer, texts: Sequence[str], samples: int, max_length: int, seed: int) -> list[list[int]]:
+    """Decoder calibration: concatenate texts and cut ``samples`` full windows of ``max_length`` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    for text in order:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+        if len(ids) >= samples * max_length:
+            break
+    windows = [ids[i:i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
+    if not windows:
+        raise EdgePruneError(f"calibration text too short for one {max_length}-token window")
+    return windows[:samples]
+
+
+def tokenize_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:
+    # Sorting by length keeps padding (and wasted compute) small; order does not matter for statistics.
+    texts = sorted(texts, key=len)
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
+        batches.append(dict(batch))
+    return batches
+
+
+def load_calibration(loaded, cfg, seed: int = 0) -> list[dict]:
+    """Tokenized calibration batches (dicts of tensors) for ``loaded`` per a ``CalibrationConfig``."""
+    import torch
+
+    texts = load_texts(cfg.path)
+    tokenizer = loaded.tokenizer
+    if loaded.adapter.is_decoder and not _looks_like_sentences(cfg.path):
+        windows = _pack(tokenizer, texts, cfg.samples, cfg.max_length, seed)
+        return [{"input_ids": torch.tensor(windows[i:i + cfg.batch_size]),
+                 "attention_mask": torch.ones(len(windows[i:i + cfg.batch_size]), len(windows[0]), dtype=torch.long)}
+                for i in range(0, len(windows), cfg.batch_size)]
+    chosen = sample_texts(texts, cfg.samples, seed)
+    return tokenize_batches(tokenizer, chosen, cfg.max_length, cfg.batch_size)
+
+
+def _looks_like_sentences(path) -> bool:
+    """STS pairs stay sentence-level even for decoders; everything else is packed for decoders."""
+    location = Path(str(path)).expanduser()
+    if not location.is_file():
+        return False
+    with open(location, encoding="utf-8", errors="replace") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    return first.count("\t") >= 6
+
+
+def token_count(batches: Sequence[dict]) -> int:
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))

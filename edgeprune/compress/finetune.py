@@ -1,0 +1,272 @@
+"""Recovery fine-tuning after pruning: a plain task loss, or distillation from the dense model.
+
+Encoders (sentence embedders such as MiniLM): distil mean-pooled embeddings (cosine or MSE) and optionally
+every layer's hidden states; without ``distill`` the task loss is cosine-similarity regression on STS pairs.
+Decoders: KL(teacher || student) on temperature-softened logits plus the LM loss (or the LM loss alone).
+Sparsity masks are re-applied after every optimizer step so pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from edgeprune.errors import EdgePruneError
+
+LOG_FILE = "train_log.jsonl"
+
+
+# --- data ----------------------------------------------------------------------------------------
+def _is_sts(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    return first.count("\t") >= 6
+
+
+def read_texts(data: str) -> list[str]:
+    """Training texts from the same sources as calibration: STS tsv (both sentences), a plain text file
+    (one text per line), a local json/csv/parquet file or a ``datasets`` name."""
+    from edgeprune.compress.calibration import load_texts
+
+    return load_texts(data)
+
+
+def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[list[int]]:
+    """Decoder data: the whole corpus tokenized, the first ``skip_tokens`` dropped (held out for
+    evaluation), cut into blocks of ``block`` tokens."""
+    from edgeprune.eval.data import read_corpus
+
+    path = Path(data).expanduser()
+    text = read_corpus(path) if path.is_file() and not _is_sts(path) else "\n".join(read_texts(data))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
+    blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+    if not blocks:
+        raise EdgePruneError(f"{data}: fewer than {block} tokens after skipping {skip_tokens}")
+    return blocks
+
+
+# --- losses --------------------------------------------------------------------------------------
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def encoder_distill_loss(student, teacher, batch, cfg) -> torch.Tensor:
+    hidden = cfg.hidden_weight > 0
+    out = student(**batch, output_hidden_states=hidden)
+    with torch.no_grad():
+        ref = teacher(**batch, output_hidden_states=hidden)
+    mask = batch["attention_mask"]
+    s, t = mean_pool(out.last_hidden_state, mask), mean_pool(ref.last_hidden_state, mask)
+    if cfg.distill_objective == "cosine":
+        loss = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    else:
+        loss = F.mse_loss(s, t)
+    if hidden:  # every layer's token states, real tokens only
+        m = mask.unsqueeze(-1).to(s.dtype)
+        per_layer = [((a - b).pow(2) * m).sum() / (m.sum() * a.shape[-1])
+                     for a, b in zip(out.hidden_states[1:], ref.hidden_states[1:])]
+        loss = loss + cfg.hidden_weight * torch.stack(per_layer).mean()
+    return loss
+
+
+def sts_task_loss(student, batch) -> torch.Tensor:
+    """Cosine-similarity regression (sentence-transformers' CosineSimilarityLoss) on STS pairs."""
+    a, b, gold = batch
+    ea = mean_pool(student(**a).last_hidden_state, a["attention_mask"])
+    eb = mean_pool(student(**b).last_hidden_state, b["attention_mask"])
+    return F.mse_loss(F.cosine_similarity(ea, eb, dim=-1), gold)
+
+
+def decoder_loss(student, teacher, batch, cfg) -> torch.Tensor:
+    ids = batch["input_ids"]
+    logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    if teacher is None:
+        return lm
+    with torch.no_grad():
+        ref = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    t = cfg.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1).reshape(-1, logits.shape[-1]),
+                  F.log_softmax(ref / t, -1).reshape(-1, logits.shape[-1]), log_target=True,
+                  reduction="batchmean") * t * t
+    return kl + cfg.lm_weight * lm
+
+
+def simcse_loss(model, batch, temperature: float = 0.05) -> torch.Tensor:
+    """Unsupervised SimCSE: two dropout views of each sentence are positives, the batch the negatives."""
+    a = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    b = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    sim = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) / temperature
+    return F.cross_entropy(sim, torch.arange(len(a)))
+
+
+def unsupervised_loss(model, adapter, batch) -> torch.Tensor:
+    """A label-free loss for scoring on calibration batches: LM loss (decoders) or SimCSE (encoders)."""
+    if adapter.is_decoder:
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False).logits[:, :-1]
+        targets = ids[:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100) if "attention_mask" in batch \
+            else ids[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    return simcse_loss(model, batch)
+
+
+# --- training loop -------------------------------------------------------------------------------
+class _Batches:
+    """Deterministic shuffled batches of tokenized examples (dynamic padding)."""
+
+    def __init__(self, loaded, cfg, seed: int):
+        self.tok, self.cfg, self.rng = loaded.tokenizer, cfg, random.Random(seed)
+        self.decoder = loaded.adapter.is_decoder
+        data = cfg.data
+        if self.decoder:
+            self.items: list[Any] = lm_blocks(self.tok, data, cfg.max_length, cfg.skip_tokens)
+            self.kind = "lm"
+        elif cfg.distill:
+            self.items = sorted(set(read_texts(data)))  # sorted: set order is not deterministic
+            self.kind = "texts"
+        else:
+            path = Path(data).expanduser()
+            if not (path.is_file() and _is_sts(path)):
+                raise EdgePruneError("encoder fine-tuning without --distill needs STS pairs with scores "
+                                     "(an STS-B tsv); pass --distill to learn from the dense model on plain text")
+            from edgeprune.eval.data import read_sts
+
+            self.items = read_sts(path)
+            self.kind = "pairs"
+        if not self.items:
+            raise EdgePruneError(f"{data}: no training examples")
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.cfg.batch_size)
+
+    def _encode(self, texts):
+        return self.tok(texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
+
+    def epoch(self):
+        order = list(range(len(self.items)))
+        self.rng.shuffle(order)
+        bs = self.cfg.batch_size
+        for start in range(0, len(order), bs):
+            chunk = [self.items[i] for i in order[start:start + bs]]
+            if self.kind == "lm":
+                yield {"input_ids": torch.tensor(chunk, dtype=torch.long)}
+            elif self.kind == "texts":
+                yield self._encode(chunk)
+            else:
+                yield (self._encode([p.sentence1 for p in chunk]), self._encode([p.sentence2 for p in chunk]),
+                       torch.tensor([p.score / 5.0 for p in chunk], dtype=torch.float32))
+
+
+def trainable_parameters(model, train_embeddings: bool) -> list[torch.nn.Parameter]:
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    out = []
+    for p in model.parameters():
+        if id(p) in embeddings and not train_embeddings:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        out.append(p)
+    return out
+
+
+def finetune(loaded, cfg, teacher=None, masks=None, movement=None, seed: int = 0, max_steps: int | None = None,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Train ``loaded.model`` in place per ``cfg`` (FinetuneConfig). ``teacher``: the dense model for
+    distillation. ``masks``: a sparsity MaskSet re-applied after every step. ``movement``: a
+    MovementScores accumulating −W·∂L/∂W. Returns a summary and the per-step log."""
+    from tqdm.auto import tqdm
+
+    if not cfg.enabled:
+        raise EdgePruneError("fine-tuning needs data (--finetune DATA)")
+    if cfg.distill and teacher is None:
+        raise EdgePruneError("distillation needs the dense teacher model")
+    torch.manual_seed(seed)
+    model = loaded.model
+    batches = _Batches(loaded, cfg, seed)
+    total = math.ceil(cfg.epochs * len(batches))
+    limit = max_steps if max_steps is not None else cfg.max_steps
+    if limit is not None:
+        total = min(total, limit)
+    if total < 1:
+        raise EdgePruneError("fine-tuning would run zero steps; raise --epochs or --max-steps")
+    params = trainable_parameters(model, cfg.train_embeddings)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup * total)
+
+    def lr_at(step: int) -> float:  # linear warmup, then linear decay to zero
+        if step < warmup:
+            return cfg.learning_rate * (step + 1) / warmup
+        return cfg.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model.train() if cfg.dropout else model.eval()
+    log, step, started, cpu_started = [], 0, time.perf_counter(), time.process_time()
+    bar = tqdm(total=total, desc="fine-tune", disable=not progress)
+    try:
+        while step < total:
+            for batch in batches.epoch():
+                if step >= total:
+                    break
+                lr = lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if batches.kind == "lm":
+                    loss = decoder_loss(model, teacher if cfg.distill else None, batch, cfg)
+                elif batches.kind == "texts":
+                    loss = encoder_distill_loss(model, teacher, batch, cfg)
+                else:
+                    loss = sts_task_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if movement is not None:
+                    movement.update()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                if masks is not None:
+                    masks.apply()
+                step += 1
+                log.append({"step": step, "loss": round(loss.item(), 6), "lr": lr,
+                            "seconds": round(time.perf_counter() - started, 3)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    finally:
+        bar.close()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    head = [r["loss"] for r in log[: min(10, len(log))]]
+    tail = [r["loss"] for r in log[-min(10, len(log)):]]
+    summary = {"steps": step, "epochs": round(step / len(batches), 3), "examples": len(batches.items),
+               "objective": _objective(batches.kind, cfg), "first_loss": round(sum(head) / len(head), 6),
+               "last_loss": round(sum(tail) / len(tail), 6), "seconds": round(time.perf_counter() - started, 2),
+               "cpu_seconds": round(time.process_time() - cpu_started, 2), "threads": torch.get_num_threads(),
+               "seed": seed}
+    return summary, log
+
+
+def _objective(kind: str, cfg) -> str:
+    if kind == "lm":
+        return f"kl(T={cfg.temperature})+{cfg.lm_weight}*lm" if cfg.distill else "lm"
+    if kind == "texts":
+        extra = f"+{cfg.hidden_weight}*hidden_mse" if cfg.hidden_weight > 0 else ""
+        return f"{cfg.distill_objective}{extra}"
+    return "sts_cosine_mse"
+
+
+def write_log(directory: Path, log: list[dict]) -> Path:
+    import json
+
+    path = Path(directory) / LOG_FILE
+    path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    return path

@@ -1,0 +1,425 @@
+"""``export``: model, compressed artifact or existing export -> validated ONNX export directory.
+
+Pipeline (each step validated before the next): ONNX export -> [fusion] -> [INT8] -> [sparse initializers]
+-> [dense DeepSparse copy]. Intermediates live in a scratch directory; only the final files land in the
+staged output, which replaces ``out`` when everything passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeprune.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
+                                 staged_output, write_manifest)
+from edgeprune.configs import FrozenConfig
+from edgeprune.errors import EdgePruneError
+from edgeprune.exporters.quantize import MODES as QUANT_MODES
+from edgeprune.exporters.sparse import MODES as SPARSE_MODES
+
+TASKS = ("auto", "feature-extraction", "sequence-classification", "text-generation")
+TARGETS = ("onnxruntime", "deepsparse")
+DENSE_FILE = "model_dense.onnx"
+# DeepSparse 1.8 reads ONNX IR <= 9 (onnx < 1.15) and opsets up to 17 (checked by compiling with it).
+DEEPSPARSE_MAX_IR = 9
+DEEPSPARSE_MAX_OPSET = 17
+SOURCE_ONNX_OPSETS = (11, 21)  # opsets this exporter re-processes when the source is already ONNX
+
+
+@dataclass(frozen=True)
+class ExportConfig(FrozenConfig):
+    """How to export. Saved as the manifest's ``config``."""
+
+    task: str = "auto"
+    opset: int = 17
+    with_past: bool = True  # decoders: KV-cache inputs/outputs
+    optimize: bool = False
+    quantize: str = "none"  # none | int8-dynamic | int8-static
+    calib: str | None = None  # STS tsv or text file (int8-static calibration; texts for the INT8 task check)
+    calib_samples: int = 128
+    calib_max_length: int = 128
+    per_channel: bool = True
+    sparse_initializers: str = "auto"  # auto | on | off
+    target: str = "onnxruntime"  # onnxruntime | deepsparse
+    atol: float = 1e-3  # numeric gate: fail when both abs and relative error exceed their tolerance
+    rtol: float = 1e-3
+    min_cosine: float = 0.99  # INT8 gate, embeddings
+    min_top1: float = 0.9  # INT8 gate, classifiers and decoders
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})"),
+                  (self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
+                  (self.sparse_initializers in SPARSE_MODES,
+                   f"--sparse-initializers must be one of {', '.join(SPARSE_MODES)} (got {self.sparse_initializers!r})"),
+                  (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})"),
+                  (9 <= self.opset <= 21, f"--opset must be between 9 and 21 (got {self.opset})"),
+                  (self.calib_samples >= 1 and self.calib_max_length >= 2, "calibration sizes must be positive"),
+                  (self.atol > 0 and self.rtol > 0, "tolerances must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise EdgePruneError(message)
+        if self.target == "deepsparse":
+            if self.opset > DEEPSPARSE_MAX_OPSET:
+                raise EdgePruneError(f"--target deepsparse: DeepSparse 1.8 supports ONNX opset <= {DEEPSPARSE_MAX_OPSET} "
+                                     f"(got --opset {self.opset})")
+            if self.optimize:
+                raise EdgePruneError("--target deepsparse cannot use --optimize: ORT fusion emits com.microsoft "
+                                     "operators DeepSparse does not run")
+        if self.quantize == "int8-static" and not self.calib:
+            raise EdgePruneError("--quantize int8-static needs calibration data: pass --calib PATH (STS tsv or text)")
+
+
+# --- sources -----------------------------------------------------------------------------------------------
+def _onnx_source(source: str | Path) -> Path | None:
+    """The ONNX file when ``source`` is an existing export directory or a .onnx file, else None."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if path.is_dir() and is_artifact(path) and read_manifest(path).get("stage") == "export":
+        from edgeprune.artifacts import onnx_model_path
+
+        return onnx_model_path(path, "onnxruntime")
+    return None
+
+
+class _Context:
+    """What the pipeline steps need, whichever kind of source it came from."""
+
+    def __init__(self, task, decoder, layout, vocab_size, type_vocab, reference, reference_name, tokenizer,
+                 model=None):
+        self.task, self.decoder, self.layout = task, decoder, layout
+        self.vocab_size, self.type_vocab = vocab_size, type_vocab
+        self.reference, self.reference_name = reference, reference_name
+        self.tokenizer, self.model = tokenizer, model
+
+
+def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
+                         count: int | None = None):
+    from edgeprune.eval.data import read_sentences
+    from edgeprune.exporters.validate import text_feeds
+
+    count = count or config.calib_samples
+    sentences = read_sentences(path, limit=offset + count)[offset:offset + count]
+    if not sentences:
+        raise EdgePruneError(f"{path}: fewer than {offset + 1} sentences for calibration/checking")
+    batch = 16
+    return [text_feeds(ctx.tokenizer, sentences[i:i + batch], input_names, ctx.layout, config.calib_max_length)
+            for i in range(0, len(sentences), batch)]
+
+
+def _check_batches(ctx: _Context, input_names, config: ExportConfig):
+    """Inputs for the INT8 task gate: held-out calibration texts if given, else random token ids."""
+    import numpy as np
+
+    from edgeprune.exporters.validate import random_feeds
+
+    if config.calib:
+        return _calibration_batches(ctx, config.calib, input_names, config, offset=config.calib_samples, count=64)
+    rng = np.random.default_rng(config.seed + 7)
+    batches = []
+    for batch, seq in ((8, 16), (8, 32), (4, 64)):
+        feeds = random_feeds(input_names, batch, seq, 0, ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
+        if "token_type_ids" in feeds:
+            feeds["token_type_ids"][:] = 0
+        batches.append(feeds)
+    return batches
+
+
+# --- DeepSparse ------------------------------------------------------------------------------------------------
+def deepsparse_python() -> str | None:
+    env = os.environ.get("EDGEPRUNE_DEEPSPARSE_PYTHON")
+    if env:
+        return env if Path(env).is_file() else None
+    default = Path("/tmp/inst/dsenv/bin/python")
+    return str(default) if default.is_file() else None
+
+
+_DS_SCRIPT = r"""
+import json, sys
+import numpy as np
+from deepsparse import compile_model
+path, feeds_path, out_path = sys.argv[1:4]
+feeds = np.load(feeds_path)
+names = json.loads(sys.argv[4])
+inputs = [feeds[n] for n in names]
+engine = compile_model(path, batch_size=inputs[0].shape[0], input_shapes=[list(x.shape) for x in inputs])
+outputs = engine.run(inputs)
+np.savez(out_path, *outputs)
+"""
+
+
+def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str, Any]:
+    """Compile ``path`` with DeepSparse in its own interpreter and compare one inference with onnxruntime."""
+    import numpy as np
+
+    from edgeprune.exporters.validate import ort_session, random_feeds, run_session
+
+    python = deepsparse_python()
+    if python is None:
+        return {"checked": False, "reason": "no DeepSparse environment (set EDGEPRUNE_DEEPSPARSE_PYTHON)"}
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    # Decoders: one prefill step with a short past; DeepSparse compiles static shapes.
+    feeds = random_feeds(names, 1, 16, 4 if ctx.decoder else 0, ctx.vocab_size, ctx.layout,
+                         np.random.default_rng(5), ctx.type_vocab)
+    expected = run_session(session, feeds)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-ds-") as tmp:
+        np.savez(Path(tmp) / "feeds.npz", **feeds)
+        # A copy: DeepSparse rewrites the input shapes of the file it compiles, in place.
+        shutil.copy2(path, Path(tmp) / "model.onnx")
+        cmd = [python, "-c", _DS_SCRIPT, str(Path(tmp) / "model.onnx"), str(Path(tmp) / "feeds.npz"), str(Path(tmp) / "out.npz"),
+               json.dumps(names)]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
+        if result.returncode != 0:
+            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
+            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
+        with np.load(Path(tmp) / "out.npz") as out:
+            got = [out[f"arr_{i}"] for i in range(len(out.files))]
+    max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)
+    return {"checked": True, "python": python, "compile_and_run_s": round(time.perf_counter() - started, 2),
+            "max_abs_vs_onnxruntime": max_abs}
+
+
+def deepsparse_ready(model) -> list[str]:
+    """Why an ONNX model would be refused by DeepSparse 1.8 (empty list: acceptable)."""
+    from edgeprune.exporters.sparse import opset_of
+
+    problems = []
+    if model.graph.sparse_initializer:
+        problems.append("it holds sparse initializers")
+    if model.ir_version > DEEPSPARSE_MAX_IR:
+        problems.append(f"IR version {model.ir_version} > {DEEPSPARSE_MAX_IR}")
+    if opset_of(model) > DEEPSPARSE_MAX_OPSET:
+        problems.append(f"opset {opset_of(model)} > {DEEPSPARSE_MAX_OPSET}")
+    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if domains:
+        problems.append(f"it uses non-standard operator domains {domains}")
+    return problems
+
+
+# --- pipeline -----------------------------------------------------------------------------------------------
+def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, allow_pickle: bool):
+    from edgeprune.exporters.onnx_export import ONNX_FILE, export_with_optimum
+    from edgeprune.exporters.validate import torch_reference
+    from edgeprune.models import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(source, task=None if config.task == "auto" else config.task, allow_pickle=allow_pickle)
+    load_s = time.perf_counter() - started
+    decoder = loaded.task == "text-generation"
+    with_past = decoder and config.with_past
+    info = export_with_optimum(loaded, tmp, loaded.task, with_past, config.opset)
+    shutil.move(str(tmp / ONNX_FILE), work / "fp32.onnx")
+    model_config = loaded.model.config
+    ctx = _Context(loaded.task, decoder, info.get("kv_layout"), model_config.vocab_size,
+                   getattr(model_config, "type_vocab_size", 2), torch_reference(loaded.model), "PyTorch",
+                   loaded.tokenizer, loaded.model)
+    parent = source if loaded.source.kind == "artifact" else {"model": loaded.source.to_dict()}
+    meta = {"model_type": model_config.model_type, "source_kind": loaded.source.kind, "optimum": info,
+            "with_past": with_past, "load_s": round(load_s, 3)}
+    return ctx, parent, meta
+
+
+def _prepare_from_onnx(onnx_path: Path, source, config: ExportConfig, tmp: Path, work: Path):
+    import onnx
+
+    from edgeprune.exporters.sparse import densify
+    from edgeprune.exporters.validate import check_onnx_file, onnx_reference
+
+    model = check_onnx_file(onnx_path)
+    from edgeprune.exporters.sparse import opset_of
+
+    opset = opset_of(model)
+    if not SOURCE_ONNX_OPSETS[0] <= opset <= SOURCE_ONNX_OPSETS[1]:
+        raise EdgePruneError(f"{onnx_path}: opset {opset} is outside what this exporter handles "
+                             f"({SOURCE_ONNX_OPSETS[0]}..{SOURCE_ONNX_OPSETS[1]})")
+    if config.target == "deepsparse" and opset > DEEPSPARSE_MAX_OPSET:
+        raise EdgePruneError(f"{onnx_path}: opset {opset} > {DEEPSPARSE_MAX_OPSET}, which DeepSparse 1.8 does not "
+                             "support (--target deepsparse); re-export from the model with --opset 17")
+    src_dir = onnx_path.parent
+    if not (src_dir / "config.json").is_file():
+        raise EdgePruneError(f"{src_dir}: no config.json beside {onnx_path.name}; an export directory needs one")
+    for item in src_dir.iterdir():  # config, tokenizer, generation config; not the ONNX files or manifest
+        if item.is_file() and item.suffix != ".onnx" and item.name != MANIFEST and not item.name.endswith(".onnx_data"):
+            shutil.copy2(item, tmp / item.name)
+    manifest = read_manifest(src_dir) if is_artifact(src_dir) else {}
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph.node) and (config.quantize != "none" or config.optimize):
+        raise EdgePruneError(f"{onnx_path}: already optimised or quantised (non-standard operators); "
+                             "re-export from the model or compressed artifact instead")
+    densify(model)
+    onnx.save(model, str(work / "fp32.onnx"))
+    names = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    decoder = "logits" in outputs and any(n.startswith("past_key_values.") for n in names) or \
+        manifest.get("task") == "text-generation"
+    task = manifest.get("task") or ("text-generation" if decoder else
+                                    "sequence-classification" if "logits" in outputs else "feature-extraction")
+    layout = manifest.get("kv_layout")
+    if decoder and layout is None:
+        layout = []
+        for i in range(sum(1 for n in names if n.endswith(".key") and n.startswith("past_key_values."))):
+            dims = next(v for v in model.graph.input if v.name == f"past_key_values.{i}.key").type.tensor_type.shape.dim
+            if not dims[1].dim_value or not dims[3].dim_value:
+                raise EdgePruneError(f"{onnx_path}: cannot tell the KV layout of layer {i} (symbolic head dims, no manifest)")
+            layout.append({"kv_heads": dims[1].dim_value, "head_dim": dims[3].dim_value})
+    cfg = json.loads((src_dir / "config.json").read_text())
+    tokenizer = None
+    if config.calib:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    ctx = _Context(task, decoder, layout, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
+                   onnx_reference(work / "fp32.onnx"), f"source ONNX {onnx_path.name}", tokenizer)
+    meta = {"model_type": cfg.get("model_type"), "source_kind": "onnx",
+            "with_past": any(n.startswith("past_key_values.") for n in names)}
+    parent = src_dir if manifest else str(onnx_path)
+    return ctx, parent, meta
+
+
+def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
+           allow_pickle: bool = False, progress: bool = True) -> Path:
+    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+    import onnx
+
+    from edgeprune.exporters import optimize as opt
+    from edgeprune.exporters import quantize as quant
+    from edgeprune.exporters.onnx_export import io_signature
+    from edgeprune.exporters.sparse import sparsify, variant_record
+    from edgeprune.exporters.validate import (check_onnx_file, generation_gate, numeric_gate, onnx_reference,
+                                              ort_session, random_feeds, task_gate, compare, run_session)
+
+    config = config or ExportConfig()
+    out = Path(out)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise EdgePruneError("the output directory must differ from the source")
+    check_output_dir(out, overwrite)
+    if config.calib and not Path(config.calib).is_file():
+        raise EdgePruneError(f"calibration data not found: {config.calib}")
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[export] {message}", file=sys.stderr, flush=True)
+
+    timings: dict[str, float] = {}
+    validation: dict[str, Any] = {}
+    started = time.perf_counter()
+    with staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeprune-export-") as scratch:
+        work = Path(scratch)
+        onnx_source = _onnx_source(source)
+        step = time.perf_counter()
+        if onnx_source is not None:
+            say(f"reading {onnx_source}")
+            ctx, parent, meta = _prepare_from_onnx(onnx_source, source, config, tmp, work)
+        else:
+            say(f"loading {source} and exporting to ONNX (opset {config.opset})")
+            ctx, parent, meta = _prepare_from_model(source, config, tmp, work, allow_pickle)
+        timings["export_s"] = round(time.perf_counter() - step, 3)
+        current = work / "fp32.onnx"
+        check_onnx_file(current)
+
+        def gate(path: Path, label: str) -> None:
+            step = time.perf_counter()
+            say(f"validating {label} against {ctx.reference_name}")
+            validation[label] = numeric_gate(path, ctx.reference, ctx.vocab_size, ctx.layout, ctx.decoder,
+                                             config.atol, config.rtol, seed=config.seed + 1234,
+                                             type_vocab=ctx.type_vocab, what=ctx.reference_name)
+            if ctx.decoder and ctx.model is not None:
+                validation[label]["generation"] = generation_gate(path, ctx.model, ctx.layout, ctx.vocab_size)
+            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
+
+        gate(current, "fp32")
+        steps: dict[str, Any] = {}
+        if config.optimize:
+            step = time.perf_counter()
+            say("fusing the graph (onnxruntime transformer optimizer)")
+            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
+            current = work / "optimized.onnx"
+            timings["optimize_s"] = round(time.perf_counter() - step, 3)
+            gate(current, "optimized")
+        quantization = "none"
+        if config.quantize != "none":
+            step = time.perf_counter()
+            say(f"quantizing ({config.quantize})")
+            names = [i.name for i in ort_session(current).get_inputs()]
+            if config.quantize == "int8-dynamic":
+                steps["quantize"] = quant.quantize_dynamic(current, work / "int8.onnx", config.per_channel)
+            else:
+                if ctx.tokenizer is None:
+                    raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
+                batches = _calibration_batches(ctx, config.calib, names, config)
+                steps["quantize"] = quant.quantize_static(current, work / "int8.onnx", batches, config.per_channel)
+            timings["quantize_s"] = round(time.perf_counter() - step, 3)
+            step = time.perf_counter()
+            say("checking the INT8 model against the fp32 export")
+            validation["int8"] = task_gate(work / "int8.onnx", current, ctx.task, _check_batches(ctx, names, config),
+                                           config.min_cosine, config.min_top1)
+            timings["validate_int8_s"] = round(time.perf_counter() - step, 3)
+            quantization = config.quantize
+            current = work / "int8.onnx"
+
+        # Final onnxruntime file: sparse initializers where they pay (after quantization, never before).
+        final = onnx.load(str(current))
+        dense_copy = onnx.load(str(current))
+        sparsify(final, config.sparse_initializers)
+        steps["sparse_initializers"] = {"mode": config.sparse_initializers,
+                                        "tensors": len(final.graph.sparse_initializer)}
+        onnx.save(final, str(tmp / DEFAULT_ONNX))
+        if final.graph.sparse_initializer:
+            say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
+            session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(current)
+            import numpy as np
+
+            rng = np.random.default_rng(config.seed + 99)
+            names = [i.name for i in session.get_inputs()]
+            feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and meta["with_past"] else 0,
+                                 ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
+            errors = compare(run_session(reference, feeds), run_session(session, feeds))
+            worst = max(e["max_abs"] for e in errors.values())
+            validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
+            if worst > 1e-5:
+                raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
+        variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
+        roles: dict[str, str | None] = {"onnxruntime": DEFAULT_ONNX, "deepsparse": None}
+
+        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies.
+        if not deepsparse_ready(final):
+            roles["deepsparse"] = DEFAULT_ONNX
+        elif config.target == "deepsparse":
+            dense_copy.ir_version = min(dense_copy.ir_version, DEEPSPARSE_MAX_IR)
+            problems = deepsparse_ready(dense_copy)
+            if problems:
+                raise EdgePruneError(f"cannot make a DeepSparse file: {'; '.join(problems)}")
+            onnx.save(dense_copy, str(tmp / DENSE_FILE))
+            check_onnx_file(tmp / DENSE_FILE)
+            variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, "deepsparse"))
+            roles["deepsparse"] = DENSE_FILE
+        if config.target == "deepsparse":
+            say("compiling with DeepSparse (if its environment exists)")
+            step = time.perf_counter()
+            validation["deepsparse"] = deepsparse_check(tmp / roles["deepsparse"], ctx)
+            timings["deepsparse_check_s"] = round(time.perf_counter() - step, 3)
+        timings["total_s"] = round(time.perf_counter() - started, 3)
+        write_manifest(
+            tmp, "export", config.to_dict(), parent,
+            task=ctx.task, with_past=bool(meta["with_past"]), files_by_role=roles, variants=variants,
+            validation=validation, kv_layout=ctx.layout if ctx.decoder else None, io=io_signature(tmp / DEFAULT_ONNX),
+            steps=steps, model_type=meta["model_type"], source_kind=meta["source_kind"],
+            optimum=meta.get("optimum"), timings=timings,
+        )
+        say(f"wrote {out}")
+    return out

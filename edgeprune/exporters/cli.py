@@ -1,0 +1,74 @@
+"""``edgeprune export``. Argument parsing only; heavy imports happen inside the handler."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a model or compressed artifact to validated ONNX",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="alias, local HF dir, .gguf, hub id, compressed artifact, export dir or .onnx file")
+    p.add_argument("-o", "--output", required=True, help="export directory to create")
+    p.add_argument("--config", help="YAML/JSON ExportConfig; flags given on the command line override it")
+    p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    p.add_argument("--no-past", action="store_true", help="decoders: export without KV-cache inputs/outputs")
+    p.add_argument("--optimize", action="store_true", default=None, help="onnxruntime transformer graph fusion")
+    p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static"], help="INT8 quantization (default none)")
+    p.add_argument("--calib", help="calibration text (STS tsv or text file) for int8-static and the INT8 check")
+    p.add_argument("--calib-samples", type=int, help="calibration sentences (default 128)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
+    p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],
+                   help="store zero-heavy weights as sparse initializers where that shrinks them (default auto)")
+    p.add_argument("--target", choices=["onnxruntime", "deepsparse"], help="also produce a file this runtime accepts")
+    p.add_argument("--atol", type=float, help="numeric gate absolute tolerance (default 1e-3)")
+    p.add_argument("--rtol", type=float, help="numeric gate tolerance relative to the output's largest magnitude")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights you trust")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.set_defaults(func=run_export)
+
+
+FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
+         "atol", "rtol")
+
+
+def config_from_args(args):
+    from edgeprune.exporters.api import ExportConfig
+
+    base = ExportConfig.from_file(args.config).to_dict() if args.config else ExportConfig().to_dict()
+    for flag in FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            base[flag] = value
+    if args.no_past:
+        base["with_past"] = False
+    if args.per_tensor:
+        base["per_channel"] = False
+    return ExportConfig.from_dict(base)
+
+
+def run_export(args) -> int:
+    from edgeprune.artifacts import read_manifest
+    from edgeprune.cli import print_json_last
+    from edgeprune.exporters.api import export
+
+    config = config_from_args(args)
+    out = export(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    manifest = read_manifest(out)
+    for variant in manifest["variants"]:
+        print(f"{variant['file']}: {variant['bytes'] / 1e6:.2f} MB (gzip {variant['gzip_bytes'] / 1e6:.2f} MB), "
+              f"{variant['nonzeros']:,} non-zeros, quantization {variant['quantization']}, "
+              f"sparse tensors {variant['sparse_tensors']}, IR {variant['ir_version']}, opset {variant['opset']}")
+    gates = {k: v for k, v in manifest["validation"].items() if isinstance(v, dict)}
+    for label, report in gates.items():
+        if "outputs" in report:
+            worst = max(e["max_abs"] for e in report["outputs"].values())
+            print(f"validation {label}: max abs error {worst:.3g} vs {report['reference']}")
+        elif "metric" in report:
+            print(f"validation {label}: {report['metric']} {report['value']:.4f} (threshold {report['threshold']})")
+    if args.json:
+        print_json_last({"output": str(out), "files_by_role": manifest["files_by_role"],
+                         "variants": manifest["variants"], "validation": manifest["validation"]})
+    return 0

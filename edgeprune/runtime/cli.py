@@ -1,0 +1,126 @@
+"""``edgeprune run`` and ``edgeprune runtime install|list``. Torch-free: these run on the edge device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run an exported model on a runtime (embedding, classification or generation)",
+                              description="Run an exported model on a runtime. Prints the embedding, class "
+                                          "probabilities or generated text, depending on the export's task.")
+    p.add_argument("artifact", help="export directory (or a .onnx file inside one)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime (default) or deepsparse")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one input text")
+    source.add_argument("--input", help="file with one input text per line (runs them all, with progress)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation: tokens to generate (default 32)")
+    p.add_argument("--sample", action="store_true", help="generation: sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="generation: keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="generation: nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, help="generation: random seed for sampling")
+    p.add_argument("--max-length", type=int, default=128, help="encoders: truncate inputs to this many tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="encoders with --input: texts per call")
+    p.add_argument("--threads", type=int, help="CPU threads (cores) for the runtime")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    p.set_defaults(func=run_command)
+
+    r = subparsers.add_parser("runtime", help="install or list inference runtimes")
+    actions = r.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    inst = actions.add_parser("install", help="create the DeepSparse virtualenv in the user cache")
+    inst.add_argument("name", choices=["deepsparse"])
+    inst.add_argument("--force", action="store_true", help="rebuild it even if it works")
+    inst.set_defaults(func=install_command)
+    lst = actions.add_parser("list", help="show each runtime and whether it is available (and why not)")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=list_command)
+
+
+def _read_lines(path: str) -> list[str]:
+    from edgeprune.errors import EdgePruneError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.rstrip("\n") for line in handle]
+    except OSError as exc:
+        raise EdgePruneError(f"cannot read --input file: {exc}") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise EdgePruneError(f"{path}: no non-empty lines to run")
+    return lines
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from edgeprune.cli import print_json_last
+    from edgeprune.errors import EdgePruneError
+    from edgeprune.runtime.pipelines import ClassificationPipeline, GenerationPipeline, build_pipeline
+
+    texts = [args.text] if args.text is not None else _read_lines(args.input)
+    started = time.perf_counter()
+    pipeline = build_pipeline(args.artifact, args.runtime, args.threads, max_length=args.max_length)
+    load_seconds = time.perf_counter() - started
+    results: list = []
+    progress = args.input is not None
+    try:
+        if isinstance(pipeline, GenerationPipeline):
+            if args.max_new_tokens < 0:
+                raise EdgePruneError("--max-new-tokens must be >= 0")
+            for text in tqdm(texts, desc="generating", disable=not progress):
+                out = pipeline(text, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                results.append(out)
+                print(out if not progress else out.replace("\n", "\\n"), flush=True)
+        else:
+            size = max(1, args.batch_size)
+            for start in tqdm(range(0, len(texts), size), desc="running", disable=not progress):
+                values = pipeline(texts[start:start + size])
+                for text, row in zip(texts[start:start + size], values):
+                    if isinstance(pipeline, ClassificationPipeline):
+                        labels = pipeline.labels or [f"LABEL_{i}" for i in range(len(row))]
+                        result = {label: round(float(p), 6) for label, p in zip(labels, row)}
+                        print(f"{max(result, key=result.get)}\t{json.dumps(result)}")
+                    else:
+                        result = [round(float(x), 6) for x in row]
+                        print(f"embedding[{len(row)}] " + " ".join(f"{x:+.4f}" for x in row[:8]) + " ...")
+                    results.append(result)
+    finally:
+        pipeline.session.close()
+    seconds = time.perf_counter() - started
+    if args.json:
+        print_json_last({"runtime": args.runtime, "task": type(pipeline).__name__, "n": len(texts),
+                         "load_seconds": round(load_seconds, 3), "seconds": round(seconds, 3), "results": results})
+    return 0
+
+
+def install_command(args: argparse.Namespace) -> int:
+    from edgeprune.runtime.deepsparse_adapter import install
+
+    result = install(force=args.force)
+    if result["already_installed"]:
+        print(f"deepsparse already installed: {result['python']} (use --force to rebuild)")
+    else:
+        print(f"installed deepsparse into {result['venv']} in {result['seconds']} s")
+    return 0
+
+
+def list_command(args: argparse.Namespace) -> int:
+    from edgeprune.cli import print_json_last
+    from edgeprune.runtime.base import get_runtime, runtime_names
+
+    rows = []
+    for name in runtime_names():
+        runtime = get_runtime(name, require_available=False)
+        ok = runtime.available()
+        rows.append({"name": name, "available": ok, "reason": "" if ok else runtime.why_unavailable()})
+        print(f"{name:12s} {'available' if ok else 'unavailable: ' + rows[-1]['reason']}")
+    if args.json:
+        print_json_last({"runtimes": rows})
+    return 0
+

@@ -1,0 +1,228 @@
+"""DeepSparse 1.8.0 through a long-lived worker process in its own virtualenv.
+
+DeepSparse pins onnx<1.15 and numpy<2, which cannot share an environment with the rest of edgeprune, so
+the model runs in ``deepsparse_worker.py`` under the DeepSparse venv's python. The worker loads the model
+once and serves many run/benchmark calls; benchmark timing happens inside the worker, so pipe transfer
+is never part of a measured latency.
+
+The venv is found at $EDGEPRUNE_DEEPSPARSE_PYTHON (a python executable), else
+``edgeprune.paths.cache_dir()/deepsparse-venv``, created by ``edgeprune runtime install deepsparse``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.paths import cache_dir
+from edgeprune.runtime.base import TensorInfo, register_runtime
+
+ENV_VAR = "EDGEPRUNE_DEEPSPARSE_PYTHON"
+PINNED_REQUIREMENTS = ("deepsparse==1.8.0", "onnx<1.15", "numpy<2")
+WORKER = Path(__file__).with_name("deepsparse_worker.py")
+INSTALL_HINT = "run `edgeprune runtime install deepsparse` (or set EDGEPRUNE_DEEPSPARSE_PYTHON to a python with deepsparse 1.8.0)"
+
+
+def venv_dir() -> Path:
+    return cache_dir() / "deepsparse-venv"
+
+
+def worker_python() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    bindir = "Scripts" if os.name == "nt" else "bin"
+    return venv_dir() / bindir / ("python.exe" if os.name == "nt" else "python")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(python: str) -> str:
+    """'' if ``python`` imports deepsparse, else the reason it does not (checked once per process)."""
+    if not Path(python).is_file():
+        source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the DeepSparse venv"
+        return f"{source} python not found at {python}; {INSTALL_HINT}"
+    try:
+        result = subprocess.run([python, "-c", "import deepsparse, numpy, onnx; print(deepsparse.__version__)"],
+                                capture_output=True, text=True, timeout=120,
+                                env=_worker_env())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot start {python} ({exc}); {INSTALL_HINT}"
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["import failed"])[-1]
+        return f"{python} cannot import deepsparse ({last}); {INSTALL_HINT}"
+    return ""
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("NM_DISABLE_ANALYTICS", "1")  # no phoning home from the worker
+    env.pop("PYTHONPATH", None)  # the venv must not see this environment's newer numpy/onnx
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def install(force: bool = False, progress: bool = True) -> dict:
+    """Create the DeepSparse venv in the user cache (``edgeprune runtime install deepsparse``)."""
+    target = venv_dir()
+    if target.exists() and not force and not _probe(str(target / "bin" / "python")):
+        return {"venv": str(target), "python": str(worker_python()), "seconds": 0.0, "already_installed": True}
+    if sys.version_info >= (3, 12):
+        raise EdgePruneError("deepsparse 1.8.0 has wheels for python 3.8-3.11 only; install it from a python 3.11")
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".deepsparse-venv.tmp-", dir=target.parent))
+    try:
+        # Build in a temp dir, then rename: a failed install leaves nothing behind. Venvs record their own path
+        # in scripts but the interpreter itself works after a rename, which is all the worker needs.
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, capture_output=True, text=True)
+        pip = [str(staging / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+        if not progress:
+            pip.append("--quiet")
+        result = subprocess.run(pip + list(PINNED_REQUIREMENTS), text=True,
+                                stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise EdgePruneError(f"installing {' '.join(PINNED_REQUIREMENTS)} failed: {last}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except subprocess.CalledProcessError as exc:
+        raise EdgePruneError(f"could not create a virtualenv: {(exc.stderr or '').strip()[-200:]}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _probe.cache_clear()
+    reason = _probe(str(venv_dir() / "bin" / "python"))
+    if reason:
+        raise EdgePruneError(f"DeepSparse venv installed but not usable: {reason}")
+    return {"venv": str(target), "python": str(target / "bin" / "python"),
+            "seconds": round(time.perf_counter() - started, 1), "already_installed": False}
+
+
+class DeepSparseSession:
+    """A model loaded in a DeepSparse worker process; see ``edgeprune.runtime.base.Session``.
+
+    Engines are compiled per distinct input shape on first use (DeepSparse needs static shapes), so the
+    first call with a new shape is slow; ``benchmark`` warm-up covers it.
+    """
+
+    static_shapes = True  # pipelines pad sequence lengths to buckets to limit recompiles
+
+    def __init__(self, path: Path, threads: int | None, python: Path):
+        self.path = Path(path)
+        self.threads = threads
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen([str(python), str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=self._stderr, env=_worker_env())
+        except OSError as exc:
+            raise EdgePruneError(f"cannot start the DeepSparse worker with {python}: {exc}") from None
+        try:
+            reply = self._call({"op": "load", "path": str(self.path.resolve()), "threads": threads})
+        except BaseException:
+            self.close()
+            raise
+        self.deepsparse_version = reply["deepsparse"]
+        self.inputs = [TensorInfo(n, tuple(s), d) for n, s, d in reply["inputs"]]
+        self.outputs = [TensorInfo(n, tuple(s), d) for n, s, d in reply["outputs"]]
+
+    def _stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "no message"
+
+    def _call(self, request: dict) -> dict:
+        if self._proc is None:
+            raise EdgePruneError("the DeepSparse session is closed")
+        payload = pickle.dumps(request, protocol=4)
+        try:
+            self._proc.stdin.write(struct.pack(">Q", len(payload)) + payload)
+            self._proc.stdin.flush()
+            header = self._proc.stdout.read(8)
+            if len(header) < 8:
+                raise EOFError
+            body = self._proc.stdout.read(struct.unpack(">Q", header)[0])
+        except (BrokenPipeError, EOFError, OSError):
+            code = self._proc.poll()
+            raise EdgePruneError(f"the DeepSparse worker died (exit code {code}): {self._stderr_tail()}") from None
+        # The worker is our own child process speaking our protocol; its replies are trusted like any
+        # in-process library result.
+        reply = pickle.loads(body)
+        if "error" in reply:
+            raise EdgePruneError(f"deepsparse: {reply['error']}")
+        return reply
+
+    def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = {i.name for i in self.inputs}
+        missing = names - set(feeds)
+        if missing:
+            raise EdgePruneError(f"missing model inputs: {', '.join(sorted(missing))} (model takes {', '.join(sorted(names))})")
+        by_name = {i.name: i for i in self.inputs}
+        return {k: np.ascontiguousarray(v, dtype=by_name[k].dtype) for k, v in feeds.items() if k in names}
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return self._call({"op": "run", "feeds": self._feeds(feeds),
+                           "outputs": list(output_names) if output_names else None})["outputs"]
+
+    def benchmark(self, feeds: dict[str, np.ndarray], iterations: int, warmup: int = 0) -> list[float]:
+        return list(self._call({"op": "benchmark", "feeds": self._feeds(feeds), "iterations": int(iterations),
+                                "warmup": int(warmup)})["times"])
+
+    def stats(self) -> dict:
+        """Engine compile times by input shape (seconds)."""
+        return self._call({"op": "stats"})
+
+    def close(self) -> None:
+        proc, self._proc = getattr(self, "_proc", None), None
+        if proc is None:
+            return
+        try:
+            payload = pickle.dumps({"op": "close"})
+            proc.stdin.write(struct.pack(">Q", len(payload)) + payload)
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        finally:
+            self._stderr.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@register_runtime("deepsparse")
+class DeepSparseRuntime:
+    name = "deepsparse"
+
+    def available(self) -> bool:
+        return not _probe(str(worker_python()))
+
+    def why_unavailable(self) -> str:
+        return _probe(str(worker_python()))
+
+    def load(self, model_path: str, threads: int | None = None, **options) -> DeepSparseSession:
+        """Load the export's DeepSparse file (dense with zeros, IR <= 9). No ``options`` are accepted."""
+        from edgeprune.artifacts import onnx_model_path
+
+        if options:
+            raise EdgePruneError(f"unknown deepsparse options: {', '.join(sorted(options))}")
+        reason = self.why_unavailable()
+        if reason:
+            raise EdgePruneError(f"runtime 'deepsparse' is not available: {reason}")
+        return DeepSparseSession(onnx_model_path(model_path, "deepsparse"), threads, worker_python())

@@ -1,0 +1,192 @@
+"""DeepSparse worker: runs under the DeepSparse virtualenv's python (deepsparse 1.8.0, onnx<1.15, numpy<2).
+
+Self-contained on purpose (stdlib + numpy + onnx + deepsparse only): it must not import edgeprune, whose
+dependencies need newer numpy/onnx. It loads one model, then serves requests until told to stop.
+
+Protocol (parent <-> worker over stdin/stdout): each message is an 8-byte big-endian length followed by a
+pickled dict. Requests: {"op": "load", "path", "threads"}, {"op": "run", "feeds", "outputs"},
+{"op": "benchmark", "feeds", "iterations", "warmup"}, {"op": "close"}. Replies carry the result keys or
+{"error": "one line"}. Anything the libraries print goes to stderr, never into the protocol stream.
+
+DeepSparse compiles for fixed input shapes, so an engine is compiled per distinct set of input shapes on
+first use (from a static-shape copy of the graph in a temp dir; the artifact is never modified) and cached.
+"""
+
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+PROTOCOL_VERSION = 1
+MAX_ENGINES = 8  # compiled engines kept per worker; each holds its own weights copy
+
+
+def _read_message(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack(">Q", header)
+    payload = stream.read(size)
+    return pickle.loads(payload)
+
+
+def _write_message(stream, message):
+    payload = pickle.dumps(message, protocol=4)
+    stream.write(struct.pack(">Q", len(payload)) + payload)
+    stream.flush()
+
+
+_ONNX_TO_NUMPY = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                  11: "float64"}
+
+
+def _value_info(value):
+    dims = []
+    for d in value.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or None)
+    return (value.name, tuple(dims), _ONNX_TO_NUMPY.get(value.type.tensor_type.elem_type, "float32"))
+
+
+class Worker:
+    def __init__(self):
+        self.path = None
+        self.threads = None
+        self.graph_model = None  # onnx ModelProto without external data, for shape rewriting
+        self.inputs = []
+        self.outputs = []
+        self.engines = OrderedDict()
+        self.tempdir = tempfile.TemporaryDirectory(prefix="edgeprune-deepsparse-")
+        self.compile_seconds = {}
+
+    def load(self, path, threads):
+        import onnx
+
+        import deepsparse
+
+        model = onnx.load(path, load_external_data=False)
+        if model.ir_version > 9:
+            raise ValueError(f"{path}: ONNX IR version {model.ir_version}; DeepSparse 1.8 accepts IR <= 9 "
+                             "(export with the deepsparse target)")
+        if len(model.graph.sparse_initializer):
+            raise ValueError(f"{path}: holds sparse initializers, which DeepSparse cannot read; use the "
+                             "dense-with-zeros file of the export (deepsparse target)")
+        initializers = {i.name for i in model.graph.initializer}
+        self.path, self.threads, self.graph_model = path, threads, model
+        self.inputs = [_value_info(v) for v in model.graph.input if v.name not in initializers]
+        self.outputs = [_value_info(v) for v in model.graph.output]
+        self.external = sorted({entry.value for init in model.graph.initializer
+                                for entry in init.external_data if entry.key == "location"})
+        return {"inputs": self.inputs, "outputs": self.outputs, "deepsparse": deepsparse.__version__,
+                "protocol": PROTOCOL_VERSION}
+
+    def _static_copy(self, shapes):
+        """A copy of the graph with every input dimension fixed; external weight files are symlinked."""
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.graph_model)
+        initializers = {i.name for i in model.graph.initializer}
+        real_inputs = [v for v in model.graph.input if v.name not in initializers]
+        for value, shape in zip(real_inputs, shapes):
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+        folder = os.path.join(self.tempdir.name, "x".join(str(s) for s in shapes[0]) + f"-{len(self.engines)}-{time.time_ns()}")
+        os.makedirs(folder)
+        source_dir = os.path.dirname(os.path.abspath(self.path))
+        for location in self.external:
+            target = os.path.join(folder, location)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.path.join(source_dir, location), target)
+        out = os.path.join(folder, "model.onnx")
+        onnx.save(model, out)
+        return out
+
+    def engine_for(self, arrays):
+        shapes = tuple(tuple(int(s) for s in a.shape) for a in arrays)
+        if shapes in self.engines:
+            self.engines.move_to_end(shapes)
+            return self.engines[shapes]
+        import deepsparse
+
+        for (name, declared, _), shape in zip(self.inputs, shapes):
+            if len(declared) != len(shape):
+                raise ValueError(f"input {name}: rank {len(shape)} given, model expects {len(declared)}")
+        started = time.perf_counter()
+        path = self._static_copy(shapes)
+        batch = shapes[0][0] if shapes and shapes[0] else 1
+        engine = deepsparse.Engine(path, batch_size=batch, num_cores=self.threads)
+        self.compile_seconds[str(shapes)] = time.perf_counter() - started
+        self.engines[shapes] = engine
+        while len(self.engines) > MAX_ENGINES:
+            self.engines.popitem(last=False)
+        return engine
+
+    def _arrays(self, feeds):
+        import numpy as np
+
+        missing = [name for name, _, _ in self.inputs if name not in feeds]
+        if missing:
+            raise ValueError(f"missing model inputs: {', '.join(missing)}")
+        return [np.ascontiguousarray(feeds[name], dtype=dtype) for name, _, dtype in self.inputs]
+
+    def run(self, feeds, outputs=None):
+        arrays = self._arrays(feeds)
+        values = self.engine_for(arrays).run(arrays, val_inp=False)
+        names = [name for name, _, _ in self.outputs]
+        result = dict(zip(names, values))
+        return {"outputs": {n: result[n] for n in (outputs or names)}}
+
+    def benchmark(self, feeds, iterations, warmup=0):
+        arrays = self._arrays(feeds)
+        engine = self.engine_for(arrays)
+        sink = 0.0
+        for _ in range(warmup):
+            engine.run(arrays, val_inp=False)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            values = engine.run(arrays, val_inp=False)
+            sink += float(values[0].flat[0])  # consume the output
+            times.append(time.perf_counter() - start)
+        return {"times": times, "sink": sink}
+
+
+def main():
+    # Keep the real stdout for the protocol; route every library print to stderr.
+    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    protocol_in = sys.stdin.buffer
+    worker = Worker()
+    while True:
+        request = _read_message(protocol_in)
+        if request is None or request.get("op") == "close":
+            break
+        op = request.get("op")
+        try:
+            if op == "load":
+                reply = worker.load(request["path"], request.get("threads"))
+            elif op == "run":
+                reply = worker.run(request["feeds"], request.get("outputs"))
+            elif op == "benchmark":
+                reply = worker.benchmark(request["feeds"], int(request["iterations"]), int(request.get("warmup", 0)))
+            elif op == "stats":
+                reply = {"compile_seconds": dict(worker.compile_seconds), "engines": len(worker.engines)}
+            else:
+                reply = {"error": f"unknown request {op!r}"}
+        except Exception as exc:  # report, keep serving
+            text = str(exc).strip().splitlines()
+            reply = {"error": f"{exc.__class__.__name__}: {text[0] if text else ''}"}
+        _write_message(protocol_out, reply)
+    worker.tempdir.cleanup()
+
+
+if __name__ == "__main__":
+    main()

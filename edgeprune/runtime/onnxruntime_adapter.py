@@ -1,0 +1,118 @@
+"""ONNX Runtime, in-process, CPU execution provider."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.runtime.base import TensorInfo, register_runtime
+
+# ORT type strings ("tensor(int64)") -> numpy dtype names
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _info(arg) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) else (d or None) for d in (arg.shape or ()))
+    return TensorInfo(arg.name, shape, _ORT_TYPES.get(arg.type, arg.type))
+
+
+class OnnxRuntimeSession:
+    """One ``onnxruntime.InferenceSession``; see ``edgeprune.runtime.base.Session``."""
+
+    def __init__(self, path: Path, threads: int | None, inter_op_threads: int | None = None,
+                 optimization: str = "all"):
+        import onnxruntime as ort
+
+        if optimization not in OPT_LEVELS:
+            raise EdgePruneError(f"unknown graph optimisation level {optimization!r}; choose from {', '.join(OPT_LEVELS)}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        # One inter-op thread unless asked: parallel branches are rare in transformers and extra threads
+        # would oversubscribe the cores the benchmark was told to use.
+        options.inter_op_num_threads = int(inter_op_threads or 1)
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise EdgePruneError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.path = Path(path)
+        self.threads = threads
+        self.optimization = optimization
+        self.inputs = [_info(a) for a in self._session.get_inputs()]
+        self.outputs = [_info(a) for a in self._session.get_outputs()]
+
+    def _check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = {i.name for i in self.inputs}
+        missing = names - set(feeds)
+        if missing:
+            raise EdgePruneError(f"missing model inputs: {', '.join(sorted(missing))} (model takes {', '.join(sorted(names))})")
+        by_name = {i.name: i for i in self.inputs}
+        # Drop extras (e.g. token_type_ids for a model that has none) and cast to the declared dtype.
+        return {k: np.ascontiguousarray(v, dtype=by_name[k].dtype) for k, v in feeds.items() if k in names}
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names else [o.name for o in self.outputs]
+        try:
+            values = self._session.run(names, self._check(feeds))
+        except EdgePruneError:
+            raise
+        except Exception as exc:
+            raise EdgePruneError(f"onnxruntime run failed: {str(exc).splitlines()[0]}") from None
+        return dict(zip(names, values))
+
+    def benchmark(self, feeds: dict[str, np.ndarray], iterations: int, warmup: int = 0) -> list[float]:
+        feeds = self._check(feeds)
+        names = [o.name for o in self.outputs]
+        sink = 0.0
+        for _ in range(warmup):
+            self._session.run(names, feeds)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            values = self._session.run(names, feeds)
+            sink += float(values[0].flat[0])  # touch the output so the call cannot be elided
+            times.append(time.perf_counter() - start)
+        self._sink = sink
+        return times
+
+    def close(self) -> None:
+        self._session = None
+
+
+@register_runtime("onnxruntime")
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def available(self) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def why_unavailable(self) -> str:
+        return "" if self.available() else "onnxruntime is not installed: pip install onnxruntime"
+
+    def load(self, model_path: str, threads: int | None = None, **options) -> OnnxRuntimeSession:
+        """``options``: ``inter_op_threads`` (int), ``optimization`` (disable|basic|extended|all)."""
+        from edgeprune.artifacts import onnx_model_path
+
+        unknown = set(options) - {"inter_op_threads", "optimization"}
+        if unknown:
+            raise EdgePruneError(f"unknown onnxruntime options: {', '.join(sorted(unknown))}")
+        return OnnxRuntimeSession(onnx_model_path(model_path, "onnxruntime"), threads, **options)

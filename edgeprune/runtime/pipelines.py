@@ -1,0 +1,302 @@
+"""Task pipelines on a runtime Session: sentence embeddings, class probabilities, text generation with a
+KV cache. Torch-free; the tokenizer comes from the export directory (``edgeprune.runtime.tokenizer``).
+
+``RuntimeBackend`` is the small embed/logits/encode interface ``edgeprune.eval`` uses for ``--runtime X``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.eval.metrics import mean_pool_normalize
+from edgeprune.runtime.tokenizer import RuntimeTokenizer, model_directory
+
+TASKS = ("feature-extraction", "sequence-classification", "text-generation")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# DeepSparse compiles one engine per input shape; padding sequence lengths up to a multiple of this keeps
+# the number of distinct shapes (and compiles) small. Padded tokens are masked, so results do not change.
+STATIC_SHAPE_BUCKET = 16
+
+
+@dataclass
+class ExportInfo:
+    """What the pipelines need to know about an export directory, from its manifest and config.json."""
+
+    directory: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    task: str = "feature-extraction"
+    with_past: bool = False
+
+    @classmethod
+    def read(cls, model_path: str | os.PathLike, input_names: list[str]) -> "ExportInfo":
+        from edgeprune.artifacts import is_artifact, read_manifest
+
+        directory = model_directory(model_path)
+        manifest = read_manifest(directory) if is_artifact(directory) else {}
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        task = manifest.get("task") or _task_from_config(config)
+        if task not in TASKS:
+            raise EdgePruneError(f"{directory}: task {task!r} is not supported by the runtime pipelines "
+                                 f"({', '.join(TASKS)})")
+        with_past = any(_PAST.match(n) for n in input_names)
+        return cls(directory, manifest, config, task, with_past)
+
+
+def _task_from_config(config: dict) -> str:
+    archs = " ".join(config.get("architectures") or [])
+    if "ForCausalLM" in archs or "LMHead" in archs:
+        return "text-generation"
+    if "ForSequenceClassification" in archs:
+        return "sequence-classification"
+    return "feature-extraction"
+
+
+def load_session(model_path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None,
+                 **options):
+    from edgeprune.runtime.base import get_runtime
+
+    return get_runtime(runtime).load(str(model_path), threads=threads, **options)
+
+
+def _feeds(session, batch, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Model inputs from a tokenized batch: only the names the ONNX graph declares."""
+    names = {i.name for i in session.inputs}
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = batch.token_type_ids
+    if "position_ids" in names:
+        feeds["position_ids"] = np.clip(np.cumsum(batch.attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+    feeds.update(extra or {})
+    unknown = names - set(feeds)
+    if unknown:
+        raise EdgePruneError(f"the model needs inputs this pipeline cannot provide: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def _bucket(session) -> int | None:
+    return STATIC_SHAPE_BUCKET if getattr(session, "static_shapes", False) else None
+
+
+class EmbeddingPipeline:
+    """texts -> mean-pooled, L2-normalised sentence embeddings [N, hidden] (the eval's recipe)."""
+
+    def __init__(self, session, tokenizer: RuntimeTokenizer, max_length: int = 128):
+        self.session, self.tokenizer, self.max_length = session, tokenizer, max_length
+        names = [o.name for o in session.outputs]
+        rank3 = [o.name for o in session.outputs if len(o.shape) == 3]
+        for candidate in ("last_hidden_state", "token_embeddings"):
+            if candidate in names:
+                self.output = candidate
+                break
+        else:
+            if not rank3:
+                raise EdgePruneError(f"no token-level hidden state among the model outputs ({', '.join(names)})")
+            self.output = rank3[0]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, max_length=self.max_length, pad_to_multiple_of=_bucket(self.session))
+        hidden = self.session.run(_feeds(self.session, batch), [self.output])[self.output]
+        return mean_pool_normalize(hidden.astype(np.float32), batch.attention_mask)
+
+
+class ClassificationPipeline:
+    """texts -> class probabilities [N, classes]; ``labels`` from config.json's id2label."""
+
+    def __init__(self, session, tokenizer: RuntimeTokenizer, config: dict | None = None, max_length: int = 128):
+        self.session, self.tokenizer, self.max_length = session, tokenizer, max_length
+        if "logits" not in {o.name for o in session.outputs}:
+            raise EdgePruneError("the model has no 'logits' output; is it a sequence-classification export?")
+        id2label = (config or {}).get("id2label") or {}
+        self.labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, max_length=self.max_length, pad_to_multiple_of=_bucket(self.session))
+        logits = self.session.run(_feeds(self.session, batch), ["logits"])["logits"].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        if len(self.labels) != probs.shape[-1]:  # config.json without id2label: transformers' default names
+            self.labels = [f"LABEL_{i}" for i in range(probs.shape[-1])]
+        return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator | None, do_sample: bool, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0) -> int:
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+    if not do_sample:
+        return int(np.argmax(logits))
+    if temperature <= 0:
+        raise EdgePruneError("temperature must be > 0 when sampling")
+    scores = logits.astype(np.float64) / temperature
+    if top_k and top_k < scores.size:
+        kth = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+        filtered = np.zeros_like(probs)
+        filtered[keep] = probs[keep]
+        probs = filtered / filtered.sum()
+    return int((rng or np.random.default_rng()).choice(probs.size, p=probs))
+
+
+class GenerationPipeline:
+    """text -> generated text for decoder exports, with a KV cache when the export has past inputs.
+
+    Empty past tensors have shape [1, kv_heads, 0, head_dim] per layer, from the manifest's ``kv_layout``
+    or, failing that, from the fixed dims the ONNX inputs declare.
+    """
+
+    def __init__(self, session, tokenizer: RuntimeTokenizer, info: ExportInfo):
+        self.session, self.tokenizer, self.info = session, tokenizer, info
+        names = {o.name for o in session.outputs}
+        if "logits" not in names:
+            raise EdgePruneError("the model has no 'logits' output; is it a text-generation export?")
+        self.past_inputs = sorted((i for i in session.inputs if _PAST.match(i.name)),
+                                  key=lambda i: (int(_PAST.match(i.name).group(1)), i.name))
+        if self.past_inputs and getattr(session, "static_shapes", False):
+            # Every decode step has a new past length, which DeepSparse would compile a new engine for.
+            raise EdgePruneError("KV-cache generation needs dynamic shapes; DeepSparse 1.8 compiles one engine per "
+                                 "shape, so run decoders with --runtime onnxruntime")
+        self.present_for = {}
+        for info_ in self.past_inputs:
+            layer, kind = _PAST.match(info_.name).groups()
+            present = f"present.{layer}.{kind}"
+            if present not in names:
+                raise EdgePruneError(f"input {info_.name} has no matching output {present}")
+            self.present_for[info_.name] = present
+        self.empty_past = {i.name: self._empty(i) for i in self.past_inputs}
+        self.output_names = ["logits"] + [self.present_for[i.name] for i in self.past_inputs]
+
+    def _empty(self, tensor) -> np.ndarray:
+        layer = int(_PAST.match(tensor.name).group(1))
+        layout = self.info.manifest.get("kv_layout")
+        if layout and layer < len(layout):
+            heads, head_dim = int(layout[layer]["kv_heads"]), int(layout[layer]["head_dim"])
+        elif len(tensor.shape) == 4 and isinstance(tensor.shape[1], int) and isinstance(tensor.shape[3], int):
+            heads, head_dim = tensor.shape[1], tensor.shape[3]
+        else:
+            raise EdgePruneError(f"cannot tell the KV shape of {tensor.name} (no kv_layout in the manifest and "
+                                 f"dynamic dims {tensor.shape}); re-export with edgeprune export")
+        return np.zeros((1, heads, 0, head_dim), dtype=tensor.dtype)
+
+    def _step(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int):
+        total = past_len + len(ids)
+        feeds = {"input_ids": ids[None, :], "attention_mask": np.ones((1, total), np.int64)}
+        names = {i.name for i in self.session.inputs}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
+        feeds.update(past)
+        if "token_type_ids" in names:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        out = self.session.run({k: v for k, v in feeds.items() if k in names}, self.output_names)
+        new_past = {name: out[self.present_for[name]] for name in self.present_for}
+        return out["logits"][0, -1], new_past
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     stop_on_eos: bool = True) -> list[int]:
+        """New token ids after ``prompt_ids`` (the prompt is not included)."""
+        if not prompt_ids:
+            bos = self.tokenizer.token_id("bos_token")
+            if bos is None:
+                raise EdgePruneError("empty prompt and the tokenizer has no BOS token to start from")
+            prompt_ids = [bos]
+        if max_new_tokens < 0:
+            raise EdgePruneError("max_new_tokens must be >= 0")
+        limit = self.info.config.get("max_position_embeddings")
+        if limit and len(prompt_ids) + max_new_tokens > limit:
+            raise EdgePruneError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
+                                 f"model's {limit} positions")
+        rng = np.random.default_rng(seed)
+        eos = set(self.tokenizer.eos_ids) if stop_on_eos else set()
+        generated: list[int] = []
+        sequence = np.asarray(prompt_ids, dtype=np.int64)
+        past = dict(self.empty_past)
+        past_len = 0
+        pending = sequence
+        for _ in range(max_new_tokens):
+            if self.past_inputs:
+                logits, past = self._step(pending, past, past_len)
+                past_len += len(pending)
+            else:  # no cache in this export: recompute the whole sequence each step
+                logits, _ = self._step(sequence, {}, 0)
+            token = sample_next(logits, rng, do_sample, temperature, top_k, top_p)
+            generated.append(token)
+            if token in eos:
+                break
+            sequence = np.append(sequence, token)
+            pending = np.asarray([token], dtype=np.int64)
+        return generated
+
+    def __call__(self, text: str, max_new_tokens: int = 32, **kwargs) -> str:
+        ids = self.generate_ids(self.tokenizer.encode(text), max_new_tokens, **kwargs)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Full-sequence logits [1, L, V] (empty past when the export has a cache)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise EdgePruneError(f"logits expects input_ids of shape [1, L], got {input_ids.shape}")
+        names = {i.name for i in self.session.inputs}
+        length = input_ids.shape[1]
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64),
+                 "position_ids": np.arange(length, dtype=np.int64)[None, :], **self.empty_past}
+        return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
+
+
+def build_pipeline(model_path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None,
+                   max_length: int = 128, session=None):
+    """The pipeline that suits the export's task, loaded on ``runtime``."""
+    session = session or load_session(model_path, runtime, threads)
+    info = ExportInfo.read(model_path, [i.name for i in session.inputs])
+    tokenizer = RuntimeTokenizer(info.directory)
+    if info.task == "text-generation":
+        return GenerationPipeline(session, tokenizer, info)
+    if info.task == "sequence-classification":
+        return ClassificationPipeline(session, tokenizer, info.config, max_length)
+    return EmbeddingPipeline(session, tokenizer, max_length)
+
+
+class RuntimeBackend:
+    """``edgeprune eval --runtime X``: embed / logits / encode through an exported model on a runtime."""
+
+    def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,
+                 threads: int | None = None):
+        self.name = runtime
+        self.max_length = max_length
+        self.session = load_session(model_dir, runtime, threads)
+        self.info = ExportInfo.read(model_dir, [i.name for i in self.session.inputs])
+        self.tokenizer = RuntimeTokenizer(self.info.directory)
+        self._embedder = None
+        self._generator = None
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            self._embedder = EmbeddingPipeline(self.session, self.tokenizer, self.max_length)
+        return self._embedder(list(texts))
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        if self._generator is None:
+            self._generator = GenerationPipeline(self.session, self.tokenizer, self.info)
+        return self._generator.logits(input_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def close(self) -> None:
+        self.session.close()
+

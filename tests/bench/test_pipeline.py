@@ -1,0 +1,120 @@
+"""``edgeprune pipeline`` end to end on a tiny BERT (compress -> export -> bench with quality), and the
+sweep's Pareto frontier / budget search."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from edgeprune.bench.pipeline import PipelineConfig, choose, pareto_front, run_pipeline, sweep_pipeline, SweepConfig
+from edgeprune.bench.report import validate
+from edgeprune.errors import EdgePruneError
+
+
+def _sts_file(path, n=24):
+    from tiny import sample_texts
+
+    texts = sample_texts(2 * n, seed=3)
+    rng = random.Random(0)
+    rows = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{rng.uniform(0, 5):.2f}\t{texts[2 * i]}\t{texts[2 * i + 1]}"
+            for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_pipeline_tiny_recipe_end_to_end(tiny_models, tmp_path, capsys):
+    model = tiny_models("bert")
+    data = _sts_file(tmp_path / "sts.tsv")
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(f"""
+model: {model}
+task: sts
+data: {data}
+variants:
+  - name: dense
+  - name: pruned
+    compress: {{structured: {{heads: 0.5, ffn: 0.5}}}}
+  - name: pruned-int8
+    reuse: pruned
+    export: {{quantize: int8-dynamic}}
+  - name: never-built
+    reuse: dense
+    requires_runtime: no-such-runtime
+bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_seconds: 0.02}}
+""")
+    config = PipelineConfig.from_file(recipe)
+    summary = run_pipeline(config, tmp_path / "out", log=lambda m: None)
+    out = tmp_path / "out"
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert validate(report) == []
+    assert [m["label"] for m in report["models"]] == ["dense", "pruned", "pruned-int8"]
+    assert "skipped" in summary["variants"]["never-built"]
+    by = {c["model"]: c for c in report["comparisons"]}
+    assert by["dense"]["quality_ratio"] == pytest.approx(1.0)
+    assert by["pruned"]["flops_ratio"] > 1.5  # half the heads and neurons
+    assert by["pruned"]["size_ratio"] < 1
+    assert report["models"][2]["size"]["quantization"] == "int8-dynamic"  # tiny: scales outweigh the int8 savings
+    for m in report["models"]:
+        assert m["quality"]["n"] == 24 and m["quality"]["runtime"] == "onnxruntime"
+        assert m["agreement"]["cosine_mean"] <= 1.0 + 1e-6
+    assert (out / "report" / "latency_vs_quality.png").is_file() and (out / "report" / "size_vs_quality.png").is_file()
+    assert (out / "pipeline.yaml").is_file() and json.loads((out / "manifest.json").read_text())["stage"] == "pipeline"
+    assert "| pruned-int8 |" in capsys.readouterr().out  # the table is printed
+
+
+def test_pipeline_config_errors(tmp_path):
+    with pytest.raises(EdgePruneError, match="earlier variant"):
+        PipelineConfig.from_dict({"variants": [{"name": "a", "reuse": "b"}, {"name": "b"}]})
+    with pytest.raises(EdgePruneError, match="unknown option"):
+        PipelineConfig.from_dict({"variants": [{"name": "a", "bogus": 1}]})
+    with pytest.raises(EdgePruneError, match="at least one variant"):
+        PipelineConfig.from_dict({})
+
+
+def test_pareto_and_budget_search():
+    points = [
+        {"model": "dense", "p50_ms": 10.0, "quality_ratio": 1.0},
+        {"model": "p25", "p50_ms": 7.0, "quality_ratio": 0.995},
+        {"model": "p50", "p50_ms": 5.0, "quality_ratio": 0.985},
+        {"model": "bad", "p50_ms": 6.0, "quality_ratio": 0.97},  # slower and worse than p50
+        {"model": "p70", "p50_ms": 3.5, "quality_ratio": 0.93},
+    ]
+    assert [p["model"] for p in pareto_front(points)] == ["p70", "p50", "p25", "dense"]
+    assert choose(points, 0.98, None)["model"] == "p50"
+    assert choose(points, 0.999, None)["model"] == "dense"
+    assert choose(points, None, 6.5)["model"] == "p50"
+    assert choose(points, None, 3.0) is None
+    assert choose(points, 0.99, 6.0) is None
+
+
+def test_sweep_builds_levels_and_quantized_variants():
+    pipeline = sweep_pipeline(SweepConfig(levels=(0.3, 0.6), quantize=("none", "int8-dynamic")))
+    names = [v.name for v in pipeline.variants]
+    assert names == ["dense", "dense-int8-dynamic", "prune-30", "prune-30-int8-dynamic", "prune-60",
+                     "prune-60-int8-dynamic"]
+    assert pipeline.variants[2].compress["structured"]["heads"] == 0.3
+
+
+def test_sweep_end_to_end_returns_chosen_artifact(tiny_models, tmp_path, capsys):
+    from edgeprune.cli import main
+
+    data = _sts_file(tmp_path / "sts.tsv")
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(f"""
+model: {tiny_models("bert")}
+data: {data}
+eval_limit: null
+levels: [0.25, 0.5]
+quantize: [none]
+bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_seconds: 0.02}}
+""")
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(recipe), "-o", str(out), "--min-quality", "0.0001", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {p["model"] for p in result["points"]} == {"dense", "prune-25", "prune-50"}
+    assert result["pareto"] and set(result["pareto"]) <= {"dense", "prune-25", "prune-50"}
+    fastest = min(result["points"], key=lambda p: p["p50_ms"])
+    assert result["chosen"]["model"] == fastest["model"]  # every variant passes a near-zero quality bar
+    assert (out / "chosen" / "model.onnx").is_file() and (out / "sweep.json").is_file()

@@ -1,0 +1,295 @@
+"""Export -> ONNX Runtime matches PyTorch for every tiny family, pruned uneven models, KV-cache generation,
+INT8 and sparse variants, the DeepSparse target, optimum ORTModel loading, and bad inputs."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeprune.artifacts import onnx_model_path, read_manifest
+from edgeprune.compress.adapters.base import LayerPlan
+from edgeprune.compress.artifact import save_artifact
+from edgeprune.compress.api import CompressConfig
+from edgeprune.compress.plan import PrunePlan
+from edgeprune.compress.surgery import apply_plan
+from edgeprune.errors import EdgePruneError
+from edgeprune.exporters.api import DENSE_FILE, ExportConfig, export
+from edgeprune.exporters.validate import ort_greedy, ort_session, run_session, torch_greedy
+from edgeprune.models import load_model
+from tiny import sample_texts
+
+DECODERS = ("gpt2", "llama", "qwen2")
+
+
+def uneven_artifact(tiny_models, family, directory):
+    """A compressed artifact whose layers keep different numbers of (KV) heads and FFN neurons."""
+    loaded = load_model(tiny_models(family))
+    adapter, shapes = loaded.adapter, loaded.adapter.shapes(loaded.model.config)
+    layers = []
+    for i, shape in enumerate(shapes):
+        group = shape.heads // shape.kv_heads
+        if group > 1:  # layer 0 drops a whole KV group, layer 1 one query head per group
+            kv = tuple(range(shape.kv_heads - 1)) if i == 0 else tuple(range(shape.kv_heads))
+            per = group if i == 0 else group - 1
+            heads = tuple(g * group + j for g in kv for j in range(per))
+        else:
+            heads = tuple(range(i, shape.heads)) if i else (1, 3)
+            kv = heads
+        layers.append(LayerPlan(heads, kv, tuple(range(0, shape.ffn, i + 2))))
+    plan = PrunePlan(layers, shapes)
+    apply_plan(loaded.model, adapter, plan)
+    save_artifact(directory, loaded, CompressConfig().to_dict(), None, plan=plan)
+    return directory, plan
+
+
+def ort_vs_torch(out, model_dir, texts):
+    loaded = load_model(model_dir)
+    session = ort_session(onnx_model_path(out))
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="np")
+    names = [i.name for i in session.get_inputs()]
+    feeds = {k: v.astype(np.int64) for k, v in batch.items() if k in names}
+    got = run_session(session, feeds)["last_hidden_state"]
+    with torch.no_grad():
+        ref = loaded.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    mask = batch["attention_mask"].astype(bool)
+    return float(np.abs(got - ref)[mask].max())
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoder_export_matches_torch(tiny_models, family, tmp_path):
+    out = export(str(tiny_models(family)), tmp_path / "e", progress=False)
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "export" and manifest["task"] == "feature-extraction"
+    assert manifest["files_by_role"]["onnxruntime"] == "model.onnx"
+    assert manifest["validation"]["fp32"]["passed"]
+    assert manifest["validation"]["fp32"]["outputs"]["last_hidden_state"]["max_abs"] < 1e-4
+    assert {"config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}
+    assert ort_vs_torch(out, tiny_models(family), sample_texts(4)) < 1e-4
+    variant = manifest["variants"][0]
+    assert variant["bytes"] == (out / "model.onnx").stat().st_size and 0 < variant["gzip_bytes"] < variant["bytes"]
+    assert variant["nonzeros"] <= variant["elements"] and variant["opset"] == 17
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_uneven_pruned_model_exports(tiny_models, family, tmp_path):
+    artifact, plan = uneven_artifact(tiny_models, family, tmp_path / "pruned")
+    assert len({s.heads for s in plan.shapes}) == 2
+    out = export(str(artifact), tmp_path / "e", progress=False)
+    manifest = read_manifest(out)
+    assert manifest["parent"]["stage"] == "compress"
+    assert manifest["validation"]["fp32"]["passed"]
+    if family == "bert":
+        assert ort_vs_torch(out, artifact, sample_texts(3, seed=2)) < 1e-4
+    else:
+        layout = manifest["kv_layout"]
+        assert [l["kv_heads"] for l in layout] == [s.kv_heads for s in plan.shapes]
+        assert manifest["validation"]["fp32"]["generation"]["match"]
+        assert manifest["with_past"]
+
+
+@pytest.mark.parametrize("family", [*DECODERS[:2], pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_decoder_greedy_8_tokens_with_kv_cache(tiny_models, family, tmp_path):
+    out = export(str(tiny_models(family)), tmp_path / "e", progress=False)
+    manifest = read_manifest(out)
+    session = ort_session(out / "model.onnx")
+    inputs = {i.name for i in session.get_inputs()}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= inputs
+    assert {"logits", "present.0.key", "present.1.value"} <= {o.name for o in session.get_outputs()}
+    model = load_model(tiny_models(family)).model
+    for prompt in ([7, 8, 9], [20, 21, 22, 23, 24, 25]):
+        prompt = np.array(prompt, dtype=np.int64)
+        assert ort_greedy(session, prompt, 8, manifest["kv_layout"]) == torch_greedy(model, prompt, 8)
+
+
+def test_uneven_decoder_loads_in_optimum_and_generates(tiny_models, tmp_path):
+    """ORTModelForCausalLM builds its first (empty) past from the dense config; the export tolerates that."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    artifact, _ = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
+    out = export(str(artifact), tmp_path / "e", progress=False)
+    assert read_manifest(out)["optimum"]["past_tolerant"]
+    ort_model = ORTModelForCausalLM.from_pretrained(out)
+    torch_model = load_model(artifact).model
+    prompt = torch.tensor([[7, 8, 9, 10]])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    ours = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    theirs = torch_model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_encoder_loads_in_optimum(tiny_models, tmp_path):
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    out = export(str(tiny_models("bert")), tmp_path / "e", progress=False)
+    model = ORTModelForFeatureExtraction.from_pretrained(out)
+    loaded = load_model(tiny_models("bert"))
+    batch = loaded.tokenizer(sample_texts(2), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded.model(**batch).last_hidden_state
+    got = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(got[mask], ref[mask], atol=1e-4)
+
+
+def test_sequence_classification_export(tiny_models, tmp_path):
+    out = export(str(tiny_models("bert", task="sequence-classification")), tmp_path / "e",
+                 ExportConfig(task="sequence-classification", quantize="int8-dynamic"), progress=False)
+    manifest = read_manifest(out)
+    assert manifest["task"] == "sequence-classification"
+    assert "logits" in manifest["validation"]["fp32"]["outputs"]
+    assert manifest["validation"]["int8"]["metric"] == "top1_agreement"
+
+
+def test_optimized_uneven_encoder(tiny_models, tmp_path):
+    artifact, _ = uneven_artifact(tiny_models, "bert", tmp_path / "pruned")
+    out = export(str(artifact), tmp_path / "e", ExportConfig(optimize=True), progress=False)
+    manifest = read_manifest(out)
+    assert manifest["validation"]["optimized"]["passed"]
+    assert manifest["steps"]["optimize"]["fused_operators"]  # something was fused
+    assert manifest["files_by_role"]["deepsparse"] is None  # com.microsoft operators
+    assert ort_vs_torch(out, artifact, sample_texts(3)) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_int8_dynamic(tiny_models, family, tmp_path):
+    out = export(str(tiny_models(family)), tmp_path / "e", ExportConfig(quantize="int8-dynamic"), progress=False)
+    manifest = read_manifest(out)
+    gate = manifest["validation"]["int8"]
+    assert gate["passed"] and gate["value"] >= gate["threshold"]
+    assert manifest["variants"][0]["quantization"] == "int8-dynamic"
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+
+
+def test_int8_static_with_calibration(tiny_models, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(sample_texts(80, seed=3)) + "\n")
+    out = export(str(tiny_models("bert")), tmp_path / "e",
+                 ExportConfig(quantize="int8-static", calib=str(calib), calib_samples=32), progress=False)
+    manifest = read_manifest(out)
+    assert manifest["steps"]["quantize"]["format"] == "QDQ"
+    assert manifest["validation"]["int8"]["passed"]
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+
+
+def sparse_artifact(tiny_models, directory, fraction=0.9):
+    """Zero the smallest-magnitude ``fraction`` of every block weight matrix (unstructured sparsity)."""
+    loaded = load_model(tiny_models("bert"))
+    with torch.no_grad():
+        for layer in loaded.adapter.layers(loaded.model):
+            for name, param in layer.named_parameters():
+                if param.dim() == 2:
+                    k = int(param.numel() * fraction)
+                    threshold = param.abs().flatten().kthvalue(k).values
+                    param[param.abs() <= threshold] = 0.0
+    save_artifact(directory, loaded, CompressConfig().to_dict(), None)
+    return directory
+
+
+def test_sparse_initializers_shrink_and_deepsparse_gets_dense(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr("edgeprune.exporters.api.deepsparse_python", lambda: None)  # compiled in its own test
+    artifact = sparse_artifact(tiny_models, tmp_path / "sparse")
+    dense = export(str(artifact), tmp_path / "dense", ExportConfig(sparse_initializers="off"), progress=False)
+    out = export(str(artifact), tmp_path / "e", ExportConfig(sparse_initializers="on", target="deepsparse"),
+                 progress=False)
+    manifest = read_manifest(out)
+    variants = {v["file"]: v for v in manifest["variants"]}
+    sparse_v, dense_v = variants["model.onnx"], variants[DENSE_FILE]
+    assert sparse_v["sparse_initializers"] and not dense_v["sparse_initializers"]
+    assert sparse_v["bytes"] < dense_v["bytes"] == pytest.approx(read_manifest(dense)["variants"][0]["bytes"], rel=0.01)
+    assert sparse_v["nonzeros"] == dense_v["nonzeros"]
+    assert manifest["validation"]["sparse_initializers"]["max_abs_vs_dense"] <= 1e-5
+    assert manifest["files_by_role"] == {"onnxruntime": "model.onnx", "deepsparse": DENSE_FILE}
+    dense_model = onnx.load(str(out / DENSE_FILE))
+    assert not dense_model.graph.sparse_initializer and dense_model.ir_version <= 9
+    # ORT densifies at load: same outputs as the dense file.
+    feeds = {"input_ids": np.array([[2, 10, 11, 12, 3]]), "attention_mask": np.ones((1, 5), np.int64),
+             "token_type_ids": np.zeros((1, 5), np.int64)}
+    a = run_session(ort_session(out / "model.onnx"), feeds)["last_hidden_state"]
+    b = run_session(ort_session(out / DENSE_FILE), feeds)["last_hidden_state"]
+    assert np.array_equal(a, b)
+
+
+def test_sparse_auto_skips_dense_weights(tiny_models, tmp_path):
+    out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(sparse_initializers="auto"), progress=False)
+    assert not read_manifest(out)["variants"][0]["sparse_initializers"]
+
+
+def test_reexport_from_export_dir_quantizes_against_source(tiny_models, tmp_path):
+    first = export(str(tiny_models("bert")), tmp_path / "fp32", progress=False)
+    out = export(str(first), tmp_path / "int8", ExportConfig(quantize="int8-dynamic"), progress=False)
+    manifest = read_manifest(out)
+    assert manifest["source_kind"] == "onnx" and manifest["parent"]["stage"] == "export"
+    assert manifest["validation"]["int8"]["passed"] and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(not (os.environ.get("EDGEPRUNE_DEEPSPARSE_PYTHON") or os.path.exists("/tmp/inst/dsenv/bin/python")),
+                    reason="no DeepSparse environment")
+def test_deepsparse_compiles_target(tiny_models, tmp_path):
+    out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(target="deepsparse"), progress=False)
+    report = read_manifest(out)["validation"]["deepsparse"]
+    assert report["checked"] and report["max_abs_vs_onnxruntime"] < 1e-3
+
+
+# --- bad input: one clear error, nothing half-written ------------------------------------------------------------
+def _assert_clean_failure(capsys, tmp_path, argv, expected):
+    from edgeprune.cli import main
+
+    before = set(tmp_path.iterdir())
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[export]")]
+    assert len(err) == 1 and err[0].startswith("edgeprune: error:") and expected in err[0], err
+    assert set(tmp_path.iterdir()) == before  # no output dir, no temp dir left behind
+
+
+def test_corrupt_and_truncated_onnx(tiny_models, tmp_path, capsys):
+    good = export(str(tiny_models("bert")), tmp_path / "good", progress=False)
+    data = (good / "model.onnx").read_bytes()
+    (good / "model.onnx").write_bytes(data[: len(data) // 2])
+    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o1")], "corrupt or truncated")
+    (good / "model.onnx").write_bytes(b"\x00garbage" * 100)
+    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o2")], "ONNX")
+
+
+def test_unsupported_opset_for_target(tiny_models, tmp_path, capsys):
+    _assert_clean_failure(capsys, tmp_path, ["export", str(tiny_models("bert")), "-o", str(tmp_path / "o"),
+                                             "--target", "deepsparse", "--opset", "19"], "opset <= 17")
+
+
+def test_source_ir_too_new_for_deepsparse_is_lowered_or_refused(tiny_models, tmp_path, capsys):
+    good = export(str(tiny_models("bert")), tmp_path / "good", progress=False)
+    model = onnx.load(str(good / "model.onnx"))
+    model.opset_import[0].version = 21  # claims an opset DeepSparse cannot run
+    onnx.save(model, str(good / "model.onnx"))
+    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o"), "--target", "deepsparse"],
+                          "opset 21 > 17")
+
+
+def test_static_quantization_needs_calibration(tiny_models, tmp_path, capsys):
+    _assert_clean_failure(capsys, tmp_path, ["export", str(tiny_models("bert")), "-o", str(tmp_path / "o"),
+                                             "--quantize", "int8-static"], "--calib")
+    _assert_clean_failure(capsys, tmp_path, ["export", str(tiny_models("bert")), "-o", str(tmp_path / "o"),
+                                             "--quantize", "int8-static", "--calib", str(tmp_path / "missing.txt")],
+                          "not found")
+
+
+def test_existing_output_dir(tiny_models, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    _assert_clean_failure(capsys, tmp_path, ["export", str(tiny_models("bert")), "-o", str(tmp_path / "o")],
+                          "--overwrite")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_json_and_config_roundtrip(tiny_models, tmp_path, capsys):
+    from edgeprune.cli import main
+
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text(ExportConfig(quantize="int8-dynamic").to_yaml())
+    assert main(["export", str(tiny_models("bert")), "-o", str(tmp_path / "o"), "--config", str(cfg), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["variants"][0]["quantization"] == "int8-dynamic"
+    assert ExportConfig.from_dict(read_manifest(tmp_path / "o")["config"]) == ExportConfig(quantize="int8-dynamic")
