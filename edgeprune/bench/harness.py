@@ -266,6 +266,10 @@ def measure_quality(models: list[BenchModel], runtime: str, config: BenchConfig,
                 "op": "quality", "config": eval_config.to_dict(), "data": str(config.data),
                 "agreement_path": str(work / f"agreement-{model.label}-{runtime}.npy"),
                 "agreement_n": config.agreement_n})
+        except EdgePruneError as exc:
+            # Timings already measured stay valid; the report says why this model has no quality figure.
+            log(f"quality failed for {model.label}: {exc}")
+            results[model.label] = {"error": str(exc)}
         finally:
             client.close()
     return results

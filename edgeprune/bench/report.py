@@ -168,6 +168,9 @@ def markdown(report: dict) -> str:
     skipped = [(m["label"], r["runtime"], r["skipped"]) for m in report["models"] for r in m["runs"] if r.get("skipped")]
     for label, runtime, why in skipped:
         lines.append(f"- {label} not run on {runtime}: {why}")
+    for m in report["models"]:
+        if (m.get("quality") or {}).get("error"):
+            lines.append(f"- {m['label']}: no quality figure ({m['quality']['error']})")
     lines += ["", "Speedup = dense p50 / model p50 at the same runtime, threads and inputs. FLOPs ratio = dense "
               "block FLOPs / model block FLOPs (analytic). Energy is per inference by the method stated above.",
               "Timings from a shared machine are noisy: compare the round-median spread in report.json."]

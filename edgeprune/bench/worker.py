@@ -179,7 +179,7 @@ class Worker:
         config = EvalConfig.from_dict(msg["config"])
         backend = RuntimeBackend(self.model if Path(self.model).is_dir() else str(_model_dir(self.model)),
                                  self.runtime, max_length=config.max_length, threads=self.threads)
-        result = evaluate_backend(backend, msg["data"], config, progress=False)
+        result = evaluate_backend(backend, msg["data"], config, progress=True)  # tqdm on stderr
         path = msg.get("agreement_path")
         if path:
             np.save(path, self._agreement_outputs(backend, config, msg["data"], int(msg.get("agreement_n", 64))))

@@ -36,6 +36,14 @@ class ReconstructConfig(FrozenConfig):
 
     enabled: bool = False
     damping: float = 1e-2  # ridge term, relative to the mean diagonal of the Gram matrix
+    mode: str = "full"  # full: re-fit whole consumer weights; scales: one scale per kept head/neuron (Kwon)
+    fit_bias: bool = True  # full mode: also re-fit the consumer bias
+
+    def __post_init__(self):
+        if self.mode not in ("full", "scales"):
+            raise EdgePruneError(f"reconstruct mode must be full or scales (got {self.mode!r})")
+        if self.damping < 0:
+            raise EdgePruneError(f"reconstruct damping must be >= 0 (got {self.damping})")
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,14 @@ class CompressConfig(FrozenConfig):
     seed: int = 0
 
 
+def needs_calibration(config: CompressConfig) -> bool:
+    """Calibration batches are loaded only for data-aware importance or reconstruction."""
+    from edgeprune.compress.importance import NEEDS_CALIBRATION
+
+    structured = config.structured.active and config.structured.importance in NEEDS_CALIBRATION
+    return structured or (config.reconstruct.enabled and config.structured.active)
+
+
 def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     """Score units, allocate, cut. Returns the plan that was applied."""
     from edgeprune.compress.importance import get_importance
@@ -130,8 +146,10 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     model, adapter = loaded.model, loaded.adapter
     scores = get_importance(cfg.importance)(model, adapter, calib)
     shapes = adapter.shapes(model.config)
-    plan = get_allocation(cfg.allocation)(scores, shapes, cfg, adapter, model.config)
-    plan.meta.update({"importance": cfg.importance, "allocation": cfg.allocation, "gqa_mode": cfg.gqa_mode})
+    # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
+    allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
+    plan = get_allocation(allocation)(scores, shapes, cfg, adapter, model.config)
+    plan.meta.update({"importance": cfg.importance, "allocation": allocation, "gqa_mode": cfg.gqa_mode})
     apply_plan(model, adapter, plan)
     return plan
 
@@ -145,6 +163,8 @@ def sparsify_and_finetune(loaded, config: CompressConfig, teacher=None) -> tuple
 
     sp, ft, info, log = config.sparsity, config.finetune, {}, []
     masks = None
+    if sp.active and sp.finetune_each_step and not ft.enabled:
+        raise EdgePruneError("--finetune-each-step needs fine-tuning data (--finetune DATA)")
     if sp.active:
         segments = []
 
@@ -189,17 +209,37 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     # the dense model as loaded is the distillation teacher
     teacher = copy.deepcopy(loaded.model) if config.finetune.enabled and config.finetune.distill else None
-    plan = None
+    plan, calib = None, None
+    step = time.perf_counter()
+    if needs_calibration(config):
+        from edgeprune.compress.calibration import load_calibration
+
+        calib = load_calibration(loaded, config.calibration, seed=config.seed)
+        timings["calibration_s"] = round(time.perf_counter() - step, 3)
+    reference = None  # dense model kept for layer-wise reconstruction targets
+    if config.reconstruct.enabled and config.structured.active:
+        reference = teacher if teacher is not None else copy.deepcopy(loaded.model)
     step = time.perf_counter()
     if config.structured.active:
-        plan = structured_prune(loaded, config.structured)
+        plan = structured_prune(loaded, config.structured, calib)
     timings["structured_s"] = round(time.perf_counter() - step, 3)
+    recon_extra = {}
+    if reference is not None:
+        from edgeprune.compress.reconstruct import reconstruct
+
+        step = time.perf_counter()
+        rc = config.reconstruct
+        recon_extra["reconstruction"] = reconstruct(loaded.model, reference, loaded.adapter, calib, rc.damping,
+                                                    rc.mode, rc.fit_bias)
+        timings["reconstruct_s"] = round(time.perf_counter() - step, 3)
+        reference = None
     extra, train_log = {}, []
     if config.sparsity.active or config.finetune.enabled:
         step = time.perf_counter()
         extra, train_log = sparsify_and_finetune(loaded, config, teacher)
         timings["sparsity_finetune_s"] = round(time.perf_counter() - step, 3)
         teacher = None
+    extra.update(recon_extra)
     timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
     with staged_output(out, overwrite) as tmp:
         if train_log:

@@ -17,6 +17,8 @@ SPARSITY_FINETUNE_FLAGS = {
     "finetune": ("finetune", "data"), "epochs": ("finetune", "epochs"), "distill": ("finetune", "distill"),
     "lr": ("finetune", "learning_rate"), "max_steps": ("finetune", "max_steps"),
     "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
+    "calib": ("calibration", "path"), "calib_samples": ("calibration", "samples"),
+    "reconstruct": ("reconstruct", "enabled"), "reconstruct_mode": ("reconstruct", "mode"),
 }
 
 
@@ -48,6 +50,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="cap on fine-tuning steps")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
     p.add_argument("--max-length", type=int, help="fine-tuning max tokens per sequence")
+    p.add_argument("--calib", metavar="PATH", help="calibration data: STS tsv, text file, datasets name or data file")
+    p.add_argument("--calib-samples", type=int, help="calibration texts (or token windows for decoders)")
+    p.add_argument("--reconstruct", action="store_true", default=None,
+                   help="re-fit kept output projections layer by layer by least squares (needs --calib)")
+    p.add_argument("--reconstruct-mode", choices=["full", "scales"], help="re-fit whole weights or per-unit scales")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -99,12 +99,14 @@ def _error(params: torch.Tensor, normal: _Normal) -> float:
     return float((quad - 2 * lin + normal.target_sq) / max(normal.tokens, 1))
 
 
-def _solve(normal: _Normal, current: torch.Tensor, damping: float, has_bias: bool) -> torch.Tensor:
+def _solve(normal: _Normal, current: torch.Tensor, damping: float, has_bias: bool, fit_bias: bool = True) -> torch.Tensor:
     d = normal.gram.shape[0] - 1
     ridge = damping * float(normal.gram.diagonal()[:d].mean().clamp_min(1e-12))
     reg = torch.full((d + 1,), ridge, dtype=torch.float64)
-    if has_bias:
+    if has_bias and fit_bias:
         reg[d] = 0.0  # the bias is cheap to fit and should absorb mean shifts freely
+    elif has_bias:
+        reg[d] = 1e12 * max(ridge, 1.0)  # effectively pinned to its current value
     gram = normal.gram + torch.diag(reg)
     rhs = normal.cross + reg[:, None] * current.T
     if not has_bias:  # no bias parameter: pin that column to zero
@@ -113,6 +115,25 @@ def _solve(normal: _Normal, current: torch.Tensor, damping: float, has_bias: boo
     if not has_bias:
         solution = torch.cat([solution, torch.zeros(solution.shape[0], 1, dtype=solution.dtype)], dim=1)
     return solution
+
+
+def _solve_scales(normal: _Normal, current: torch.Tensor, width: int, damping: float) -> torch.Tensor:
+    """Kwon et al.'s mask tuning: keep the weights' directions, re-fit one scale per unit (head of
+    ``width`` columns, or neuron) by ridge least squares toward 1; the bias stays as it is.
+
+    With contributions c_u = W[:, u] x[u], the normal equations are built from the same Gram matrix:
+    G_s[u, v] = sum_{i in u, j in v} G[i, j] (W^T W)[i, j] and r_u = sum_{i in u} W[:, i] . (C[i] - G[i, 1] b).
+    """
+    d = normal.gram.shape[0] - 1
+    weight, bias = current[:, :d], current[:, d]
+    units = d // width
+    pair = normal.gram[:d, :d] * (weight.T @ weight)
+    gram_s = pair.view(units, width, units, width).sum((1, 3))
+    resid_cross = normal.cross[:d] - normal.gram[:d, d:d + 1] * bias[None, :]
+    r = (weight.T * resid_cross).sum(1).view(units, width).sum(1)
+    ridge = damping * float(gram_s.diagonal().mean().clamp_min(1e-12))
+    scales = torch.linalg.solve(gram_s + ridge * torch.eye(units, dtype=gram_s.dtype), r + ridge)
+    return torch.cat([weight * scales.repeat_interleave(width)[None, :], bias[:, None]], dim=1)
 
 
 @torch.no_grad()
@@ -140,7 +161,7 @@ def _run_layer(layer, inputs, hooks: dict | None = None):
 
 @torch.no_grad()
 def reconstruct(model, dense_model, adapter: ArchAdapter, calib: Sequence[dict], damping: float = 1e-2,
-                progress: bool = True) -> list[dict]:
+                mode: str = "full", fit_bias: bool = True, progress: bool = True) -> list[dict]:
     """Re-fit every layer's attention-output and FFN-output projections of ``model`` (pruned, in place)
     to reproduce ``dense_model``'s outputs of the same modules. Returns per-layer errors before/after
     (mean squared error per calibration token, and relative to the target's mean square)."""
@@ -210,7 +231,11 @@ def reconstruct(model, dense_model, adapter: ArchAdapter, calib: Sequence[dict],
                     normal.tokens += x.shape[0]
             current = _current_params(spec)
             has_bias = getattr(spec.module, "bias", None) is not None
-            solution = _solve(normal, current, damping, has_bias)
+            if mode == "scales":
+                width = adapter.head_dim(model.config) if slot == 0 else 1
+                solution = _solve_scales(normal, current, width, damping)
+            else:
+                solution = _solve(normal, current, damping, has_bias, fit_bias)
             before, after = _error(current, normal), _error(solution, normal)
             if after < before:  # guard against numerically bad solves: never make a layer worse
                 _set_params(spec, solution)

@@ -159,7 +159,21 @@ class Worker:
         return {"times": times, "sink": sink}
 
 
+def _die_with_parent():
+    """Linux: get SIGTERM when the parent dies, so a killed benchmark never leaves a busy worker behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
+    _die_with_parent()
     # Keep the real stdout for the protocol; route every library print to stderr.
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

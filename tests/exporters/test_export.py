@@ -15,7 +15,6 @@ from edgeprune.compress.artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.plan import PrunePlan
 from edgeprune.compress.surgery import apply_plan
-from edgeprune.errors import EdgePruneError
 from edgeprune.exporters.api import DENSE_FILE, ExportConfig, export
 from edgeprune.exporters.validate import ort_greedy, ort_session, run_session, torch_greedy
 from edgeprune.models import load_model
@@ -90,7 +89,7 @@ def test_uneven_pruned_model_exports(tiny_models, family, tmp_path):
         assert manifest["with_past"]
 
 
-@pytest.mark.parametrize("family", [*DECODERS[:2], pytest.param("qwen2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["gpt2", *(pytest.param(f, marks=pytest.mark.slow) for f in DECODERS[1:])])
 def test_decoder_greedy_8_tokens_with_kv_cache(tiny_models, family, tmp_path):
     out = export(str(tiny_models(family)), tmp_path / "e", progress=False)
     manifest = read_manifest(out)
@@ -226,6 +225,7 @@ def test_reexport_from_export_dir_quantizes_against_source(tiny_models, tmp_path
     assert manifest["validation"]["int8"]["passed"] and (out / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (os.environ.get("EDGEPRUNE_DEEPSPARSE_PYTHON") or os.path.exists("/tmp/inst/dsenv/bin/python")),
                     reason="no DeepSparse environment")
 def test_deepsparse_compiles_target(tiny_models, tmp_path):
@@ -293,3 +293,27 @@ def test_cli_json_and_config_roundtrip(tiny_models, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["variants"][0]["quantization"] == "int8-dynamic"
     assert ExportConfig.from_dict(read_manifest(tmp_path / "o")["config"]) == ExportConfig(quantize="int8-dynamic")
+
+
+def test_config_refusals():
+    with pytest.raises(Exception, match="--optimize"):
+        ExportConfig(target="deepsparse", optimize=True)
+    with pytest.raises(Exception, match="--calib"):
+        ExportConfig(quantize="int8-static")
+    with pytest.raises(Exception, match="sparse-initializers"):
+        ExportConfig(sparse_initializers="maybe")
+
+
+def test_sparse_break_even():
+    """fp32 with INT64 indices pays below 1/3 non-zeros; INT8 only below 1/9."""
+    from edgeprune.exporters.sparse import should_sparsify
+
+    def tensor(dtype, zeros):
+        a = np.ones(3000, dtype=dtype)
+        a[:zeros] = 0
+        return a
+
+    assert should_sparsify(tensor(np.float32, 2100), "on") and not should_sparsify(tensor(np.float32, 1900), "on")
+    assert not should_sparsify(tensor(np.int8, 2600), "on") and should_sparsify(tensor(np.int8, 2700), "on")
+    assert not should_sparsify(tensor(np.float32, 2050), "auto")  # saves 5 %, below the 10 % bar
+    assert should_sparsify(tensor(np.float32, 2700), "auto") and not should_sparsify(tensor(np.float32, 2700), "off")
