@@ -29,6 +29,7 @@ class Variant(FrozenConfig):
     compress: dict | None = None  # inline compress recipe (same keys as the YAML)
     reuse: str | None = None
     export: dict = field(default_factory=dict)  # ExportConfig fields (quantize, target, optimize, ...)
+    calib: str | None = None  # calibration data for the recipe (absolute, or relative to the shared data folder)
     requires_runtime: str | None = None  # skip (with a note) when this runtime is unavailable
 
     def __post_init__(self):
@@ -86,7 +87,8 @@ def resolve_recipe(path: str, relative_to: Path | None = None) -> str:
 
 def default_recipe() -> PipelineConfig:
     """The README main job: MiniLM dense, structured 50/50 post-training, + INT8, 90% sparse on DeepSparse."""
-    structured = ({"name": "structured-50", "recipe": str(POSTTRAINING_RECIPE)} if POSTTRAINING_RECIPE.is_file()
+    structured = ({"name": "structured-50", "recipe": str(POSTTRAINING_RECIPE), "calib": "stsb/sts-train.csv"}
+                  if POSTTRAINING_RECIPE.is_file()
                   else {"name": "structured-50", "compress": {"structured": {"heads": 0.5, "ffn": 0.5}}})
     variants = [
         {"name": "dense", "export": {"target": "deepsparse"}},
@@ -137,6 +139,8 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
         elif variant.recipe or variant.compress:
             cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
                    else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
+            if variant.calib:
+                cfg = cfg.replace(calibration=cfg.calibration.replace(path=resolve_data(variant.calib)))
             out = work / "compressed" / variant.name
             log(f"[{variant.name}] compress {config.model}")
             compress(config.model, out, cfg)
@@ -194,8 +198,10 @@ class SweepConfig(FrozenConfig):
     task: str = "sts"
     data: str = "stsb/sts-dev.csv"
     eval_limit: int | None = 500
-    levels: tuple[float, ...] = (0.25, 0.5, 0.7)  # fraction of heads and FFN neurons removed
-    base_recipe: str | None = None  # compress recipe whose structured heads/ffn the sweep overrides
+    # fraction removed: of heads and FFN neurons, or of block FLOPs when the base recipe uses a FLOPs budget
+    levels: tuple[float, ...] = (0.25, 0.5, 0.7)
+    base_recipe: str | None = None  # compress recipe whose structured heads/ffn (or flops_budget) the sweep sets
+    calib: str | None = None  # calibration data for the base recipe (relative to the shared data folder or absolute)
     quantize: tuple[str, ...] = ("none",)  # export variants per level: none, int8-dynamic
     bench: BenchConfig = field(default_factory=lambda: BenchConfig(threads=2, rounds=6))
 
@@ -208,23 +214,30 @@ class SweepConfig(FrozenConfig):
 
 
 def default_sweep() -> SweepConfig:
-    base = str(POSTTRAINING_RECIPE) if POSTTRAINING_RECIPE.is_file() else None
-    return SweepConfig(base_recipe=base, quantize=("none", "int8-dynamic"))
+    if POSTTRAINING_RECIPE.is_file():
+        return SweepConfig(base_recipe=str(POSTTRAINING_RECIPE), calib="stsb/sts-train.csv",
+                           quantize=("none", "int8-dynamic"))
+    return SweepConfig(quantize=("none", "int8-dynamic"))
 
 
 def sweep_pipeline(config: SweepConfig) -> PipelineConfig:
     from edgeprune.compress.api import CompressConfig
 
-    base = CompressConfig.from_file(config.base_recipe).to_dict() if config.base_recipe else CompressConfig().to_dict()
+    base = (CompressConfig.from_file(resolve_recipe(config.base_recipe)).to_dict() if config.base_recipe
+            else CompressConfig().to_dict())
+    by_budget = base["structured"].get("flops_budget") is not None
     variants: list[dict] = [{"name": "dense"}]
     for q in config.quantize:
         if q != "none":
             variants.append({"name": f"dense-{q}", "reuse": "dense", "export": {"quantize": q}})
     for level in config.levels:
         recipe = json.loads(json.dumps(base))
-        recipe["structured"].update({"heads": level, "ffn": level, "flops_budget": None})
+        if by_budget:
+            recipe["structured"].update({"heads": 0.0, "ffn": 0.0, "flops_budget": round(1.0 - level, 6)})
+        else:
+            recipe["structured"].update({"heads": level, "ffn": level, "flops_budget": None})
         name = f"prune-{round(level * 100)}"
-        variants.append({"name": name, "compress": recipe})
+        variants.append({"name": name, "compress": recipe, **({"calib": config.calib} if config.calib else {})})
         for q in config.quantize:
             if q != "none":
                 variants.append({"name": f"{name}-{q}", "reuse": name, "export": {"quantize": q}})

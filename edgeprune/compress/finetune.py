@@ -254,8 +254,9 @@ def finetune(loaded, cfg, teacher=None, masks=None, movement=None, seed: int = 0
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-    head = [r["loss"] for r in log[: min(10, len(log))]]
-    tail = [r["loss"] for r in log[-min(10, len(log)):]]
+    k = max(1, min(10, len(log) // 2))  # first/last k steps, never overlapping
+    head = [r["loss"] for r in log[:k]]
+    tail = [r["loss"] for r in log[-k:]]
     summary = {"steps": step, "epochs": round(step / len(batches), 3), "examples": len(batches.items),
                "objective": _objective(batches.kind, cfg), "first_loss": round(sum(head) / len(head), 6),
                "last_loss": round(sum(tail) / len(tail), 6), "seconds": round(time.perf_counter() - started, 2),

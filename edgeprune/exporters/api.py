@@ -149,11 +149,11 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
 
 # --- DeepSparse ------------------------------------------------------------------------------------------------
 def deepsparse_python() -> str | None:
-    env = os.environ.get("EDGEPRUNE_DEEPSPARSE_PYTHON")
-    if env:
-        return env if Path(env).is_file() else None
-    default = Path("/tmp/inst/dsenv/bin/python")
-    return str(default) if default.is_file() else None
+    """The DeepSparse interpreter the runtime would use ($EDGEPRUNE_DEEPSPARSE_PYTHON or the installed venv)."""
+    from edgeprune.runtime.deepsparse_adapter import worker_python
+
+    python = worker_python()
+    return str(python) if python.is_file() else None
 
 
 _DS_SCRIPT = r"""

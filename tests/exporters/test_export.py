@@ -2,7 +2,6 @@
 INT8 and sparse variants, the DeepSparse target, optimum ORTModel loading, and bad inputs."""
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -15,7 +14,7 @@ from edgeprune.compress.artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.plan import PrunePlan
 from edgeprune.compress.surgery import apply_plan
-from edgeprune.exporters.api import DENSE_FILE, ExportConfig, export
+from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
 from edgeprune.exporters.validate import ort_greedy, ort_session, run_session, torch_greedy
 from edgeprune.models import load_model
 from tiny import sample_texts
@@ -226,8 +225,8 @@ def test_reexport_from_export_dir_quantizes_against_source(tiny_models, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.environ.get("EDGEPRUNE_DEEPSPARSE_PYTHON") or os.path.exists("/tmp/inst/dsenv/bin/python")),
-                    reason="no DeepSparse environment")
+@pytest.mark.skipif(deepsparse_python() is None,
+                    reason="no DeepSparse environment (edgeprune runtime install deepsparse)")
 def test_deepsparse_compiles_target(tiny_models, tmp_path):
     out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(target="deepsparse"), progress=False)
     report = read_manifest(out)["validation"]["deepsparse"]
