@@ -35,7 +35,9 @@ def _models_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeprune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="edgeprune",
+        description="Prune, export, run and benchmark transformer models for CPU edge deployment.")
     parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

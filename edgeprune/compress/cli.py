@@ -19,6 +19,7 @@ SPARSITY_FINETUNE_FLAGS = {
     "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
     "calib": ("calibration", "path"), "calib_samples": ("calibration", "samples"),
     "reconstruct": ("reconstruct", "enabled"), "reconstruct_mode": ("reconstruct", "mode"),
+    "reconstruct_damping": ("reconstruct", "damping"),
 }
 
 
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--reconstruct", action="store_true", default=None,
                    help="re-fit kept output projections layer by layer by least squares (needs --calib)")
     p.add_argument("--reconstruct-mode", choices=["full", "scales"], help="re-fit whole weights or per-unit scales")
+    p.add_argument("--reconstruct-damping", type=float, help="ridge strength, relative to the mean Gram diagonal")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

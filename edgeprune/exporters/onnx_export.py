@@ -106,6 +106,10 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
         except (ValueError, KeyError, RuntimeError) as exc:
             raise EdgePruneError(f"ONNX export failed for {loaded.model.config.model_type} ({optimum_task}): "
                                  f"{str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}") from None
+    if not (out_dir / "tokenizer.json").is_file():
+        # optimum skips tokenizers it did not load from a directory (e.g. one converted from GGUF); the
+        # torch-free runtime needs tokenizer.json.
+        loaded.tokenizer.save_pretrained(out_dir)
     if not (out_dir / ONNX_FILE).is_file():
         raise EdgePruneError(f"ONNX export wrote no {ONNX_FILE} (files: {sorted(p.name for p in out_dir.iterdir())})")
     info: dict[str, Any] = {"optimum_task": optimum_task}
