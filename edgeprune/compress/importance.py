@@ -104,12 +104,12 @@ class UnitMasks:
         self.heads = [torch.ones(*lead, s.heads, requires_grad=requires_grad) for s in self.shapes]
         self.neurons = [torch.ones(*lead, s.ffn, requires_grad=requires_grad) for s in self.shapes]
 
-    def _hook(self, index: int, width: int):
+    def _hook(self, index: int, heads: bool):
         # Reads self.heads/self.neurons at call time, so reset() between batches needs no re-hooking.
         def pre_hook(module, args):
-            mask = self.heads[index] if width > 1 else self.neurons[index]
-            if width > 1:
-                mask = mask.repeat_interleave(width, dim=-1)
+            mask = self.heads[index] if heads else self.neurons[index]
+            if heads:
+                mask = mask.repeat_interleave(self.head_dim, dim=-1)
             x = args[0]
             if mask.dim() == 2:  # per-sample masks: [batch, features] -> broadcast over tokens
                 mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
@@ -121,8 +121,8 @@ class UnitMasks:
             self.reset()
         for index in range(len(self.shapes)):
             attn_out, ffn_out = self.adapter.unit_consumers(self.model, index)
-            self._handles.append(attn_out.module.register_forward_pre_hook(self._hook(index, self.head_dim)))
-            self._handles.append(ffn_out.module.register_forward_pre_hook(self._hook(index, 1)))
+            self._handles.append(attn_out.module.register_forward_pre_hook(self._hook(index, True)))
+            self._handles.append(ffn_out.module.register_forward_pre_hook(self._hook(index, False)))
         return self
 
     def __exit__(self, *exc):
