@@ -44,6 +44,8 @@ def check_pattern(pattern: str, fraction: float) -> None:
     nm = parse_nm(pattern)
     if nm is None and pattern not in ("unstructured", "4x4"):
         raise EdgePruneError(f"--pattern must be unstructured, N:M (e.g. 2:4) or 4x4 (got {pattern!r})")
+    if pattern == "4x4" and fraction == 0:
+        raise EdgePruneError("--pattern 4x4 needs --sparsity F (the fraction of blocks to zero)")
     if nm is not None and fraction > 0 and abs(fraction - (1 - nm[0] / nm[1])) > 1e-6:
         raise EdgePruneError(f"pattern {pattern} implies sparsity {1 - nm[0] / nm[1]:g}; "
                              f"--sparsity {fraction:g} contradicts it (leave it out)")
