@@ -202,6 +202,10 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     if Path(model).exists() and Path(model).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")
     check_output_dir(out, overwrite)  # fail before the (slow) model load
+    if needs_calibration(config):
+        from edgeprune.compress.calibration import load_texts
+
+        load_texts(config.calibration.path)  # likewise: a bad --calib fails now, not after loading the model
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     loaded = load_model(model, task=config.task, allow_pickle=allow_pickle)
