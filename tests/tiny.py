@@ -89,3 +89,23 @@ def sample_texts(n: int = 8, seed: int = 0) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def uneven_plan(loaded):
+    """A valid plan whose layers keep different numbers of (KV) heads and FFN neurons."""
+    from edgeprune.compress.adapters.base import LayerPlan
+    from edgeprune.compress.plan import PrunePlan
+
+    shapes = loaded.adapter.shapes(loaded.model.config)
+    layers = []
+    for i, shape in enumerate(shapes):
+        group = shape.heads // shape.kv_heads
+        if group > 1:  # layer 0 drops a whole KV group, layer 1 one query head per group
+            kv = tuple(range(shape.kv_heads - 1)) if i == 0 else tuple(range(shape.kv_heads))
+            per = group if i == 0 else group - 1
+            heads = tuple(g * group + j for g in kv for j in range(per))
+        else:
+            heads = tuple(range(i, shape.heads)) if i else (1, 3)
+            kv = heads
+        layers.append(LayerPlan(heads, kv, tuple(range(0, shape.ffn, i + 2))))
+    return PrunePlan(layers, shapes)

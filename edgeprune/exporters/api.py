@@ -8,7 +8,6 @@ staged output, which replaces ``out`` when everything passed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -62,6 +62,17 @@ class Runtime(Protocol):
         """Load an export directory (or a .onnx file)."""
 
 
+def prepare_feeds(inputs: Sequence[TensorInfo], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check every model input is fed; drop extras (e.g. token_type_ids for a model without them) and cast
+    to the declared dtypes."""
+    by_name = {i.name: i for i in inputs}
+    missing = set(by_name) - set(feeds)
+    if missing:
+        raise EdgePruneError(f"missing model inputs: {', '.join(sorted(missing))} "
+                             f"(model takes {', '.join(sorted(by_name))})")
+    return {k: np.ascontiguousarray(v, dtype=by_name[k].dtype) for k, v in feeds.items() if k in by_name}
+
+
 _RUNTIMES: dict[str, Callable[[], Runtime]] = {}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.paths import cache_dir
-from edgeprune.runtime.base import TensorInfo, register_runtime
+from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
 
 ENV_VAR = "EDGEPRUNE_DEEPSPARSE_PYTHON"
 PINNED_REQUIREMENTS = ("deepsparse==1.8.0", "onnx<1.15", "numpy<2")
@@ -165,12 +165,7 @@ class DeepSparseSession:
         return reply
 
     def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = {i.name for i in self.inputs}
-        missing = names - set(feeds)
-        if missing:
-            raise EdgePruneError(f"missing model inputs: {', '.join(sorted(missing))} (model takes {', '.join(sorted(names))})")
-        by_name = {i.name: i for i in self.inputs}
-        return {k: np.ascontiguousarray(v, dtype=by_name[k].dtype) for k, v in feeds.items() if k in names}
+        return prepare_feeds(self.inputs, feeds)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         return self._call({"op": "run", "feeds": self._feeds(feeds),

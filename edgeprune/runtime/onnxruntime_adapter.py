@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.runtime.base import TensorInfo, register_runtime
+from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
 
 # ORT type strings ("tensor(int64)") -> numpy dtype names
 _ORT_TYPES = {
@@ -57,13 +57,7 @@ class OnnxRuntimeSession:
         self.outputs = [_info(a) for a in self._session.get_outputs()]
 
     def _check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = {i.name for i in self.inputs}
-        missing = names - set(feeds)
-        if missing:
-            raise EdgePruneError(f"missing model inputs: {', '.join(sorted(missing))} (model takes {', '.join(sorted(names))})")
-        by_name = {i.name: i for i in self.inputs}
-        # Drop extras (e.g. token_type_ids for a model that has none) and cast to the declared dtype.
-        return {k: np.ascontiguousarray(v, dtype=by_name[k].dtype) for k, v in feeds.items() if k in names}
+        return prepare_feeds(self.inputs, feeds)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else [o.name for o in self.outputs]

@@ -10,7 +10,7 @@ from edgeprune.compress.artifact import load_artifact
 from edgeprune.compress.plan import StructuredConfig
 from edgeprune.compress.surgery import analytic_parameter_count, mask_plan, parameter_count
 from edgeprune.models import load_model
-from tiny import sample_texts
+from tiny import sample_texts, uneven_plan
 
 
 def outputs(loaded, texts):
@@ -42,25 +42,12 @@ def test_pruned_equals_masked_and_counts_match(tiny_models, family, gqa_mode):
 
 def test_uneven_layers_save_and_reload(tiny_models, family, tmp_path):
     """Different head/neuron counts per layer survive save -> load with identical outputs."""
-    from edgeprune.compress.adapters.base import LayerPlan
     from edgeprune.compress.artifact import save_artifact
-    from edgeprune.compress.plan import PrunePlan
     from edgeprune.compress.surgery import apply_plan
 
     loaded = load_model(tiny_models(family))
-    adapter, shapes = loaded.adapter, loaded.adapter.shapes(loaded.model.config)
-    layers = []
-    for i, shape in enumerate(shapes):
-        group = shape.heads // shape.kv_heads
-        if group > 1:  # layer 0 drops a whole KV group, layer 1 one query head per group
-            kv = tuple(range(shape.kv_heads - 1)) if i == 0 else tuple(range(shape.kv_heads))
-            per = group if i == 0 else group - 1
-            heads = tuple(g * group + j for g in kv for j in range(per))
-        else:
-            heads = tuple(range(i, shape.heads)) if i else (1, 3)
-            kv = heads
-        layers.append(LayerPlan(heads, kv, tuple(range(0, shape.ffn, i + 2))))
-    plan = PrunePlan(layers, shapes)
+    adapter = loaded.adapter
+    plan = uneven_plan(loaded)
     apply_plan(loaded.model, adapter, plan)
     texts = sample_texts(3, seed=1)
     before = outputs(loaded, texts)

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from edgeprune.artifacts import onnx_model_path, read_manifest
-from edgeprune.compress.adapters.base import LayerPlan
 from edgeprune.compress.artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
-from edgeprune.compress.plan import PrunePlan
 from edgeprune.compress.surgery import apply_plan
 from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
 from edgeprune.exporters.validate import ort_greedy, ort_session, run_session, torch_greedy
 from edgeprune.models import load_model
-from tiny import sample_texts
+from tiny import sample_texts, uneven_plan
 
 DECODERS = ("gpt2", "llama", "qwen2")
 
@@ -25,19 +23,8 @@ DECODERS = ("gpt2", "llama", "qwen2")
 def uneven_artifact(tiny_models, family, directory):
     """A compressed artifact whose layers keep different numbers of (KV) heads and FFN neurons."""
     loaded = load_model(tiny_models(family))
-    adapter, shapes = loaded.adapter, loaded.adapter.shapes(loaded.model.config)
-    layers = []
-    for i, shape in enumerate(shapes):
-        group = shape.heads // shape.kv_heads
-        if group > 1:  # layer 0 drops a whole KV group, layer 1 one query head per group
-            kv = tuple(range(shape.kv_heads - 1)) if i == 0 else tuple(range(shape.kv_heads))
-            per = group if i == 0 else group - 1
-            heads = tuple(g * group + j for g in kv for j in range(per))
-        else:
-            heads = tuple(range(i, shape.heads)) if i else (1, 3)
-            kv = heads
-        layers.append(LayerPlan(heads, kv, tuple(range(0, shape.ffn, i + 2))))
-    plan = PrunePlan(layers, shapes)
+    adapter = loaded.adapter
+    plan = uneven_plan(loaded)
     apply_plan(loaded.model, adapter, plan)
     save_artifact(directory, loaded, CompressConfig().to_dict(), None, plan=plan)
     return directory, plan
