@@ -57,6 +57,9 @@ class SparsityConfig(FrozenConfig):
     finetune_each_step: bool = False
     schedule: str = "cubic"  # cubic | linear ramp of the per-step target
     importance: str = "magnitude"  # magnitude | movement (scores from fine-tuning; needs finetune data)
+    # Also sparsify the input embedding table. It is most of a small encoder's file (47 of 90 MB in MiniLM),
+    # so sparse-initializer files only get small with it; it costs more quality than block weights.
+    embeddings: bool = False
 
     def __post_init__(self):
         from edgeprune.compress.sparsity import check_pattern

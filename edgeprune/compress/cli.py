@@ -13,7 +13,7 @@ STRUCTURED_FLAGS = {
 SPARSITY_FINETUNE_FLAGS = {
     "sparsity": ("sparsity", "fraction"), "pattern": ("sparsity", "pattern"), "scope": ("sparsity", "scope"),
     "steps": ("sparsity", "steps"), "sparsity_importance": ("sparsity", "importance"),
-    "finetune_each_step": ("sparsity", "finetune_each_step"),
+    "finetune_each_step": ("sparsity", "finetune_each_step"), "sparsify_embeddings": ("sparsity", "embeddings"),
     "finetune": ("finetune", "data"), "epochs": ("finetune", "epochs"), "distill": ("finetune", "distill"),
     "lr": ("finetune", "learning_rate"), "max_steps": ("finetune", "max_steps"),
     "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--pattern", help="sparsity pattern: unstructured, N:M (e.g. 2:4; implies the fraction) or 4x4")
     p.add_argument("--scope", choices=["local", "global"], help="sparsity per tensor or one threshold across tensors")
     p.add_argument("--steps", type=int, help="iterative sparsity: reach the target in K pruning steps")
+    p.add_argument("--sparsify-embeddings", action="store_true", default=None,
+                   help="also sparsify the input embedding table (shrinks sparse-initializer files much more)")
     p.add_argument("--sparsity-importance", choices=["magnitude", "movement"], help="weight scores for sparsity")
     p.add_argument("--finetune-each-step", action="store_true", default=None,
                    help="fine-tune between iterative sparsity steps (needs --finetune)")

@@ -180,8 +180,12 @@ class MaskSet:
                 "tensors": tensors}
 
 
-def sparse_params(loaded) -> tuple[dict[str, torch.nn.Parameter], dict[str, int]]:
+def sparse_params(loaded, embeddings: bool = False) -> tuple[dict[str, torch.nn.Parameter], dict[str, int]]:
     entries = loaded.adapter.sparsifiable_weights(loaded.model)
+    if embeddings:  # get_input_embeddings is the generic HF accessor: no architecture knowledge needed here
+        table = loaded.model.get_input_embeddings().weight
+        name = next(n for n, p in loaded.model.named_parameters() if p is table)
+        entries = entries + [(name, table, 1)]  # (vocab, hidden): N:M groups run along hidden
     return {n: p for n, p, _ in entries}, {n: d for n, _, d in entries}
 
 
@@ -220,7 +224,7 @@ def sparsify(loaded, cfg, finetune_step: Callable | None = None) -> tuple[MaskSe
     from tqdm.auto import tqdm
 
     check_pattern(cfg.pattern, cfg.fraction)
-    params, in_dims = sparse_params(loaded)
+    params, in_dims = sparse_params(loaded, cfg.embeddings)
     if not params:
         raise EdgePruneError("this model exposes no block weights to sparsify")
     movement = None

@@ -146,3 +146,16 @@ def test_cli_and_recipe_round_trip(tiny_models, tmp_path, capsys):
     params, _ = sparse_params(reloaded)
     nonzero = sum(int((p != 0).sum()) for p in params.values())
     assert nonzero == manifest["sparsity"]["nonzero"]
+
+
+@pytest.mark.parametrize("fam", ["bert", "llama"])
+def test_embedding_table_is_sparsified_only_on_request(tiny_models, fam):
+    loaded = load_model(tiny_models(fam))
+    table = loaded.model.get_input_embeddings().weight
+    before = table.detach().clone()  # the padding row starts at zero
+    sparsify(loaded, SparsityConfig(fraction=0.5))
+    assert torch.equal(table, before)
+    sparsify(loaded, SparsityConfig(fraction=0.5, embeddings=True))
+    assert float((table == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    params, _ = sparse_params(loaded, embeddings=True)
+    assert any(p is table for p in params.values())
