@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +10,7 @@ import numpy as np
 
 from edgeprune.artifacts import is_artifact, read_manifest
 from edgeprune.errors import EdgePruneError
+from edgeprune.exporters.sparse import gzip_size
 
 
 def latency_stats(seconds: Sequence[float], batch: int, seq: int) -> dict[str, Any]:
@@ -37,11 +36,6 @@ def round_medians_spread(per_round: Sequence[Sequence[float]]) -> float | None:
         return None
     mid = float(np.median(medians))
     return (max(medians) - min(medians)) / mid if mid > 0 else None
-
-
-def gzip_size(path: Path) -> int:
-    compressor = gzip.compress
-    return len(compressor(Path(path).read_bytes(), compresslevel=6))
 
 
 def onnx_counts(path: Path) -> dict[str, int]:
@@ -125,11 +119,6 @@ def analytic_flops(model_dir: Path, seq_lens: Sequence[int]) -> dict[str, Any] |
     per_seq = {str(s): int(_flops(adapter, config, shapes, int(s))) for s in seq_lens}
     return {"per_sequence": per_seq, "per_token": {k: v / int(k) for k, v in per_seq.items()},
             "scope": "transformer blocks, 2 FLOPs per multiply-add"}
-
-
-def config_json(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -127,6 +127,3 @@ def _looks_like_sentences(path) -> bool:
         first = next((line for line in handle if line.strip()), "")
     return first.count("\t") >= 6
 
-
-def token_count(batches: Sequence[dict]) -> int:
-    return int(sum(int(b["attention_mask"].sum()) for b in batches))

@@ -47,7 +47,7 @@ def get_importance(name: str) -> Callable[..., Scores]:
     try:
         return _IMPORTANCE[name]
     except KeyError:
-        raise EdgePruneError(f"unknown importance {name!r}; available: {', '.join(sorted(_IMPORTANCE))}") from None
+        raise EdgePruneError(f"unknown importance {name!r}; available: {', '.join(available_importance())}") from None
 
 
 def available_importance() -> list[str]:
@@ -141,12 +141,6 @@ def model_output(model, batch: dict) -> tuple[torch.Tensor, bool]:
     return (logits, True) if logits is not None else (out.last_hidden_state, False)
 
 
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Generator, is_logits: bool) -> torch.Tensor:
     """Summed over samples, a loss whose per-sample gradient squared is an unbiased Fisher sample.
 
@@ -164,7 +158,9 @@ def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Genera
         if nll.dim() == 2:  # token-level (LM): ignore padding
             nll = nll * mask.to(nll.dtype)
         return nll.sum()
-    embedding = mean_pooled(output.float(), mask)
+    from edgeprune.compress.finetune import mean_pool
+
+    embedding = torch.nn.functional.normalize(mean_pool(output.float(), mask), dim=-1)
     z = torch.randn(embedding.shape, generator=generator)
     return (embedding * z).sum()
 

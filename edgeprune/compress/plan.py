@@ -78,13 +78,6 @@ class PrunePlan:
     def load(cls, path: Path) -> "PrunePlan":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    @classmethod
-    def identity(cls, shapes: list[LayerShape], adapter: ArchAdapter) -> "PrunePlan":
-        layers = []
-        for shape in shapes:
-            layers.append(LayerPlan(tuple(range(shape.heads)), tuple(range(shape.kv_heads)), tuple(range(shape.ffn))))
-        return cls(layers, list(shapes))
-
 
 def kept_count(total: int, fraction: float, round_to: int = 1, unit_width: int = 1) -> int:
     """Units kept after removing ``fraction`` of ``total``: at least one, width a multiple of ``round_to``."""

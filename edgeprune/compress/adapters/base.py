@@ -277,8 +277,7 @@ class ArchAdapter:
             group = self.group_size(current)
             keep_kv = tuple(range(target.kv_heads))
             per_group = target.heads // max(target.kv_heads, 1)
-            keep_heads = tuple(g * group + j for g in keep_kv for j in range(per_group)) if current.kv_heads != current.heads \
-                else tuple(range(target.heads))
+            keep_heads = tuple(g * group + j for g in keep_kv for j in range(per_group))
             self.prune_layer(model, index, LayerPlan(keep_heads, keep_kv, tuple(range(target.ffn))), current)
 
 
