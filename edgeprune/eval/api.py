@@ -68,9 +68,9 @@ def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bo
 def evaluate(model: str | Path, data: str | Path, config: EvalConfig | None = None, runtime: str | None = None,
              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     config = config or EvalConfig()
-    from edgeprune.eval.data import _read_text
+    from edgeprune.eval.data import read_text
 
-    _read_text(data)  # fail on unreadable data before loading a model
+    read_text(data)  # fail on unreadable data before loading a model
     backend = make_backend(model, runtime, config.task, config.max_length, threads)
     result = evaluate_backend(backend, data, config, progress)
     result["model"] = str(model)

@@ -15,7 +15,7 @@ class STSPair:
     score: float
 
 
-def _read_text(path: str | Path) -> str:
+def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise EdgePruneError(f"data file not found: {path}")
@@ -31,7 +31,7 @@ def read_sts(path: str | Path, limit: int | None = None) -> list[STSPair]:
     """STS-B tsv: genre, file, year, id, score, sentence1, sentence2[, extra...]. Split on tabs only:
     sentences contain quote characters, so a CSV reader would mangle them."""
     pairs = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -48,7 +48,7 @@ def read_sts(path: str | Path, limit: int | None = None) -> list[STSPair]:
 
 def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
     """Calibration sentences: both sides of an STS file, or the non-empty lines of a text file."""
-    text = _read_text(path)
+    text = read_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
     if first.count("\t") >= 6:
         sentences = [s for pair in read_sts(path) for s in (pair.sentence1, pair.sentence2)]
@@ -60,7 +60,7 @@ def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def read_corpus(path: str | Path) -> str:
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise EdgePruneError(f"{path}: empty text file")
     return text
