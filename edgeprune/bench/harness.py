@@ -331,4 +331,13 @@ def environment(config: BenchConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "libraries": library_versions(),
         "load_average_start": list(load) if load else None,
+        "onnxruntime_session": _ort_session_settings(),
     }
+
+
+def _ort_session_settings() -> dict[str, Any]:
+    """The onnxruntime session settings every model is timed with (the same for dense and candidates)."""
+    from edgeprune.runtime.onnxruntime_adapter import DEFAULT_DISABLED_OPTIMIZERS
+
+    return {"graph_optimization": "all", "inter_op_threads": 1, "execution_provider": "CPUExecutionProvider",
+            "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS)}

@@ -143,15 +143,26 @@ def needs_calibration(config: CompressConfig) -> bool:
 def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     """Score units, allocate, cut. Returns the plan that was applied."""
     from edgeprune.compress.importance import get_importance
-    from edgeprune.compress.plan import get_allocation
+    import functools
+    import inspect
+
+    from edgeprune.compress.plan import get_allocation, rearrange_plan
     from edgeprune.compress.surgery import apply_plan
 
     model, adapter = loaded.model, loaded.adapter
-    scores = get_importance(cfg.importance)(model, adapter, calib)
+    importance = get_importance(cfg.importance)
+    if cfg.rearrange:
+        if "interactions" not in inspect.signature(importance).parameters:
+            raise EdgePruneError(f"--rearrange needs unit interactions, which importance {cfg.importance!r} "
+                                 "does not provide; use --importance fisher")
+        importance = functools.partial(importance, interactions=True)
+    scores = importance(model, adapter, calib)
     shapes = adapter.shapes(model.config)
     # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
     allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
     plan = get_allocation(allocation)(scores, shapes, cfg, adapter, model.config)
+    if cfg.rearrange:
+        plan = rearrange_plan(plan, scores, cfg)
     plan.meta.update({"importance": cfg.importance, "allocation": allocation, "gqa_mode": cfg.gqa_mode})
     apply_plan(model, adapter, plan)
     return plan

@@ -8,6 +8,7 @@ import argparse
 STRUCTURED_FLAGS = {
     "heads": "heads", "ffn": "ffn", "importance": "importance", "allocation": "allocation",
     "round_to": "round_to", "gqa_mode": "gqa_mode", "flops_budget": "flops_budget", "seq_len": "seq_len",
+    "rearrange": "rearrange",
 }
 # Sparsity and fine-tuning flags -> (recipe section, field).
 SPARSITY_FINETUNE_FLAGS = {
@@ -37,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
     p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")
     p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
+    p.add_argument("--rearrange", action="store_true", default=None,
+                   help="after allocation, re-choose each layer's units by their joint Fisher cost (Kwon et al.)")
     p.add_argument("--sparsity", type=float, help="fraction of block weights to zero (unstructured, 4x4)")
     p.add_argument("--pattern", help="sparsity pattern: unstructured, N:M (e.g. 2:4; implies the fraction) or 4x4")
     p.add_argument("--scope", choices=["local", "global"], help="sparsity per tensor or one threshold across tensors")

@@ -23,6 +23,10 @@ class Scores:
     # True when scores of different layers (and heads vs neurons) are in the same units (e.g. loss change),
     # so a global allocator may rank them directly; otherwise it normalises per layer first.
     comparable: bool = False
+    # Optional per-layer interaction matrices [units, units] whose diagonal equals the scores (the Fisher's
+    # within-layer block); mask rearrangement uses them to pick units that are jointly, not only singly, cheap.
+    head_interactions: list[torch.Tensor] | None = None
+    neuron_interactions: list[torch.Tensor] | None = None
 
 
 class Importance(Protocol):
@@ -165,10 +169,11 @@ def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Genera
     return (embedding * z).sum()
 
 
-def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int = 0):
+def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int = 0, interactions: bool = False):
     """Per-sample gradients of the pseudo-label loss w.r.t. head and neuron masks, reduced two ways.
 
-    Returns ``(sum of |g|, sum of g^2)`` per layer for heads and neurons, summed over samples and draws.
+    Returns ``(sum of |g|, sum of g^2)`` per layer for heads and neurons, summed over samples and draws;
+    with ``interactions`` a third item: per-layer sums of g g^T (heads, neurons), the Fisher's layer blocks.
     """
     from tqdm.auto import tqdm
 
@@ -181,6 +186,8 @@ def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int
     sq_h = [torch.zeros(s.heads) for s in masks.shapes]
     abs_n = [torch.zeros(s.ffn) for s in masks.shapes]
     sq_n = [torch.zeros(s.ffn) for s in masks.shapes]
+    gram_h = [torch.zeros(s.heads, s.heads) for s in masks.shapes] if interactions else None
+    gram_n = [torch.zeros(s.ffn, s.ffn) for s in masks.shapes] if interactions else None
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,10 +207,15 @@ def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int
                         sq_h[i] += gh.pow(2).sum(0)
                         abs_n[i] += gn.abs().sum(0)
                         sq_n[i] += gn.pow(2).sum(0)
+                        if interactions:
+                            gram_h[i] += gh.T @ gh
+                            gram_n[i] += gn.T @ gn
     finally:
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
+    if interactions:
+        return (abs_h, abs_n), (sq_h, sq_n), (gram_h, gram_n)
     return (abs_h, abs_n), (sq_h, sq_n)
 
 
@@ -221,12 +233,20 @@ def _scores_from(adapter, model, heads, neurons, comparable: bool) -> Scores:
 
 
 @register_importance("fisher", needs_calibration=True)
-def fisher(model, adapter: ArchAdapter, calib=None) -> Scores:
+def fisher(model, adapter: ArchAdapter, calib=None, interactions: bool = False) -> Scores:
     """Diagonal Fisher information of each head/neuron mask (Michel et al. 2019; Kwon et al. 2022):
     the sum over calibration samples of the squared per-sample mask gradient. Half of it approximates
-    the loss increase when that unit is removed, so scores compare across layers and unit kinds."""
-    _, (heads, neurons) = mask_gradients(model, adapter, calib)
-    return _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
+    the loss increase when that unit is removed, so scores compare across layers and unit kinds.
+    ``interactions`` also keeps each layer's full Fisher block (units x units; memory grows with the
+    square of the FFN width) for mask rearrangement."""
+    if not interactions:
+        _, (heads, neurons) = mask_gradients(model, adapter, calib)
+        return _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
+    _, (heads, neurons), (gram_h, gram_n) = mask_gradients(model, adapter, calib, interactions=True)
+    scores = _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
+    scores.head_interactions = [g / 2 for g in gram_h]
+    scores.neuron_interactions = [g / 2 for g in gram_n]
+    return scores
 
 
 @register_importance("taylor", needs_calibration=True)

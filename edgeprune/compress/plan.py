@@ -30,6 +30,9 @@ class StructuredConfig(FrozenConfig):
     gqa_mode: str = "within"
     flops_budget: float | None = None  # keep at most this fraction of dense block FLOPs (global allocation)
     seq_len: int = 128  # sequence length the FLOPs budget is counted at
+    # Kwon et al.'s mask rearrangement: keep each layer's unit counts, re-choose which units by the layer's
+    # full Fisher block (joint removal cost) instead of single-unit scores. Needs importance "fisher".
+    rearrange: bool = False
 
     def __post_init__(self):
         for name in ("heads", "ffn"):
@@ -309,3 +312,49 @@ def flops_budget_allocation(scores, shapes, cfg: StructuredConfig, adapter: Arch
     if cfg.flops_budget is None:
         raise EdgePruneError("allocation 'flops_budget' needs --flops-budget F")
     return global_allocation(scores, shapes, cfg, adapter, config)
+
+
+# --- mask rearrangement ----------------------------------------------------------------------------------
+def _jointly_cheapest_removal(interactions: torch.Tensor, keep: int) -> tuple[int, ...]:
+    """Units to keep when removing ``n - keep`` of them greedily by the quadratic removal cost
+    ``(1-m)^T F (1-m)``: each step removes the unit whose removal adds the least, counting its interactions
+    with the units already removed (F's diagonal alone would be the single-unit scores)."""
+    size = interactions.shape[0]
+    fisher = interactions.double()
+    removed = torch.zeros(size, dtype=torch.bool)
+    shared = torch.zeros(size, dtype=torch.float64)  # sum over removed units v of F[u, v]
+    diagonal = fisher.diagonal()
+    for _ in range(size - keep):
+        cost = diagonal + 2 * shared
+        cost[removed] = float("inf")
+        unit = int(torch.argmin(cost))
+        removed[unit] = True
+        shared += fisher[:, unit]
+    return tuple(int(u) for u in torch.nonzero(~removed).flatten())
+
+
+def rearrange_plan(plan: PrunePlan, scores, cfg: StructuredConfig) -> PrunePlan:
+    """Kwon et al. 2022's mask rearrangement: the allocator fixed how many heads and neurons each layer
+    keeps; re-choose which ones from the layer's full Fisher block. With GQA "groups" a unit is a KV group
+    (its block is summed over member heads); with "within" only the neurons are rearranged."""
+    if scores.head_interactions is None or scores.neuron_interactions is None:
+        raise EdgePruneError("mask rearrangement needs an importance with unit interactions (--importance fisher)")
+    layers, changed = [], []
+    for i, (layer, dense) in enumerate(zip(plan.layers, plan.dense)):
+        heads, kv = layer.keep_heads, layer.keep_kv_heads
+        head_block = scores.head_interactions[i]
+        if dense.kv_heads == dense.heads:
+            heads = kv = _jointly_cheapest_removal(head_block, len(layer.keep_heads))
+        elif cfg.gqa_mode == "groups":
+            group = dense.heads // dense.kv_heads
+            membership = torch.zeros(dense.heads, dense.kv_heads, dtype=head_block.dtype)
+            membership[torch.arange(dense.heads), torch.arange(dense.heads) // group] = 1
+            kv = _jointly_cheapest_removal(membership.T @ head_block @ membership, len(layer.keep_kv_heads))
+            heads = tuple(g * group + j for g in kv for j in range(group))
+        neurons = _jointly_cheapest_removal(scores.neuron_interactions[i], len(layer.keep_neurons))
+        new = LayerPlan(tuple(heads), tuple(kv), tuple(neurons))
+        changed.append([len(set(layer.keep_heads) - set(new.keep_heads)),
+                        len(set(layer.keep_neurons) - set(new.keep_neurons))])
+        layers.append(new)
+    meta = dict(plan.meta, rearranged_heads_neurons=changed)
+    return PrunePlan(layers, list(plan.dense), meta)

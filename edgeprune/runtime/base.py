@@ -12,7 +12,8 @@ Usage (what ``edgeprune.bench`` workers and the pipelines do)::
 
 ``load`` accepts an export directory (the runtime picks its file via
 ``edgeprune.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
-onnxruntime takes ``inter_op_threads`` and ``optimization`` (disable|basic|extended|all, default all);
+onnxruntime takes ``inter_op_threads``, ``optimization`` (disable|basic|extended|all, default all) and
+``disabled_optimizers`` (default: SkipLayerNormFusion, measured slower in ORT 1.32);
 deepsparse takes none. Feeds may include inputs the model lacks (ignored) and are cast to the declared
 dtypes. Sessions with ``static_shapes = True`` (deepsparse) compile one engine per distinct input shape
 on first use, so give ``benchmark`` at least one warm-up call per new shape.
