@@ -40,6 +40,7 @@ class ExportConfig(FrozenConfig):
     task: str = "auto"
     opset: int = 17
     with_past: bool = True  # decoders: KV-cache inputs/outputs
+    simplify: bool = True  # fold shape arithmetic (static reshapes; exporters/simplify.py)
     optimize: bool = False
     quantize: str = "none"  # none | int8-dynamic | int8-static
     calib: str | None = None  # STS tsv or text file (int8-static calibration; texts for the INT8 task check)
@@ -361,6 +362,16 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
 
         gate(current, "fp32")
         steps: dict[str, Any] = {}
+        if config.simplify:
+            from edgeprune.exporters.simplify import simplify
+
+            step = time.perf_counter()
+            say("folding shape arithmetic")
+            steps["simplify"] = simplify(current, work / "simplified.onnx")
+            timings["simplify_s"] = round(time.perf_counter() - step, 3)
+            if steps["simplify"]["nodes_after"] < steps["simplify"]["nodes_before"]:
+                current = work / "simplified.onnx"
+                gate(current, "simplified")
         if config.optimize:
             step = time.perf_counter()
             say("fusing the graph (onnxruntime transformer optimizer)")

@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     p.add_argument("--no-past", action="store_true", help="decoders: export without KV-cache inputs/outputs")
+    p.add_argument("--no-simplify", action="store_true",
+                   help="keep torch's shape arithmetic (by default it is folded into static reshapes)")
     p.add_argument("--optimize", action="store_true", default=None, help="onnxruntime transformer graph fusion")
     p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static"], help="INT8 quantization (default none)")
     p.add_argument("--calib", help="calibration text (STS tsv or text file) for int8-static and the INT8 check")
@@ -46,6 +48,8 @@ def config_from_args(args):
         base["with_past"] = False
     if args.per_tensor:
         base["per_channel"] = False
+    if args.no_simplify:
+        base["simplify"] = False
     return ExportConfig.from_dict(base)
 
 
