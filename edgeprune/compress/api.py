@@ -146,20 +146,21 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     import functools
     import inspect
 
-    from edgeprune.compress.plan import get_allocation, rearrange_plan
+    from edgeprune.compress.plan import ALLOCATIONS_NEEDING_INTERACTIONS, get_allocation, rearrange_plan
     from edgeprune.compress.surgery import apply_plan
 
     model, adapter = loaded.model, loaded.adapter
     importance = get_importance(cfg.importance)
-    if cfg.rearrange:
+    # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
+    allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
+    if cfg.rearrange or allocation in ALLOCATIONS_NEEDING_INTERACTIONS:
         if "interactions" not in inspect.signature(importance).parameters:
-            raise EdgePruneError(f"--rearrange needs unit interactions, which importance {cfg.importance!r} "
+            what = "--rearrange" if cfg.rearrange else f"allocation {allocation!r}"
+            raise EdgePruneError(f"{what} needs unit interactions, which importance {cfg.importance!r} "
                                  "does not provide; use --importance fisher")
         importance = functools.partial(importance, interactions=True)
     scores = importance(model, adapter, calib)
     shapes = adapter.shapes(model.config)
-    # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
-    allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
     plan = get_allocation(allocation)(scores, shapes, cfg, adapter, model.config)
     if cfg.rearrange:
         plan = rearrange_plan(plan, scores, cfg)

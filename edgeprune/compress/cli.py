@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=float, help="fraction of attention heads to remove per layer, in [0, 1)")
     p.add_argument("--ffn", type=float, help="fraction of FFN neurons to remove per layer, in [0, 1)")
     p.add_argument("--importance", help="importance criterion (magnitude, ...)")
-    p.add_argument("--allocation", help="uniform (per layer) or global (ranked across layers)")
+    p.add_argument("--allocation", help="uniform (per layer), global (ranked across layers) or joint (greedy on per-layer Fisher blocks; needs --flops-budget)")
     p.add_argument("--round-to", type=int, help="keep widths a multiple of N")
     p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
     p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")

@@ -149,9 +149,10 @@ def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Genera
     """Summed over samples, a loss whose per-sample gradient squared is an unbiased Fisher sample.
 
     Logits: cross-entropy against labels drawn from the model's own predictive distribution (the true
-    Fisher, no labels needed). Hidden states: the embedding under a unit-variance Gaussian model, i.e.
-    ``z . embedding`` with ``z ~ N(0, I)``, whose squared gradient estimates diag(J^T J) -- the curvature
-    of the embedding-distillation MSE at the dense model.
+    Fisher, no labels needed). Hidden states: every real token's last hidden state under a unit-variance
+    Gaussian model, i.e. ``sum_t z_t . h_t`` with ``z_t ~ N(0, I)``, whose squared gradient estimates
+    diag(J^T J) -- the curvature of a hidden-state distillation MSE at the dense model. (Scoring the
+    mean-pooled sentence embedding instead ranked units worse on MiniLM/STS-B: docs/quality-structured.md.)
     """
     mask = batch["attention_mask"]
     if is_logits:
@@ -162,11 +163,9 @@ def pseudo_label_loss(output: torch.Tensor, batch: dict, generator: torch.Genera
         if nll.dim() == 2:  # token-level (LM): ignore padding
             nll = nll * mask.to(nll.dtype)
         return nll.sum()
-    from edgeprune.compress.finetune import mean_pool
-
-    embedding = torch.nn.functional.normalize(mean_pool(output.float(), mask), dim=-1)
-    z = torch.randn(embedding.shape, generator=generator)
-    return (embedding * z).sum()
+    hidden = output.float() * mask.unsqueeze(-1).to(torch.float32)  # padding contributes nothing
+    z = torch.randn(hidden.shape, generator=generator)
+    return (hidden * z).sum()
 
 
 def mask_gradients(model, adapter: ArchAdapter, calib, draws: int = 1, seed: int = 0, interactions: bool = False):

@@ -220,7 +220,29 @@ def deepsparse_ready(model) -> list[str]:
     domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if domains:
         problems.append(f"it uses non-standard operator domains {domains}")
+    odd = _odd_matmul_widths(model)
+    if odd:
+        problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
+                        "compiler aborts on them at sequence lengths above 64; compress with "
+                        f"--round-to {DEEPSPARSE_WIDTH_MULTIPLE})")
     return problems
+
+
+# Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
+# seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
+DEEPSPARSE_WIDTH_MULTIPLE = 4
+
+
+def _odd_matmul_widths(model) -> list[int]:
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    odd = set()
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger"):
+            for name in node.input[:2]:
+                dims = shapes.get(name, ())
+                if len(dims) == 2:
+                    odd.update(d for d in dims if d % DEEPSPARSE_WIDTH_MULTIPLE)
+    return sorted(odd)
 
 
 # --- pipeline -----------------------------------------------------------------------------------------------

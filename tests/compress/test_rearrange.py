@@ -73,3 +73,50 @@ def test_compress_with_rearrange_and_bad_importance(tiny_models, calib_path, tmp
     with pytest.raises(EdgePruneError, match="--rearrange needs"):
         compress(tiny_models("bert"), tmp_path / "bad", CompressConfig.from_dict(recipe))
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family,gqa_mode", [("bert", "within"), ("gpt2", "within"), ("llama", "groups")])
+@pytest.mark.parametrize("budget,round_to", [(0.5, 1), (0.7, 4)])
+def test_joint_allocation_meets_budget_with_valid_plans(tiny_models, calib_path, family, gqa_mode, budget, round_to):
+    from edgeprune.compress.surgery import analytic_flops, apply_plan
+
+    loaded = load_model(tiny_models(family))
+    model, adapter = loaded.model, loaded.adapter
+    calib = load_calibration(loaded, CalibrationConfig(path=str(calib_path), samples=16, max_length=32, batch_size=8))
+    scores = get_importance("fisher")(model, adapter, calib, interactions=True)
+    shapes = adapter.shapes(model.config)
+    cfg = StructuredConfig(flops_budget=budget, allocation="joint", gqa_mode=gqa_mode, seq_len=32, round_to=round_to)
+    plan = get_allocation("joint")(scores, shapes, cfg, adapter, model.config)
+    dense = analytic_flops(adapter, model.config, adapter.dense_shapes(model.config), 32)
+    assert analytic_flops(adapter, model.config, plan.shapes, 32) <= budget * dense
+    for i, (layer, shape) in enumerate(zip(plan.layers, shapes)):
+        adapter.validate_plan(layer, shape, i)
+        if round_to > 1 and len(layer.keep_neurons) > round_to:
+            assert len(layer.keep_neurons) % round_to == 0
+    apply_plan(model, adapter, plan)
+
+
+def test_joint_allocation_uses_interactions_and_needs_its_inputs(tiny_models):
+    from edgeprune.compress.adapters.bert import BertAdapter
+    from edgeprune.compress.importance import Scores
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=4)
+    adapter = BertAdapter()
+    shapes = adapter.dense_shapes(config)
+    heads = torch.diag(torch.tensor([5.0, 6.0, 7.0, 8.0])) * 1e9  # heads far too costly to remove
+    # neurons 0 and 1 are singly the cheapest but their removals compound; 2 and 3 are independent
+    neurons = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 9.0]])
+    scores = Scores([heads.diagonal()], [heads.diagonal()], [neurons.diagonal()], comparable=True,
+                    head_interactions=[heads], neuron_interactions=[neurons])
+    # a budget that only neuron removals can meet: the plan drops 2 neurons and no head
+    full = adapter.block_flops(config, shapes[0], 8)
+    neuron = full - adapter.block_flops(config, type(shapes[0])(4, 4, 3), 8)
+    cfg = StructuredConfig(flops_budget=(full - 2 * neuron) / full, allocation="joint", seq_len=8)
+    plan = get_allocation("joint")(scores, shapes, cfg, adapter, config)
+    assert plan.layers[0].keep_neurons == (1, 3) and len(plan.layers[0].keep_heads) == 4
+    with pytest.raises(EdgePruneError, match="needs --flops-budget"):
+        get_allocation("joint")(scores, shapes, StructuredConfig(allocation="joint"), adapter, config)
+    scores.neuron_interactions = None
+    with pytest.raises(EdgePruneError, match="interactions"):
+        get_allocation("joint")(scores, shapes, cfg, adapter, config)
