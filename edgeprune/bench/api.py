@@ -102,6 +102,19 @@ def assemble(models: list[BenchModel], config: BenchConfig, raw_by_runtime: dict
     return report
 
 
+def paired_round_speedups(dense_rounds: list[float] | None, model_rounds: list[float] | None) -> dict | None:
+    """Speedup within each round (dense round median / model round median), summarised.
+
+    A round visits every model within seconds, so the pair shares the machine's state; on hosts whose
+    speed shifts over tens of seconds (e.g. a busy SMT sibling) the spread shows it, and the median of
+    the paired ratios is less exposed to it than the ratio of the pooled medians."""
+    if not dense_rounds or not model_rounds or len(dense_rounds) != len(model_rounds):
+        return None
+    ratios = np.asarray(dense_rounds, dtype=np.float64) / np.asarray(model_rounds, dtype=np.float64)
+    return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max()),
+            "rounds": len(ratios)}
+
+
 def comparisons(entries: list[dict], config: BenchConfig) -> list[dict]:
     from edgeprune.bench.metrics import quality_ratio, ratio
 
@@ -130,6 +143,7 @@ def comparisons(entries: list[dict], config: BenchConfig) -> list[dict]:
                     "speedup_mean": ratio(dl["stats"]["mean_ms"], lat["stats"]["mean_ms"]),
                     # fastest call vs fastest call: the least load-sensitive figure on a shared machine
                     "speedup_min": ratio(dl["stats"]["min_ms"], lat["stats"]["min_ms"]),
+                    "speedup_rounds": paired_round_speedups(dl.get("round_medians_ms"), lat.get("round_medians_ms")),
                     "flops_ratio": ratio(dflops, flops),
                     "size_ratio": ratio((run["size"] or {}).get("bytes"), (dense_run["size"] or {}).get("bytes")),
                     "gzip_size_ratio": ratio((run["size"] or {}).get("gzip_bytes"),

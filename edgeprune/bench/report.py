@@ -97,6 +97,12 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+def _round_speedups(rounds: dict | None) -> str:
+    if not rounds:
+        return "–"
+    return f"{rounds['median']:.2f}× ({rounds['min']:.2f}–{rounds['max']:.2f})"
+
+
 def _ms(value) -> str:
     if value is None:
         return "–"
@@ -122,7 +128,7 @@ def markdown(report: dict) -> str:
     by_label = {m["label"]: m for m in report["models"]}
     quality_metric = next((m["quality"]["metric"] for m in report["models"] if m.get("quality")
                            and "metric" in m["quality"]), None)
-    header = ("| model | p50 ms | p90 ms | p99 ms | speedup | FLOPs ratio | seq/s | file MB | gzip MB | params M | "
+    header = ("| model | p50 ms | p90 ms | p99 ms | speedup | per-round speedup (range) | FLOPs ratio | seq/s | file MB | gzip MB | params M | "
               "peak RSS MB | energy mJ/inf | " + (f"{quality_metric} | quality vs dense |" if quality_metric else ""))
     for runtime in cfg["runtimes"]:
         for batch in cfg["batches"]:
@@ -139,7 +145,8 @@ def markdown(report: dict) -> str:
                     stats, size, q = lat["stats"], run.get("size") or {}, model.get("quality") or {}
                     energy_mj = None if lat["energy_j_per_inference"] is None else lat["energy_j_per_inference"] * 1e3
                     cells = [model["label"], _ms(stats["p50_ms"]), _ms(stats["p90_ms"]), _ms(stats["p99_ms"]),
-                             _fmt(c["speedup_p50"], ".2f", "×"), _fmt(c["flops_ratio"], ".2f"),
+                             _fmt(c["speedup_p50"], ".2f", "×"), _round_speedups(c.get("speedup_rounds")),
+                             _fmt(c["flops_ratio"], ".2f"),
                              _fmt(stats["throughput_seq_s"], ".1f"), _mb(size.get("bytes")), _mb(size.get("gzip_bytes")),
                              _fmt(None if size.get("parameters") is None else size["parameters"] / 1e6, ".1f"),
                              _mb(run["memory"]["peak_rss_bytes"]), _fmt(energy_mj, ".1f")]
@@ -171,7 +178,8 @@ def markdown(report: dict) -> str:
     for m in report["models"]:
         if (m.get("quality") or {}).get("error"):
             lines.append(f"- {m['label']}: no quality figure ({m['quality']['error']})")
-    lines += ["", "Speedup = dense p50 / model p50 at the same runtime, threads and inputs. FLOPs ratio = dense "
+    lines += ["", "Speedup = dense p50 / model p50 at the same runtime, threads and inputs. Per-round speedup: "
+              "median (min-max) over rounds of dense round median / model round median. FLOPs ratio = dense "
               "block FLOPs / model block FLOPs (analytic). Energy is per inference by the method stated above.",
               "Timings from a shared machine are noisy: compare the round-median spread in report.json."]
     if env.get("load_average_start"):

@@ -46,6 +46,9 @@ def test_report_is_complete_and_schema_checked(encoder_report):
     assert report["models"][1]["size"]["bytes"] < dense_size  # the narrower FFN is a smaller file
     comps = [c for c in report["comparisons"] if c["model"] == "small"]
     assert len(comps) == 2 and all(c["speedup_p50"] > 0 and c["size_ratio"] < 1 for c in comps)
+    for c in comps:  # paired per-round ratios: one per round, bracketing their median
+        rounds = c["speedup_rounds"]
+        assert rounds["rounds"] == 4 and rounds["min"] <= rounds["median"] <= rounds["max"]
     md = (out / "report.md").read_text()
     assert "| small |" in md and "speedup" in md and "estimate" in md or "measured" in md
     manifest = json.loads((out / "manifest.json").read_text())
