@@ -30,6 +30,7 @@ class Variant(FrozenConfig):
     reuse: str | None = None
     export: dict = field(default_factory=dict)  # ExportConfig fields (quantize, target, optimize, ...)
     calib: str | None = None  # calibration data for the recipe (absolute, or relative to the shared data folder)
+    finetune: str | None = None  # recovery fine-tuning / distillation data for the recipe (same resolution)
     requires_runtime: str | None = None  # skip (with a note) when this runtime is unavailable
 
     def __post_init__(self):
@@ -100,7 +101,7 @@ def default_recipe() -> PipelineConfig:
     ]
     return PipelineConfig.from_dict({
         "model": "minilm", "task": "sts", "data": "stsb/sts-dev.csv", "variants": variants,
-        "bench": {"runtimes": ["onnxruntime"], "batches": [1], "seqs": [128], "threads": 2, "rounds": 10,
+        "bench": {"runtimes": ["onnxruntime"], "batches": [1], "seqs": [128], "threads": 2, "rounds": 16,
                   "round_seconds": 0.6},
         "optional_runtimes": ["deepsparse"],
     })
@@ -141,6 +142,8 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
                    else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
             if variant.calib:
                 cfg = cfg.replace(calibration=cfg.calibration.replace(path=resolve_data(variant.calib)))
+            if variant.finetune:
+                cfg = cfg.replace(finetune=cfg.finetune.replace(data=resolve_data(variant.finetune)))
             out = work / "compressed" / variant.name
             log(f"[{variant.name}] compress {config.model}")
             compress(config.model, out, cfg)
