@@ -190,8 +190,9 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
             if new is not None and not (0 in new and -1 in new and new.count(-1) > 1):
                 reshape_shapes[position] = np.asarray(new, dtype=np.int64)
             continue
-        if node.input and all(i in known for i in node.input if i) and op not in ("Shape",):
-            outputs = _evaluate(node, [known[i] for i in node.input if i], opset)
+        # (an omitted optional input in the middle would shift positions in the one-node copy: skip those)
+        if node.input and all(i and i in known for i in node.input) and op != "Shape":
+            outputs = _evaluate(node, [known[i] for i in node.input], opset)
             if outputs is not None:
                 for name, value in zip(node.output, outputs):
                     known[name] = value
