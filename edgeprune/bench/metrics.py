@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeprune.artifacts import is_artifact, read_manifest
 from edgeprune.errors import EdgePruneError
-from edgeprune.exporters.sparse import gzip_size
+from edgeprune.exporters.sparse import gzip_size, weight_stats
 
 
 def latency_stats(seconds: Sequence[float], batch: int, seq: int) -> dict[str, Any]:
@@ -39,23 +39,12 @@ def round_medians_spread(per_round: Sequence[Sequence[float]]) -> float | None:
 
 
 def onnx_counts(path: Path) -> dict[str, int]:
-    """Parameters and non-zeros over all initializers (dense and sparse), external data included."""
+    """Parameters and non-zeros over all initializers (dense and sparse), external data included; the same
+    counting as the exporter's manifest (``exporters.sparse.weight_stats``)."""
     import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    params = nonzeros = 0
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init, base_dir=str(Path(path).parent))
-        if array.ndim == 0 or array.dtype.kind not in "fiu":
-            continue
-        params += array.size
-        nonzeros += int(np.count_nonzero(array))
-    for sparse in model.graph.sparse_initializer:
-        size = int(np.prod(list(sparse.dims)))
-        params += size
-        nonzeros += int(np.prod(list(sparse.values.dims)))
-    return {"initializer_elements": params, "nonzeros": nonzeros}
+    stats = weight_stats(onnx.load(str(path)))
+    return {"initializer_elements": stats["elements"], "nonzeros": stats["nonzeros"]}
 
 
 def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
