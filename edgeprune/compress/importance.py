@@ -36,6 +36,9 @@ class Importance(Protocol):
 _IMPORTANCE: dict[str, Callable[..., Scores]] = {}
 # Criteria that need calibration batches; the orchestrator checks this before loading data.
 NEEDS_CALIBRATION: set[str] = set()
+# Cap on the memory the per-layer Fisher blocks may take (joint allocation, rearrangement): a 7B Llama
+# (32 layers x 11008^2 neurons) would need ~43 GiB; MiniLM needs 0.16 GiB, SmolLM2-135M 0.8 GiB.
+MAX_INTERACTION_BYTES = 8 * 2**30
 
 
 def register_importance(name: str, needs_calibration: bool = False):
@@ -241,6 +244,12 @@ def fisher(model, adapter: ArchAdapter, calib=None, interactions: bool = False) 
     if not interactions:
         _, (heads, neurons) = mask_gradients(model, adapter, calib)
         return _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
+    # float32 blocks here, float64 copies in the joint search: ~12 bytes per entry at peak
+    entries = sum(s.heads ** 2 + s.ffn ** 2 for s in adapter.shapes(model.config))
+    if entries * 12 > MAX_INTERACTION_BYTES:
+        raise EdgePruneError(f"per-layer Fisher blocks would need ~{entries * 12 / 2**30:.1f} GiB "
+                             f"(FFN width {max(s.ffn for s in adapter.shapes(model.config))}); use --allocation "
+                             "global without --rearrange for a model this wide")
     _, (heads, neurons), (gram_h, gram_n) = mask_gradients(model, adapter, calib, interactions=True)
     scores = _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
     scores.head_interactions = [g / 2 for g in gram_h]

@@ -120,3 +120,13 @@ def test_joint_allocation_uses_interactions_and_needs_its_inputs(tiny_models):
     scores.neuron_interactions = None
     with pytest.raises(EdgePruneError, match="interactions"):
         get_allocation("joint")(scores, shapes, cfg, adapter, config)
+
+
+def test_interaction_memory_cap_fails_fast(tiny_models, calib_path, monkeypatch):
+    import edgeprune.compress.importance as importance
+
+    loaded = load_model(tiny_models("bert"))
+    calib = load_calibration(loaded, CalibrationConfig(path=str(calib_path), samples=8, max_length=16, batch_size=8))
+    monkeypatch.setattr(importance, "MAX_INTERACTION_BYTES", 1024)
+    with pytest.raises(EdgePruneError, match="Fisher blocks would need"):
+        get_importance("fisher")(loaded.model, loaded.adapter, calib, interactions=True)
