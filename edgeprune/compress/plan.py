@@ -333,6 +333,15 @@ def _jointly_cheapest_removal(interactions: torch.Tensor, keep: int) -> tuple[in
     return tuple(int(u) for u in torch.nonzero(~removed).flatten())
 
 
+def _kv_group_block(head_block: torch.Tensor, shape: LayerShape) -> torch.Tensor:
+    """A layer's Fisher block over KV groups from its block over query heads: a group's mask moves all its
+    heads at once, so its entries are sums over member heads (M^T F M with M the membership matrix)."""
+    group = shape.heads // shape.kv_heads
+    membership = torch.zeros(shape.heads, shape.kv_heads, dtype=head_block.dtype)
+    membership[torch.arange(shape.heads), torch.arange(shape.heads) // group] = 1
+    return membership.T @ head_block @ membership
+
+
 def rearrange_plan(plan: PrunePlan, scores, cfg: StructuredConfig) -> PrunePlan:
     """Kwon et al. 2022's mask rearrangement: the allocator fixed how many heads and neurons each layer
     keeps; re-choose which ones from the layer's full Fisher block. With GQA "groups" a unit is a KV group
@@ -347,9 +356,7 @@ def rearrange_plan(plan: PrunePlan, scores, cfg: StructuredConfig) -> PrunePlan:
             heads = kv = _jointly_cheapest_removal(head_block, len(layer.keep_heads))
         elif cfg.gqa_mode == "groups":
             group = dense.heads // dense.kv_heads
-            membership = torch.zeros(dense.heads, dense.kv_heads, dtype=head_block.dtype)
-            membership[torch.arange(dense.heads), torch.arange(dense.heads) // group] = 1
-            kv = _jointly_cheapest_removal(membership.T @ head_block @ membership, len(layer.keep_kv_heads))
+            kv = _jointly_cheapest_removal(_kv_group_block(head_block, dense), len(layer.keep_kv_heads))
             heads = tuple(g * group + j for g in kv for j in range(group))
         neurons = _jointly_cheapest_removal(scores.neuron_interactions[i], len(layer.keep_neurons))
         new = LayerPlan(tuple(heads), tuple(kv), tuple(neurons))
@@ -400,9 +407,7 @@ def _joint_blocks(scores, shapes: list[LayerShape], cfg: StructuredConfig, adapt
             removed_shape = LayerShape(shape.heads - 1, shape.kv_heads - 1, shape.ffn)
         elif cfg.gqa_mode == "groups":
             group = shape.heads // shape.kv_heads
-            membership = torch.zeros(shape.heads, shape.kv_heads, dtype=torch.float64)
-            membership[torch.arange(shape.heads), torch.arange(shape.heads) // group] = 1
-            head_block = membership.T @ head_block @ membership  # a group's mask moves all its heads
+            head_block = _kv_group_block(head_block, shape)
             removed_shape = LayerShape(shape.heads - group, shape.kv_heads - 1, shape.ffn)
         else:
             raise EdgePruneError("allocation 'joint' prunes GQA models by whole KV groups: use --gqa-mode groups")

@@ -116,6 +116,17 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
     folded: set[str] = set()  # outputs now constant: consumers read a new initializer instead
     reshape_shapes: dict[int, np.ndarray] = {}
 
+    def record(name: str, value, scalar: bool = False) -> None:
+        """A shape value: a constant when every element is a number, else kept element-wise."""
+        if all(isinstance(d, int) for d in value):
+            known[name] = np.asarray(value[0] if scalar else value, dtype=np.int64)
+            if name not in graph_outputs:
+                folded.add(name)
+        elif scalar:
+            scalar_sym[name] = value[0]
+        else:
+            sym[name] = list(value)
+
     for position, node in enumerate(graph.node):
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -128,29 +139,12 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
         if op == "Shape" and node.input[0] in dims:
             shape = dims[node.input[0]]
             start, end = _attr(node, "start", 0), _attr(node, "end", None)
-            part = shape[start:end] if end is not None else shape[start:]
-            if all(isinstance(d, int) for d in part):
-                known[node.output[0]] = np.asarray(part, dtype=np.int64)
-                if node.output[0] not in graph_outputs:
-                    folded.add(node.output[0])
-            else:
-                sym[node.output[0]] = list(part)
+            record(node.output[0], shape[start:end] if end is not None else shape[start:])
             continue
         if op == "Gather" and node.input[0] in sym and node.input[1] in known and _attr(node, "axis", 0) == 0:
             index = known[node.input[1]]
             values = sym[node.input[0]]
-            picked = [values[int(i)] for i in index.reshape(-1)]
-            if index.ndim == 0:
-                if isinstance(picked[0], int):
-                    known[node.output[0]] = np.asarray(picked[0], dtype=np.int64)
-                    folded.add(node.output[0])
-                else:
-                    scalar_sym[node.output[0]] = picked[0]
-            elif all(isinstance(p, int) for p in picked):
-                known[node.output[0]] = np.asarray(picked, dtype=np.int64)
-                folded.add(node.output[0])
-            else:
-                sym[node.output[0]] = picked
+            record(node.output[0], [values[int(i)] for i in index.reshape(-1)], scalar=index.ndim == 0)
             continue
         if op == "Slice" and node.input[0] in sym and all(i in known for i in node.input[1:] if i):
             values = sym[node.input[0]]
@@ -158,12 +152,7 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
             axes = int(known[node.input[3]].reshape(-1)[0]) if len(node.input) > 3 and node.input[3] else 0
             steps = int(known[node.input[4]].reshape(-1)[0]) if len(node.input) > 4 and node.input[4] else 1
             if axes == 0 and steps == 1:
-                part = values[starts:ends]  # Python clamps out-of-range bounds the way ONNX Slice does
-                if all(isinstance(d, int) for d in part):
-                    known[node.output[0]] = np.asarray(part, dtype=np.int64)
-                    folded.add(node.output[0])
-                else:
-                    sym[node.output[0]] = part
+                record(node.output[0], values[starts:ends])  # Python clamps bounds like ONNX Slice
             continue
         if op == "Unsqueeze" and node.input[0] in scalar_sym:
             axes = known.get(node.input[1]) if len(node.input) > 1 else _attr(node, "axes")
