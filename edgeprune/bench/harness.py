@@ -303,6 +303,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
     import os
 
     from edgeprune.artifacts import library_versions
+    from edgeprune.runtime.onnxruntime_adapter import default_session_settings
 
     cpu_model, flags = platform.processor() or "unknown", set()
     try:
@@ -331,13 +332,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "libraries": library_versions(),
         "load_average_start": list(load) if load else None,
-        "onnxruntime_session": _ort_session_settings(),
+        # the onnxruntime settings every model is timed with (the same for dense and candidates)
+        "onnxruntime_session": default_session_settings(),
     }
 
-
-def _ort_session_settings() -> dict[str, Any]:
-    """The onnxruntime session settings every model is timed with (the same for dense and candidates)."""
-    from edgeprune.runtime.onnxruntime_adapter import DEFAULT_DISABLED_OPTIMIZERS
-
-    return {"graph_optimization": "all", "inter_op_threads": 1, "execution_provider": "CPUExecutionProvider",
-            "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS)}

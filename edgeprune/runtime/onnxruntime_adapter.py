@@ -23,6 +23,16 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 # AVX-512 (113 vs 16 us at 128x384): INT8 MiniLM ran 12% faster without it, fp32 models unchanged
 # (docs/runtime.md). Pass ``disabled_optimizers=()`` for ORT's own defaults.
 DEFAULT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+DEFAULT_OPTIMIZATION = "all"
+# One inter-op thread unless asked: parallel branches are rare in transformers and extra threads would
+# oversubscribe the cores the benchmark was told to use.
+DEFAULT_INTER_OP_THREADS = 1
+
+
+def default_session_settings() -> dict:
+    """What every session gets unless told otherwise (recorded in benchmark reports)."""
+    return {"graph_optimization": DEFAULT_OPTIMIZATION, "inter_op_threads": DEFAULT_INTER_OP_THREADS,
+            "execution_provider": "CPUExecutionProvider", "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS)}
 
 
 def _info(arg) -> TensorInfo:
@@ -34,7 +44,7 @@ class OnnxRuntimeSession:
     """One ``onnxruntime.InferenceSession``; see ``edgeprune.runtime.base.Session``."""
 
     def __init__(self, path: Path, threads: int | None, inter_op_threads: int | None = None,
-                 optimization: str = "all", disabled_optimizers: Sequence[str] = DEFAULT_DISABLED_OPTIMIZERS):
+                 optimization: str = DEFAULT_OPTIMIZATION, disabled_optimizers: Sequence[str] = DEFAULT_DISABLED_OPTIMIZERS):
         import onnxruntime as ort
 
         if optimization not in OPT_LEVELS:
@@ -42,9 +52,7 @@ class OnnxRuntimeSession:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
-        # One inter-op thread unless asked: parallel branches are rare in transformers and extra threads
-        # would oversubscribe the cores the benchmark was told to use.
-        options.inter_op_num_threads = int(inter_op_threads or 1)
+        options.inter_op_num_threads = int(inter_op_threads or DEFAULT_INTER_OP_THREADS)
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
