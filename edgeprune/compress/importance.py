@@ -245,10 +245,11 @@ def fisher(model, adapter: ArchAdapter, calib=None, interactions: bool = False) 
         _, (heads, neurons) = mask_gradients(model, adapter, calib)
         return _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
     # float32 blocks here, float64 copies in the joint search: ~12 bytes per entry at peak
-    entries = sum(s.heads ** 2 + s.ffn ** 2 for s in adapter.shapes(model.config))
+    shapes = adapter.shapes(model.config)
+    entries = sum(s.heads ** 2 + s.ffn ** 2 for s in shapes)
     if entries * 12 > MAX_INTERACTION_BYTES:
         raise EdgePruneError(f"per-layer Fisher blocks would need ~{entries * 12 / 2**30:.1f} GiB "
-                             f"(FFN width {max(s.ffn for s in adapter.shapes(model.config))}); use --allocation "
+                             f"(FFN width {max(s.ffn for s in shapes)}); use --allocation "
                              "global without --rearrange for a model this wide")
     _, (heads, neurons), (gram_h, gram_n) = mask_gradients(model, adapter, calib, interactions=True)
     scores = _scores_from(adapter, model, [h / 2 for h in heads], [n / 2 for n in neurons], comparable=True)
