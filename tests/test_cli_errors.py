@@ -52,6 +52,16 @@ def test_ratio_out_of_range(tiny_models, tmp_path, capsys, flag, value):
     assert not leftovers(tmp_path, "out")
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--allocation", "joint", "--importance", "fisher"], ("joint", "--flops-budget")),  # would prune nothing
+    (["--allocation", "joint", "--flops-budget", "0.5"], ("needs unit interactions", "--importance fisher")),
+])
+def test_joint_allocation_needs_budget_and_fisher(tiny_models, tmp_path, capsys, args, expected):
+    code, _, err = run_cli(["compress", tiny_models("bert"), "-o", tmp_path / "out", *args], capsys)
+    assert_one_line_error(code, err, *expected)
+    assert not leftovers(tmp_path, "out")
+
+
 def test_existing_output_dir_needs_overwrite(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -45,6 +45,9 @@ class StructuredConfig(FrozenConfig):
             raise EdgePruneError(f"gqa_mode must be one of {', '.join(GQA_MODES)} (got {self.gqa_mode!r})")
         if self.flops_budget is not None and not 0.0 < self.flops_budget <= 1.0:
             raise EdgePruneError(f"--flops-budget must be in (0, 1] (got {self.flops_budget})")
+        if self.allocation == "joint" and self.flops_budget is None:
+            # without a budget nothing would be pruned and the request would pass silently
+            raise EdgePruneError("allocation 'joint' needs --flops-budget F")
 
     @property
     def active(self) -> bool:
@@ -426,10 +429,9 @@ def joint_allocation(scores, shapes: list[LayerShape], cfg: StructuredConfig, ad
     """Greedy search under the FLOPs budget on each layer's full Fisher block (Kwon et al.'s block-diagonal
     approximation, used for the search itself rather than only to rearrange its result): repeatedly remove
     the unit that adds the least loss per FLOP, counting its interactions with the units already removed
-    from its layer. Needs ``--flops-budget`` and an importance with interactions (fisher). ``round_to`` then
-    removes each layer's next-cheapest neurons down to a multiple (the budget still holds)."""
-    if cfg.flops_budget is None:
-        raise EdgePruneError("allocation 'joint' needs --flops-budget F")
+    from its layer. Needs ``--flops-budget`` (StructuredConfig enforces it) and an importance with interactions
+    (fisher). ``round_to`` then removes each layer's next-cheapest neurons down to a multiple (the budget
+    still holds)."""
     if scores.head_interactions is None or scores.neuron_interactions is None:
         raise EdgePruneError("allocation 'joint' needs an importance with unit interactions (--importance fisher)")
     seq_len = cfg.seq_len
