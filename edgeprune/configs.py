@@ -68,6 +68,8 @@ class FrozenConfig:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None, where: str | None = None) -> T:
         where = where or cls.__name__
+        if data is not None and not isinstance(data, dict):
+            raise EdgePruneError(f"{where}: expected a mapping of options, got {type(data).__name__} {data!r:.60}")
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -92,9 +94,16 @@ class FrozenConfig:
         if not path.is_file():
             raise EdgePruneError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())  # JSON is valid YAML
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is valid YAML
         except yaml.YAMLError as exc:
             raise EdgePruneError(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})") from None
+        except UnicodeDecodeError:
+            raise EdgePruneError(f"{path}: not a text file (YAML/JSON expected)") from None
+        except OSError as exc:
+            raise EdgePruneError(f"cannot read config file {path}: {exc.strerror}") from None
+        if data is not None and not isinstance(data, dict):
+            raise EdgePruneError(f"{path}: expected a mapping of options (key: value) at the top level, got a "
+                                 f"{type(data).__name__}")
         return cls.from_dict(data or {}, where=str(path))
 
     def replace(self: T, **changes: Any) -> T:

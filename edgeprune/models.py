@@ -115,10 +115,52 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         if not (path / "config.json").is_file():
             raise EdgePruneError(f"{spec}: no config.json here; not a Hugging Face model directory")
         return ModelSource("local", str(path.resolve()))
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf"):
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path, and so is
+    # "dir/name" where dir is a local directory (the filesystem is asked before the hub).
+    if (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
+            or ("/" in spec and path.parent.is_dir())):
         raise EdgePruneError(f"model path not found: {spec}")
     return ModelSource("hub", spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers within ``timeout`` s; offline, transformers would retry for ~30 s."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:  # in a thread: name resolution itself has no timeout
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _hub_error(spec: str, reason: str) -> EdgePruneError:
+    return EdgePruneError(
+        f"could not get {spec!r} from the Hugging Face hub ({reason}); download it where there is network "
+        "access and pass the local directory, or use an alias: " + ", ".join(ALIASES))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1].strip() if text else exc.__class__.__name__
 
 
 def _check_weights(directory: Path, allow_pickle: bool) -> None:
@@ -167,32 +209,63 @@ def load_model(spec: str | os.PathLike, task: str | None = None, allow_pickle: b
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
-        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+        if source.kind == "hub":  # the local cache first; then the network only if it answers at all
+            try:
+                config = transformers.AutoConfig.from_pretrained(location, local_files_only=True, **kwargs)
+            except OSError:
+                if not _hub_reachable():
+                    raise _hub_error(source.path, "offline: the hub cannot be reached") from None
+                config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+        else:
+            config = transformers.AutoConfig.from_pretrained(location, **kwargs)
     except OSError as exc:
         if source.kind == "hub":
-            raise EdgePruneError(
-                f"could not get {source.path!r} from the Hugging Face hub (offline or unknown id: {str(exc).splitlines()[0]}); "
-                "download it where there is network access and pass the local directory, or use an alias: "
-                + ", ".join(ALIASES)) from None
-        raise EdgePruneError(f"{location}: cannot read model config ({str(exc).splitlines()[0]})") from None
+            raise _hub_error(source.path, f"offline or unknown id: {_first_line(exc)}") from None
+        raise EdgePruneError(f"{location}: cannot read model config ({_first_line(exc)})") from None
     except ValueError as exc:
-        raise EdgePruneError(f"{source.path}: {str(exc).splitlines()[0]}") from None
+        raise EdgePruneError(f"{source.path}: {_first_line(exc)}") from None
     adapter = get_adapter(config)
     task = task_for(adapter, task)
+    if task == "text-generation" and not adapter.is_decoder:
+        raise EdgePruneError(f"{source.path}: a {config.model_type} encoder has no language-model head, so it "
+                             "cannot generate or be scored on perplexity; use a decoder (e.g. smollm2-135m)")
     if source.kind == "local":
         _check_weights(Path(location), allow_pickle)
     model_cls = getattr(transformers, TASK_CLASSES[task])
     load_kwargs = dict(kwargs, dtype=torch.float32)
     if source.kind != "gguf":
         load_kwargs["use_safetensors"] = None if allow_pickle else True
+        load_kwargs["output_loading_info"] = True
     try:
         model = model_cls.from_pretrained(location, config=config, **load_kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError as exc:
-        raise EdgePruneError(f"{source.path}: cannot load model ({str(exc).splitlines()[0]})") from None
+        raise EdgePruneError(f"{source.path}: cannot load model ({_first_line(exc)})") from None
+    except RuntimeError as exc:  # "size mismatch for ...": config.json's widths do not fit the weights
+        raise EdgePruneError(f"{source.path}: config.json does not match the weights ({_last_line(exc)}); "
+                             "use the config the weights were saved with") from None
+    except Exception as exc:
+        if exc.__class__.__name__ != "SafetensorError":
+            raise
+        raise EdgePruneError(f"{source.path}: damaged weights file ({_first_line(exc)}); download it again") from None
+    if isinstance(model, tuple):
+        model, info = model
+        _check_head(model, info, task, source.path)
     model.eval()
     prepare_tokenizer(tokenizer)
     return LoadedModel(model, tokenizer, source, adapter, task)
+
+
+def _check_head(model, info: dict, task: str, where: str) -> None:
+    """Refuse a task head the checkpoint does not have: transformers would fill it with random weights
+    (a classifier whose every answer is LABEL_0 that still validates against itself)."""
+    if task == "feature-extraction":
+        return
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in info.get("missing_keys", []) if k not in tied and not k.endswith("position_ids")]
+    if missing:
+        raise EdgePruneError(f"{where}: has no trained {task} head (missing {', '.join(sorted(missing)[:3])}); "
+                             "use --task feature-extraction, or a checkpoint fine-tuned for this task")
 
 
 def prepare_tokenizer(tokenizer) -> None:

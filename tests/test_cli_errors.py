@@ -70,8 +70,15 @@ def test_existing_output_dir_needs_overwrite(tiny_models, tmp_path, capsys):
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left
+    # --overwrite replaces only an edgeprune output: a folder of the user's files is refused (item 2)
+    code, _, err = run_cli(["compress", tiny_models("bert"), "-o", out, "--heads", "0.5", "--overwrite"], capsys)
+    assert_one_line_error(code, err, "not an edgeprune output", str(out))
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # empty: replaceable
     code, _, _ = run_cli(["compress", tiny_models("bert"), "-o", out, "--heads", "0.5", "--overwrite"], capsys)
-    assert code == 0 and (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "manifest.json").is_file()
+    code, _, _ = run_cli(["compress", tiny_models("bert"), "-o", out, "--heads", "0.25", "--overwrite"], capsys)
+    assert code == 0 and (out / "manifest.json").is_file()  # an edgeprune output: replaceable
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

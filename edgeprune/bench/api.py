@@ -165,12 +165,16 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
     from edgeprune.bench import report as report_mod
     from edgeprune.runtime.base import get_runtime
 
+    from edgeprune.bench.harness import check_labels, check_sources
+
     config = config or BenchConfig()
     check_output_dir(out, overwrite)
     for name in config.runtimes:
         get_runtime(name)  # fail early with the runtime's own install hint
     if config.data and not Path(config.data).is_file():
         raise EdgePruneError(f"data file not found: {config.data}")
+    check_labels(labels, candidates)
+    check_sources([dense] + list(candidates), config)
     if export_task is None and config.task == "perplexity":
         export_task = "text-generation"
     with staged_output(out, overwrite) as tmp:
@@ -183,6 +187,13 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
             raw, executed = measure_runtime(models, runtime, config, log)
             raw_by_runtime[runtime] = raw
             order.extend(executed)
+        measured = [m.label for m in models[1:]
+                    if any(raw.get(m.label) and "skipped" not in raw[m.label] for raw in raw_by_runtime.values())]
+        if candidates and not measured:
+            first = next(iter(raw_by_runtime.values()))
+            reasons = "; ".join(f"{m.label}: {(first.get(m.label) or {}).get('skipped', 'not measured')}"
+                                for m in models[1:])
+            raise EdgePruneError(f"no candidate could be measured ({reasons}); nothing to compare with the dense model")
         quality, quality_runtime = {}, None
         if config.task:
             quality_runtime = config.runtimes[0]
@@ -190,7 +201,7 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
         env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         # exported models live inside the report dir: their paths are recorded relative to it
         report = assemble(models, config, raw_by_runtime, order, quality, quality_runtime, env, tmp)
-        report_mod.write(report, tmp)
+        report_mod.write(report, tmp, log)
         import shutil
 
         shutil.rmtree(tmp / "work", ignore_errors=True)

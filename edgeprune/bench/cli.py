@@ -71,7 +71,9 @@ def run_bench(args) -> int:
     from edgeprune.bench.harness import BenchConfig
     from edgeprune.bench.report import markdown
     from edgeprune.cli import print_json_last
+    from edgeprune.errors import check_minimums
 
+    check_minimums(args, eval_limit=2, eval_max_tokens=2)
     config = BenchConfig(runtimes=args.runtime, batches=args.batch, seqs=args.seq, threads=args.threads,
                          rounds=args.rounds, warmup=args.warmup, round_seconds=args.round_seconds,
                          new_tokens=args.new_tokens, task=args.task, data=args.data, eval_limit=args.eval_limit,
@@ -107,4 +109,13 @@ def run_sweep(args) -> int:
                  overwrite=args.overwrite, threads=args.threads)
     if args.json:
         print_json_last(result)
+    if "budget" in result and result["chosen"] is None:  # a budget nothing met is not a success
+        import sys
+
+        budget = ", ".join(f"{flag} {value}" for flag, value in (("--min-quality", args.min_quality),
+                                                                ("--max-latency-ms", args.max_latency_ms))
+                           if value is not None)
+        print(f"edgeprune: error: no variant meets the budget ({budget}); the sweep's measurements are in "
+              f"{args.output}/sweep.json", file=sys.stderr)
+        return 1
     return 0

@@ -53,7 +53,16 @@ class BenchConfig(FrozenConfig):
         if self.task is not None and not self.data:
             raise EdgePruneError(f"--task {self.task} needs --data PATH")
         if self.threads is not None and self.threads < 1:
-            raise EdgePruneError("--threads must be >= 1")
+            raise EdgePruneError(f"--threads must be >= 1 (got {self.threads})")
+        if not self.watts_per_core > 0:
+            raise EdgePruneError(f"--watts-per-core must be > 0 (got {self.watts_per_core})")
+        if self.new_tokens < 1 or self.max_calls_per_round < 1 or self.agreement_n < 1:
+            raise EdgePruneError(f"--new-tokens must be >= 1 (got {self.new_tokens})")
+        if self.eval_limit is not None and self.eval_limit < 2:
+            raise EdgePruneError(f"--eval-limit must be >= 2 (got {self.eval_limit}): a Spearman correlation needs "
+                                 "at least two pairs")
+        if self.eval_max_tokens < 2 or self.eval_max_length < 2:
+            raise EdgePruneError(f"--eval-max-tokens must be >= 2 (got {self.eval_max_tokens})")
 
 
 @dataclass
@@ -84,8 +93,9 @@ def export_model(source: str, out: Path, task: str | None, quantize: str | None 
     try:
         from edgeprune.exporters.api import ExportConfig, export
     except ImportError as exc:
-        raise EdgePruneError(f"{source} is not an exported model and the exporter is unavailable ({exc}); "
-                             f"export it first with `edgeprune export {source} -o DIR`") from None
+        raise EdgePruneError(f"{source} is not an exported model and the exporter is unavailable ({exc}): export it "
+                             f"first with `edgeprune export {source} -o DIR` where edgeprune[full] is installed, "
+                             "or pip install 'edgeprune[full]'") from None
     fields = {"task": task} if task else {}
     if quantize:
         fields["quantize"] = quantize
@@ -93,6 +103,17 @@ def export_model(source: str, out: Path, task: str | None, quantize: str | None 
         fields["target"] = target
     export(source, out, ExportConfig.from_dict(fields))
     return out
+
+
+def check_labels(labels: list[str] | None, candidates: list[str]) -> list[str]:
+    """One display name per model (dense first), or names derived from the paths."""
+    labels = list(labels) if labels else ["dense"] + unique_labels(list(candidates))
+    if len(labels) != len(candidates) + 1:
+        raise EdgePruneError(f"--label given {len(labels)} times for {len(candidates) + 1} models (dense and "
+                             f"{len(candidates)} candidates); give one label per model, dense first, or none")
+    if len(set(labels)) != len(labels):
+        raise EdgePruneError(f"model labels must be unique: {labels}")
+    return labels
 
 
 def unique_labels(sources: list[str]) -> list[str]:
@@ -106,18 +127,65 @@ def unique_labels(sources: list[str]) -> list[str]:
     return labels
 
 
+def model_config(source: str) -> tuple[dict, str] | None:
+    """config.json of a benchmark source (export dir, .onnx file, artifact, model dir or alias) and where
+    it was read; None when the source has none on disk (hub ids, GGUF files)."""
+    import json
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        from edgeprune.models import resolve
+
+        resolved = resolve(source)
+        if resolved.kind == "gguf" or resolved.kind == "hub":
+            return None
+        path = Path(resolved.path)
+    directory = path.parent if path.is_file() else path
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text()), str(directory)
+    except (OSError, ValueError):
+        raise EdgePruneError(f"{config_path}: unreadable config.json") from None
+
+
+def check_sources(sources: list[str], config: BenchConfig) -> None:
+    """Before anything runs: every source exists, candidates are variants of the dense model (same
+    architecture family and vocabulary; a BERT vs GPT-2 'speedup' means nothing), and every sequence length
+    fits each model's position table."""
+    from edgeprune.models import resolve
+    from edgeprune.runtime.pipelines import check_positions
+
+    configs = []
+    for source in sources:
+        if not is_export(Path(source).expanduser()):
+            resolve(source)  # a missing source fails here, not after the first (slow) export
+        configs.append(model_config(source))
+    dense = configs[0]
+    for source, found in zip(sources, configs):
+        if found is None:
+            continue
+        cfg, where = found
+        decoder = config.task == "perplexity" or "ForCausalLM" in " ".join(cfg.get("architectures") or []) \
+            or "LMHead" in " ".join(cfg.get("architectures") or [])
+        longest = max(config.seqs) + (config.new_tokens if decoder else 0)
+        check_positions(cfg, longest, "--seq" + (" + --new-tokens" if decoder else ""), where)
+        if dense is None or source == sources[0]:
+            continue
+        identity = (cfg.get("model_type"), cfg.get("vocab_size"))
+        reference = (dense[0].get("model_type"), dense[0].get("vocab_size"))
+        if identity != reference:
+            raise EdgePruneError(f"candidate {source} is a {identity[0]} model (vocabulary {identity[1]}) but the dense "
+                                 f"reference {sources[0]} is {reference[0]} (vocabulary {reference[1]}); bench compares "
+                                 "a model with its own compressed or exported variants")
+
+
 def prepare_models(dense: str, candidates: list[str], work: Path, export_task: str | None,
                    labels: list[str] | None = None, log: Callable[[str], None] = print,
                    target: str | None = None) -> list[BenchModel]:
     sources = [dense] + list(candidates)
-    labels = list(labels) if labels else ["dense"] + unique_labels(list(candidates))
-    if len(set(labels)) != len(labels):
-        raise EdgePruneError(f"model labels must be unique: {labels}")
-    from edgeprune.models import resolve
-
-    for source in sources:  # every source must exist before the first (slow) export starts
-        if not is_export(Path(source).expanduser()):
-            resolve(source)
+    labels = check_labels(labels, candidates)
     models = []
     for i, (label, source) in enumerate(zip(labels, sources)):
         path = Path(source).expanduser()
@@ -186,9 +254,12 @@ def measure_runtime(models: list[BenchModel], runtime: str, config: BenchConfig,
         bar.close()
         for label in labels:
             raw[label]["memory"] = clients[label].request({"op": "memory"})
-    finally:
+    except BaseException:
         for client in clients.values():
-            client.close()
+            client.close(kill=True)
+        raise
+    for client in clients.values():
+        client.close()
     return raw, order
 
 
@@ -270,8 +341,10 @@ def measure_quality(models: list[BenchModel], runtime: str, config: BenchConfig,
             # Timings already measured stay valid; the report says why this model has no quality figure.
             log(f"quality failed for {model.label}: {exc}")
             results[model.label] = {"error": str(exc)}
-        finally:
-            client.close()
+        except BaseException:
+            client.close(kill=True)
+            raise
+        client.close()
     return results
 
 

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeprune.artifacts import is_artifact, read_manifest
-from edgeprune.errors import EdgePruneError
 from edgeprune.exporters.sparse import gzip_size, weight_stats
 
 
@@ -51,8 +50,8 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     """File bytes, gzip bytes, parameters and non-zeros of the ONNX file a runtime loads.
 
     Prefers the exporter's manifest numbers; computes what it lacks. ``parameters`` is the PyTorch
-    parameter count of the compressed model when the export points to one (the honest "model size"),
-    else the initializer element count."""
+    parameter count the exporter recorded (the honest "model size"), else the initializer element count:
+    read from the export itself, so the report is the same on any machine."""
     onnx_path = Path(onnx_path)
     size: dict[str, Any] = {"file": onnx_path.name}
     manifest = read_manifest(model_dir) if Path(model_dir).is_dir() and is_artifact(model_dir) else {}
@@ -64,50 +63,24 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     size["initializer_elements"] = counts["initializer_elements"]
     size["nonzeros"] = variant.get("nonzeros") or counts["nonzeros"]
     size["quantization"] = variant.get("quantization")
-    compressed = compressed_manifest(model_dir)
-    size["parameters"] = compressed.get("parameters") if compressed else counts["initializer_elements"]
-    size["dense_parameters"] = compressed.get("dense_parameters") if compressed else None
+    stats = manifest.get("model_stats") or {}
+    size["parameters"] = stats.get("parameters") or counts["initializer_elements"]
+    size["dense_parameters"] = stats.get("dense_parameters")
     return size
-
-
-def compressed_manifest(model_dir: Path) -> dict[str, Any] | None:
-    """The compress-stage manifest an export came from (itself if it is one), if it can be found."""
-    model_dir = Path(model_dir)
-    if not (model_dir.is_dir() and is_artifact(model_dir)):
-        return None
-    manifest = read_manifest(model_dir)
-    for _ in range(4):
-        if manifest.get("stage") == "compress":
-            return manifest
-        parent = (manifest.get("parent") or {}).get("path")
-        if not parent or not is_artifact(parent):
-            return None
-        manifest = read_manifest(parent)
-    return None
 
 
 def analytic_flops(model_dir: Path, seq_lens: Sequence[int]) -> dict[str, Any] | None:
     """Block FLOPs per sequence (2 per multiply-add; embeddings and LM head excluded) for each seq length,
-    from the per-layer shapes in config.json. Needs transformers; None where it is unavailable."""
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
+    from the coefficients the exporter recorded in the export's manifest (torch-free, and the same on every
+    machine); None for an export without them (a plain .onnx file, or one made before they were recorded)."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir) if model_dir.is_dir() and is_artifact(model_dir) else {}
+    flops = (manifest.get("model_stats") or {}).get("flops")
+    if not flops:
         return None
-    try:
-        import transformers
-
-        from edgeprune.compress.adapters import get_adapter
-        from edgeprune.compress.surgery import analytic_flops as _flops
-    except ImportError:
-        return None
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-        adapter = get_adapter(config)
-    except (ValueError, OSError, EdgePruneError):  # an architecture without an adapter: no analytic count
-        return None
-    shapes = adapter.shapes(config)
-    per_seq = {str(s): int(_flops(adapter, config, shapes, int(s))) for s in seq_lens}
+    per_seq = {str(s): int(round(flops["linear"] * int(s) + flops["quadratic"] * int(s) ** 2)) for s in seq_lens}
     return {"per_sequence": per_seq, "per_token": {k: v / int(k) for k, v in per_seq.items()},
-            "scope": "transformer blocks, 2 FLOPs per multiply-add"}
+            "scope": flops.get("scope", "transformer blocks, 2 FLOPs per multiply-add")}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

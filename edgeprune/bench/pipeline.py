@@ -116,12 +116,40 @@ def _runtime_available(name: str) -> bool:
         return False
 
 
+def variant_configs(config: PipelineConfig, recipe_dir: Path | None = None) -> dict[str, tuple[Any, Any]]:
+    """Every variant's compress and export configs, built (and so validated) before the first variant runs:
+    a bad ratio in the last variant must not surface after the first ones were built."""
+    from edgeprune.compress.api import CompressConfig, check_options
+    from edgeprune.exporters.api import ExportConfig
+
+    configs: dict[str, tuple[Any, Any]] = {}
+    for variant in config.variants:
+        cfg = None
+        if not variant.reuse and (variant.recipe or variant.compress):
+            cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
+                   else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
+            if variant.calib:
+                cfg = cfg.replace(calibration=cfg.calibration.replace(path=resolve_data(variant.calib)))
+            if variant.finetune:
+                cfg = cfg.replace(finetune=cfg.finetune.replace(data=resolve_data(variant.finetune)))
+            try:
+                check_options(cfg)
+            except EdgePruneError as exc:
+                raise EdgePruneError(f"variant {variant.name}: {exc}") from None
+        fields = dict(variant.export)
+        if config.task == "perplexity":
+            fields.setdefault("task", "text-generation")
+        configs[variant.name] = (cfg, ExportConfig.from_dict(fields, where=f"variant {variant.name}.export"))
+    return configs
+
+
 def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None] = print,
                    recipe_dir: Path | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Compress and export every variant under ``work``. Returns [(name, export dir)] and timings/notes."""
-    from edgeprune.compress.api import CompressConfig, compress
-    from edgeprune.exporters.api import ExportConfig, export
+    from edgeprune.compress.api import compress
+    from edgeprune.exporters.api import export
 
+    configs = variant_configs(config, recipe_dir)
     built: list[tuple[str, Path]] = []
     compressed: dict[str, str] = {}
     notes: dict[str, Any] = {}
@@ -132,18 +160,13 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
             continue
         started = time.perf_counter()
         source = config.model
+        cfg, export_cfg = configs[variant.name]
         if variant.reuse:
             # Quantizing (or re-targeting) an earlier variant starts from its validated fp32 export, which
             # skips a second PyTorch -> ONNX export; the exporter checks the result against that file.
             reused = dict(built).get(variant.reuse)
             source = str(reused) if reused is not None else compressed.get(variant.reuse, config.model)
-        elif variant.recipe or variant.compress:
-            cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
-                   else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
-            if variant.calib:
-                cfg = cfg.replace(calibration=cfg.calibration.replace(path=resolve_data(variant.calib)))
-            if variant.finetune:
-                cfg = cfg.replace(finetune=cfg.finetune.replace(data=resolve_data(variant.finetune)))
+        elif cfg is not None:
             out = work / "compressed" / variant.name
             log(f"[{variant.name}] compress {config.model}")
             compress(config.model, out, cfg)
@@ -151,12 +174,9 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
         compressed[variant.name] = source
         compress_s = time.perf_counter() - started
         export_dir = work / "exports" / variant.name
-        fields = dict(variant.export)
-        if config.task == "perplexity":
-            fields.setdefault("task", "text-generation")
-        log(f"[{variant.name}] export {source} ({fields or 'fp32'})")
+        log(f"[{variant.name}] export {source} ({dict(variant.export) or 'fp32'})")
         step = time.perf_counter()
-        export(source, export_dir, ExportConfig.from_dict(fields, where=f"variant {variant.name}.export"))
+        export(source, export_dir, export_cfg)
         notes[variant.name] = {"compress_s": round(compress_s, 1), "export_s": round(time.perf_counter() - step, 1),
                                "source": source}
         built.append((variant.name, export_dir))
@@ -164,18 +184,23 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = False, threads: int | None = None,
-                 log: Callable[[str], None] = print, recipe_dir: Path | None = None) -> dict[str, Any]:
-    """compress -> export -> bench; everything lands in ``out`` (atomically), the table is printed."""
+                 log: Callable[[str], None] = print, recipe_dir: Path | None = None,
+                 finish: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
+    """compress -> export -> bench; everything lands in ``out`` (atomically), the table is printed.
+    ``finish(staging_dir, summary)`` adds files (e.g. the sweep's choice) before the output is renamed."""
     from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
     from edgeprune.bench.api import bench
     from edgeprune.bench.report import markdown
 
     check_output_dir(out, overwrite)
+    if threads is not None and threads < 1:
+        raise EdgePruneError(f"--threads must be >= 1 (got {threads})")
     data = resolve_data(config.data) if config.task else None
     runtimes = tuple(config.bench.runtimes) + tuple(
         r for r in config.optional_runtimes if r not in config.bench.runtimes and _runtime_available(r))
     bench_cfg = config.bench.replace(task=config.task, data=data, eval_limit=config.eval_limit, runtimes=runtimes,
-                                     **({"threads": threads} if threads else {}))
+                                     **({"threads": threads} if threads is not None else {}))
+    variant_configs(config, recipe_dir)  # every variant valid before the first is built
     started = time.perf_counter()
     with staged_output(out, overwrite) as tmp:
         built, notes = build_variants(config, tmp, log, recipe_dir)
@@ -187,6 +212,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
                    "seconds": round(time.perf_counter() - started, 1), "comparisons": report["comparisons"]}
         (tmp / "pipeline.yaml").write_text(config.to_yaml())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        if finish is not None:
+            finish(tmp, summary)
         write_manifest(tmp, "pipeline", config.to_dict(), parent=None, variants=notes)
     print(markdown(report))
     print(f"pipeline finished in {summary['seconds']:.0f}s; report: {summary['report']}")
@@ -278,32 +305,43 @@ def run_sweep(config: SweepConfig, out: str | Path, min_quality: float | None = 
               log: Callable[[str], None] = print) -> dict[str, Any]:
     if min_quality is not None and not 0 < min_quality <= 1.5:
         raise EdgePruneError("--min-quality is a fraction of dense quality, e.g. 0.98")
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise EdgePruneError(f"--max-latency-ms must be > 0 (got {max_latency_ms})")
     pipeline = sweep_pipeline(config)
-    summary = run_pipeline(pipeline, out, overwrite=overwrite, threads=threads, log=log)
     cfg = pipeline.bench
     key = (cfg.runtimes[0], cfg.batches[0], cfg.seqs[-1])
-    points = [{"model": c["model"], "p50_ms": c["p50_ms"], "quality": c["quality"], "quality_ratio": c["quality_ratio"],
-               "speedup": c["speedup_p50"], "flops_ratio": c["flops_ratio"]}
-              for c in summary["comparisons"] if (c["runtime"], c["batch"], c["seq"]) == key
-              and c["quality_ratio"] is not None]
-    front = pareto_front(points)
-    result = {"output": str(out), "at": {"runtime": key[0], "batch": key[1], "seq": key[2]}, "points": points,
-              "pareto": [p["model"] for p in front]}
-    if min_quality is not None or max_latency_ms is not None:
-        chosen = choose(points, min_quality, max_latency_ms)
-        result["budget"] = {"min_quality": min_quality, "max_latency_ms": max_latency_ms}
-        if chosen is None:
+    result: dict[str, Any] = {}
+
+    def finish(tmp: Path, summary: dict) -> None:
+        """The choice and sweep.json are written into the staging directory, so they land atomically with
+        the rest (a full disk here leaves nothing, not a truncated chosen/ model)."""
+        at_key = [c for c in summary["comparisons"] if (c["runtime"], c["batch"], c["seq"]) == key]
+        points = [{"model": c["model"], "p50_ms": c["p50_ms"], "quality": c["quality"],
+                   "quality_ratio": c["quality_ratio"], "speedup": c["speedup_p50"], "flops_ratio": c["flops_ratio"]}
+                  for c in at_key if c["quality_ratio"] is not None]
+        if not points:
+            report = json.loads((tmp / "report" / "report.json").read_text())
+            reasons = "; ".join(f"{m['label']}: {(m.get('quality') or {}).get('error') or 'no quality figure'}"
+                                for m in report["models"])
+            raise EdgePruneError(f"no variant has a quality figure, so none can be chosen ({reasons[:400]})")
+        front = pareto_front(points)
+        result.update({"output": str(out), "at": {"runtime": key[0], "batch": key[1], "seq": key[2]},
+                       "points": points, "pareto": [p["model"] for p in front]})
+        if min_quality is not None or max_latency_ms is not None:
+            chosen = choose(points, min_quality, max_latency_ms)
+            result["budget"] = {"min_quality": min_quality, "max_latency_ms": max_latency_ms}
             result["chosen"] = None
-            print("no variant meets the budget")
-        else:
-            src = Path(out) / "exports" / chosen["model"]
-            dst = Path(out) / "chosen"
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.copytree(src, dst)
-            result["chosen"] = dict(chosen, path=str(dst))
-            print(f"chosen: {chosen['model']} (p50 {chosen['p50_ms']:.2f} ms, quality {chosen['quality_ratio']:.1%} of "
-                  f"dense) -> {dst}")
-    (Path(out) / "sweep.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+            if chosen is not None:
+                shutil.copytree(tmp / "exports" / chosen["model"], tmp / "chosen")
+                result["chosen"] = dict(chosen, path=str(Path(out) / "chosen"))
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+    run_pipeline(pipeline, out, overwrite=overwrite, threads=threads, log=log, finish=finish)
+    chosen = result.get("chosen")
+    if "budget" in result and chosen is None:
+        print("no variant meets the budget")
+    elif chosen is not None:
+        print(f"chosen: {chosen['model']} (p50 {chosen['p50_ms']:.2f} ms, quality {chosen['quality_ratio']:.1%} of "
+              f"dense) -> {chosen['path']}")
     print("Pareto frontier (latency x quality): " + ", ".join(result["pareto"]))
     return result

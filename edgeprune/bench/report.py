@@ -232,9 +232,20 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     return written
 
 
-def write(report: dict, out_dir: Path) -> None:
+def write(report: dict, out_dir: Path, log=print) -> None:
+    """report.json and report.md first (the measurements never depend on plotting), then the PNG plots,
+    which need matplotlib: a runtime-only install skips them with one note."""
+    import importlib.util
+
     check(report)
     out_dir = Path(out_dir)
-    report["plots"] = plot(report, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    report["plots"] = []
     (out_dir / "report.md").write_text(markdown(report))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        if any((m.get("quality") or {}).get("value") is not None for m in report["models"]):
+            log("plots skipped: matplotlib is not installed (pip install matplotlib, or 'edgeprune[full]')")
+        return
+    report["plots"] = plot(report, out_dir)
+    if report["plots"]:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")

@@ -224,10 +224,22 @@ class Worker:
 
 
 def main() -> int:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent handles it and closes this worker (or this worker
+    # sees stdin close), so the worker itself must not die mid-reply with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (also from C++) go to stderr
     sys.stdout = sys.stderr
-    Worker().serve(sys.stdin, protocol_out)
+    try:
+        Worker().serve(sys.stdin, protocol_out)
+    except BrokenPipeError:  # the parent went away (interrupted or terminated): nothing left to answer
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), protocol_out.fileno())  # no second error at exit flush
+        except OSError:
+            pass
+        return 0
     return 0
 
 

@@ -141,7 +141,12 @@ class WorkerClient:
             raise EdgePruneError(f"{self.label}: {reply['error']}")
         return reply
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Ask the worker to exit; ``kill``: stop it now (the run was interrupted, no reply will be read)."""
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            return
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")

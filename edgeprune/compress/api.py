@@ -203,6 +203,19 @@ def sparsify_and_finetune(loaded, config: CompressConfig, teacher=None) -> tuple
     return info, log
 
 
+def check_options(config: CompressConfig) -> None:
+    """Combinations that would silently do nothing (and be recorded as done) are refused before work."""
+    ft, sp = config.finetune, config.sparsity
+    if ft.distill and not ft.enabled:
+        raise EdgePruneError("--distill needs fine-tuning data: pass --finetune DATA (distillation happens during "
+                             "recovery fine-tuning)")
+    if sp.finetune_each_step and not ft.enabled:
+        raise EdgePruneError("--finetune-each-step needs fine-tuning data (--finetune DATA)")
+    if config.reconstruct.enabled and not config.structured.active:
+        raise EdgePruneError("--reconstruct re-fits layers after structured pruning: give --heads, --ffn or "
+                             "--flops-budget too")
+
+
 def compress(model: str | Path, out: str | Path, config: CompressConfig | None = None, overwrite: bool = False,
              allow_pickle: bool = False) -> Path:
     """Compress ``model`` per ``config`` and write the artifact to ``out`` (atomically)."""
@@ -217,10 +230,15 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     if Path(model).exists() and Path(model).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")
     check_output_dir(out, overwrite)  # fail before the (slow) model load
+    check_options(config)
     if needs_calibration(config):
         from edgeprune.compress.calibration import load_texts
 
         load_texts(config.calibration.path)  # likewise: a bad --calib fails now, not after loading the model
+    if config.finetune.enabled:
+        from edgeprune.compress.finetune import check_data
+
+        check_data(config.finetune.data)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     loaded = load_model(model, task=config.task, allow_pickle=allow_pickle)
@@ -228,12 +246,16 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     # the dense model as loaded is the distillation teacher
     teacher = copy.deepcopy(loaded.model) if config.finetune.enabled and config.finetune.distill else None
-    plan, calib = None, None
+    plan, calib, calibration_used = None, None, None
     step = time.perf_counter()
     if needs_calibration(config):
         from edgeprune.compress.calibration import load_calibration
 
+        from edgeprune.compress.calibration import calibration_record, warn_if_few
+
         calib = load_calibration(loaded, config.calibration, seed=config.seed)
+        calibration_used = calibration_record(calib, config.calibration)
+        warn_if_few(calibration_used["samples_used"], config.calibration.samples, config.calibration.path)
         timings["calibration_s"] = round(time.perf_counter() - step, 3)
     reference = None  # dense model kept for layer-wise reconstruction targets
     if config.reconstruct.enabled and config.structured.active:
@@ -259,6 +281,8 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
         timings["sparsity_finetune_s"] = round(time.perf_counter() - step, 3)
         teacher = None
     extra.update(recon_extra)
+    if calibration_used:
+        extra["calibration"] = calibration_used
     timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
     with staged_output(out, overwrite) as tmp:
         if train_log:

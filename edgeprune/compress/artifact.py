@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from edgeprune.artifacts import read_manifest, write_manifest
+from edgeprune.artifacts import check_integrity, read_manifest, write_manifest
 from edgeprune.errors import EdgePruneError
 from edgeprune.models import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
 
@@ -56,7 +56,11 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         raise EdgePruneError(f"{directory}: no safetensors weights in artifact")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+            raise EdgePruneError(f"{file}: cannot read the weights ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
+                                 "the file is damaged: re-create the artifact") from None
     return state
 
 
@@ -70,9 +74,14 @@ def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
     manifest = read_manifest(directory)
     if manifest.get("stage") != "compress":
         raise EdgePruneError(f"{directory}: a {manifest.get('stage')!r} artifact, not a compressed model")
+    check_integrity(directory, manifest)
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     adapter = get_adapter(config)
     task = task_for(adapter, task or manifest.get("task"))
+    if task != manifest.get("task") and task != "feature-extraction":
+        # Only the backbone is shared between heads: any other head would be random weights.
+        raise EdgePruneError(f"{directory}: a {manifest.get('task')} artifact has no trained {task} head; use "
+                             f"--task {manifest.get('task')} (or feature-extraction), or compress a model that has one")
     model_cls = getattr(transformers, TASK_CLASSES[task])
     with _no_init():
         model = model_cls.from_config(config, dtype=torch.float32)
@@ -82,7 +91,11 @@ def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
         # A different head than was saved: load only the shared backbone.
         prefix = model.base_model_prefix + "."
         state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatch: config.json's widths and the weights disagree
+        raise EdgePruneError(f"{directory}: config.json does not match the weights "
+                             f"({str(exc).splitlines()[-1].strip()}); re-create the artifact") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
     if task == manifest.get("task") and (missing or unexpected):

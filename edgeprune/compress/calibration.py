@@ -50,22 +50,50 @@ def _load_datasets(path: str) -> list[str]:
     return _texts_from_dataset(dataset, path)
 
 
-def load_texts(path: str | Path) -> list[str]:
-    """All candidate calibration texts of a source (before sampling)."""
+# Fewer calibration texts than this give noisy importance and Gram estimates; the run says so.
+MIN_CALIBRATION_TEXTS = 32
+
+
+def looks_like_path(path: str | Path) -> bool:
+    """A name that can only be a file (not a ``datasets`` name), so a missing one is reported as missing."""
+    text = str(path)
+    return text.startswith((".", "/", "~")) or Path(text).suffix.lower() in (".txt", ".tsv", ".csv", *DATASET_SUFFIXES) \
+        or text.count("/") > 1
+
+
+def load_texts(path: str | Path, what: str = "calibration data", flag: str = "--calib") -> list[str]:
+    """All candidate calibration (or fine-tuning) texts of a source (before sampling)."""
     from edgeprune.eval.data import read_sentences
 
     if path is None:
-        raise EdgePruneError("this importance/reconstruction needs calibration data: pass --calib PATH")
+        raise EdgePruneError(f"this importance/reconstruction needs {what}: pass {flag} PATH")
     location = Path(str(path)).expanduser()
     if location.is_file() and location.suffix.lower() in DATASET_SUFFIXES and location.suffix.lower() != ".csv":
         return _load_datasets(str(location))
     if location.exists():
         if location.is_dir():
-            raise EdgePruneError(f"calibration path is a directory, not a file: {location}")
+            raise EdgePruneError(f"{what} path is a directory, not a file: {location} ({flag})")
         return read_sentences(location)
-    if str(path).startswith((".", "/", "~")) or str(path).endswith((".txt", ".tsv", ".csv")):
-        raise EdgePruneError(f"calibration data not found: {path}")
+    if looks_like_path(path):
+        raise EdgePruneError(f"{what} not found: {path} ({flag})")
     return _load_datasets(str(path))
+
+
+def calibration_record(batches: list[dict], cfg) -> dict:
+    """What calibration actually used, for the manifest (the recipe only says what was asked for)."""
+    used = sum(len(b["input_ids"]) for b in batches)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    return {"source": str(cfg.path), "samples_requested": cfg.samples, "samples_used": used, "tokens": tokens,
+            "max_length": cfg.max_length}
+
+
+def warn_if_few(used: int, requested: int, source, log=None) -> None:
+    import sys
+
+    if used < min(requested, MIN_CALIBRATION_TEXTS):
+        message = (f"edgeprune: warning: calibration used only {used} text(s) from {source} (asked for {requested}); "
+                   f"estimates from fewer than {MIN_CALIBRATION_TEXTS} are noisy: give more text")
+        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
 
 
 def sample_texts(texts: Sequence[str], samples: int, seed: int) -> list[str]:

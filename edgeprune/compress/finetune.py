@@ -43,7 +43,24 @@ def read_texts(data: str) -> list[str]:
     (one text per line), a local json/csv/parquet file or a ``datasets`` name."""
     from edgeprune.compress.calibration import load_texts
 
-    return load_texts(resolve_data(data))
+    return load_texts(resolve_data(data), what="fine-tuning data", flag="--finetune")
+
+
+def check_data(data: str) -> None:
+    """Before the model loads: a --finetune that names a file must exist (else the run would fail later with
+    a reason about the data's format)."""
+    from edgeprune.compress.calibration import looks_like_path
+    from edgeprune.paths import data_dir
+
+    path = Path(resolve_data(data)).expanduser()
+    if path.is_dir():
+        raise EdgePruneError(f"fine-tuning data path is a directory, not a file: {data} (--finetune)")
+    if not path.exists() and looks_like_path(data):
+        raise EdgePruneError(f"fine-tuning data not found: {data} (--finetune; also looked in {data_dir()})")
+    if path.is_file():
+        from edgeprune.eval.data import read_text
+
+        read_text(path)  # unreadable or not UTF-8: one line naming the file
 
 
 def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[list[int]]:

@@ -30,19 +30,44 @@ class EvalConfig(FrozenConfig):
             raise EdgePruneError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.stride < 1 or self.window < 2 or self.stride > self.window:
             raise EdgePruneError("perplexity needs 1 <= stride <= window")
+        if self.limit is not None and self.limit < 2:
+            raise EdgePruneError(f"--limit must be >= 2 (got {self.limit}): a Spearman correlation needs at least "
+                                 "two pairs")
+        if self.max_tokens < 2 or self.batch_size < 1 or self.max_length < 2:
+            raise EdgePruneError(f"--max-tokens must be >= 2, --batch-size >= 1 and max_length >= 2 (got "
+                                 f"{self.max_tokens}, {self.batch_size}, {self.max_length})")
+
+
+def _is_export(model: str | Path) -> bool:
+    from edgeprune.artifacts import is_artifact, read_manifest
+
+    path = Path(model)
+    if path.is_file():
+        return path.suffix == ".onnx"
+    return path.is_dir() and is_artifact(path) and read_manifest(path).get("stage") == "export"
 
 
 def make_backend(model: str | Path, runtime: str | None, task: str, max_length: int, threads: int | None = None):
-    """PyTorch backend for models and compressed artifacts; a runtime backend for exported ONNX."""
+    """PyTorch backend for models and compressed artifacts; a runtime backend for exported ONNX (onnxruntime
+    unless told otherwise, as ``edgeprune run`` does)."""
+    if runtime is None and _is_export(model):
+        runtime = "onnxruntime"
     if runtime in (None, "pytorch", "torch"):
         from edgeprune.eval.torch_backend import TorchBackend
         from edgeprune.models import load_model
 
         loaded = load_model(model, task="text-generation" if task == "perplexity" else "feature-extraction")
+        if task == "sts" and loaded.adapter.is_decoder:
+            raise EdgePruneError(f"{model}: a {loaded.model.config.model_type} decoder is not a sentence encoder; "
+                                 "STS needs an encoder (e.g. minilm), score decoders with --task perplexity")
         return TorchBackend(loaded, max_length=max_length, threads=threads)
     from edgeprune.runtime.pipelines import RuntimeBackend
 
-    return RuntimeBackend(model, runtime, max_length=max_length, threads=threads)
+    backend = RuntimeBackend(model, runtime, max_length=max_length, threads=threads)
+    if task == "sts" and backend.info.task == "text-generation":
+        raise EdgePruneError(f"{model}: a text-generation export is not a sentence encoder; STS needs an encoder, "
+                             "score decoders with --task perplexity")
+    return backend
 
 
 def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -50,8 +75,14 @@ def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bo
     from edgeprune.eval.metrics import sliding_window_perplexity, sts_spearman
 
     started = time.perf_counter()
+    positions = getattr(backend, "positions", None)
+    if config.task == "perplexity" and positions and config.window > positions:
+        raise EdgePruneError(f"--window {config.window} exceeds the model's {positions} token positions; "
+                             f"use --window {positions} or less")
     if config.task == "sts":
         pairs = read_sts(data, limit=config.limit)
+        if len(pairs) < 2:
+            raise EdgePruneError(f"{data}: {len(pairs)} STS pair; a Spearman correlation needs at least two")
         value, _ = sts_spearman(backend.embed, pairs, batch_size=config.batch_size, progress=progress)
         result = {"task": "sts", "metric": "spearman_x100", "value": round(value, 4), "n": len(pairs)}
     else:

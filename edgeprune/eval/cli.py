@@ -21,7 +21,10 @@ def register(subparsers) -> None:
 
 def run_eval(args) -> int:
     from edgeprune.cli import print_json_last
+    from edgeprune.errors import check_minimums
     from edgeprune.eval.api import EvalConfig, evaluate
+
+    check_minimums(args, threads=1)
 
     config = EvalConfig(task=args.task, limit=args.limit, max_tokens=args.max_tokens, window=args.window,
                         stride=args.stride, batch_size=args.batch_size)

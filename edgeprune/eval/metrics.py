@@ -45,7 +45,9 @@ def sts_spearman(embed: Callable[[list[str]], np.ndarray], pairs, batch_size: in
     """Spearman x 100 of cosine(embedding1, embedding2) against gold scores; also returns the cosines."""
     from tqdm.auto import tqdm
 
-    sentences = sorted({s for p in pairs for s in (p.sentence1, p.sentence2)}, key=len)
+    # Sorted by length, then text: batches (and their padding) must not depend on set iteration order,
+    # which changes from run to run with string hashing.
+    sentences = sorted({s for p in pairs for s in (p.sentence1, p.sentence2)}, key=lambda s: (len(s), s))
     vectors: dict[str, np.ndarray] = {}
     batches = range(0, len(sentences), batch_size)
     for start in tqdm(batches, desc="embedding", disable=not progress, leave=False):

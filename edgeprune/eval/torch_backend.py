@@ -18,6 +18,9 @@ class TorchBackend:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.max_length = max_length
+        from edgeprune.runtime.pipelines import position_limit
+
+        self.positions = position_limit(self.model.config.to_dict())
         if threads:
             torch.set_num_threads(threads)
 

@@ -74,6 +74,9 @@ class ExportConfig(FrozenConfig):
             if self.optimize:
                 raise EdgePruneError("--target deepsparse cannot use --optimize: ORT fusion emits com.microsoft "
                                      "operators DeepSparse does not run")
+            if self.quantize == "int8-dynamic":
+                raise EdgePruneError("--target deepsparse cannot use --quantize int8-dynamic: DeepSparse 1.8 cannot run "
+                                     "dynamic INT8 operators (MatMulInteger); use --quantize int8-static --calib PATH")
         if self.quantize == "int8-static" and not self.calib:
             raise EdgePruneError("--quantize int8-static needs calibration data: pass --calib PATH (STS tsv or text)")
 
@@ -220,6 +223,10 @@ def deepsparse_ready(model) -> list[str]:
     domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if domains:
         problems.append(f"it uses non-standard operator domains {domains}")
+    dynamic = sorted({n.op_type for n in model.graph.node if n.op_type in DEEPSPARSE_UNSUPPORTED_OPS})
+    if dynamic:
+        problems.append(f"it uses dynamic INT8 operators {dynamic}, which DeepSparse 1.8 crashes on "
+                        "(use --quantize int8-static)")
     odd = _odd_matmul_widths(model)
     if odd:
         problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
@@ -228,6 +235,8 @@ def deepsparse_ready(model) -> list[str]:
     return problems
 
 
+# Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
+DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
 # Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
 # seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
 DEEPSPARSE_WIDTH_MULTIPLE = 4
@@ -265,8 +274,26 @@ def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, all
     parent = source if loaded.source.kind == "artifact" else {"model": loaded.source.to_dict()}
     optimum_info = {k: v for k, v in info.items() if k != "kv_layout"}  # the layout is a top-level key
     meta = {"model_type": model_config.model_type, "source_kind": loaded.source.kind, "optimum": optimum_info,
-            "with_past": with_past, "load_s": round(load_s, 3)}
+            "with_past": with_past, "load_s": round(load_s, 3), "model_stats": _model_stats(loaded)}
     return ctx, parent, meta
+
+
+def _model_stats(loaded) -> dict[str, Any]:
+    """Parameters and block-FLOPs coefficients, recorded in the export so reports read them from the export
+    itself (not from a parent artifact that may be absent, nor from transformers, which a device lacks)."""
+    from edgeprune.compress.surgery import analytic_flops, parameter_count
+
+    parameters = parameter_count(loaded.model)
+    dense = parameters
+    if loaded.source.kind == "artifact":
+        dense = read_manifest(loaded.source.path).get("dense_parameters") or parameters
+    adapter, config = loaded.adapter, loaded.model.config
+    shapes = adapter.shapes(config)
+    one, two = (analytic_flops(adapter, config, shapes, s) for s in (1, 2))
+    quadratic = (two - 2 * one) / 2  # block FLOPs are linear + quadratic (attention) in the sequence length
+    return {"parameters": parameters, "dense_parameters": dense,
+            "flops": {"linear": one - quadratic, "quadratic": quadratic,
+                      "scope": "transformer blocks, 2 FLOPs per multiply-add"}}
 
 
 def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: Path):
@@ -326,9 +353,31 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
     ctx = _Context(task, decoder, layout, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
                    onnx_reference(work / "fp32.onnx"), f"source ONNX {onnx_path.name}", tokenizer)
     meta = {"model_type": cfg.get("model_type"), "source_kind": "onnx",
-            "with_past": any(n.startswith("past_key_values.") for n in names)}
+            "with_past": any(n.startswith("past_key_values.") for n in names),
+            "model_stats": manifest.get("model_stats")}
     parent = src_dir if manifest else str(onnx_path)
     return ctx, parent, meta
+
+
+def _source_is_decoder(source: str | Path) -> bool:
+    """Whether a source is a decoder, from what is on disk (config.json or a GGUF file); False if unknown."""
+    from edgeprune.models import ALIASES
+
+    path = Path(source)
+    if str(source) in ALIASES:
+        return str(source) != "minilm"
+    if path.suffix == ".gguf":
+        return True
+    config_path = (path.parent if path.is_file() else path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    manifest = read_manifest(config_path.parent) if is_artifact(config_path.parent) else {}
+    if manifest.get("task"):
+        return manifest["task"] == "text-generation"
+    archs = " ".join(config.get("architectures") or [])
+    return "ForCausalLM" in archs or "LMHead" in archs
 
 
 def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
@@ -348,8 +397,19 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    if config.calib and not Path(config.calib).is_file():
-        raise EdgePruneError(f"calibration data not found: {config.calib}")
+    if config.target == "deepsparse" and config.with_past and _source_is_decoder(source):
+        raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
+                             "a KV cache cannot run on it; add --no-past, or use onnxruntime")
+    if config.calib:
+        from edgeprune.eval.data import read_sentences
+
+        if not Path(config.calib).is_file():
+            raise EdgePruneError(f"calibration data not found: {config.calib} (--calib)")
+        calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
+        if config.quantize == "int8-static":
+            from edgeprune.compress.calibration import warn_if_few
+
+            warn_if_few(calib_sentences, config.calib_samples, config.calib)
 
     def say(message: str) -> None:
         if progress:
@@ -413,6 +473,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
                     raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
                 batches = _calibration_batches(ctx, config.calib, names, config)
                 steps["quantize"] = quant.quantize_static(current, work / "int8.onnx", batches, config.per_channel)
+                steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
+                                                    "samples_used": calib_sentences}
             timings["quantize_s"] = round(time.perf_counter() - step, 3)
             step = time.perf_counter()
             say("checking the INT8 model against the fp32 export")
@@ -447,8 +509,14 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
         roles: dict[str, str | None] = {"onnxruntime": DEFAULT_ONNX, "deepsparse": None}
 
-        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies.
-        if not deepsparse_ready(final):
+        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies. A decoder
+        # with a KV cache never gets a DeepSparse file: the runtime refuses to generate with one.
+        kv_decoder = ctx.decoder and bool(meta["with_past"])
+        if kv_decoder:
+            if config.target == "deepsparse":
+                raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder "
+                                     "with a KV cache cannot run on it; add --no-past, or use onnxruntime")
+        elif not deepsparse_ready(final):
             roles["deepsparse"] = DEFAULT_ONNX
         elif config.target == "deepsparse":
             dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
@@ -465,13 +533,17 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             step = time.perf_counter()
             validation["deepsparse"] = deepsparse_check(tmp / roles["deepsparse"], ctx)
             timings["deepsparse_check_s"] = round(time.perf_counter() - step, 3)
+            if not validation["deepsparse"]["checked"]:  # said on every run, not only in the manifest
+                print(f"edgeprune: warning: {roles['deepsparse']} was not compile-checked with DeepSparse: "
+                      f"{validation['deepsparse']['reason']} (edgeprune runtime install deepsparse)",
+                      file=sys.stderr, flush=True)
         timings["total_s"] = round(time.perf_counter() - started, 3)
         write_manifest(
             tmp, "export", config.to_dict(), parent,
             task=ctx.task, with_past=bool(meta["with_past"]), files_by_role=roles, variants=variants,
             validation=validation, kv_layout=ctx.layout if ctx.decoder else None, io=io_signature(tmp / DEFAULT_ONNX),
             steps=steps, model_type=meta["model_type"], source_kind=meta["source_kind"],
-            optimum=meta.get("optimum"), timings=timings,
+            optimum=meta.get("optimum"), timings=timings, model_stats=meta.get("model_stats"),
         )
         say(f"wrote {out}")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers) -> None:
@@ -40,13 +41,25 @@ def register(subparsers) -> None:
 
 
 def _read_lines(path: str) -> list[str]:
+    import os
+    import stat
+
     from edgeprune.errors import EdgePruneError
 
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise EdgePruneError(f"cannot read --input file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):  # /dev/zero, a FIFO or a directory would be read forever or not at all
+        raise EdgePruneError(f"--input {path} is not a regular file; pass a text file with one input per line")
     try:
         with open(path, encoding="utf-8") as handle:
             lines = [line.rstrip("\n") for line in handle]
     except OSError as exc:
-        raise EdgePruneError(f"cannot read --input file: {exc}") from None
+        raise EdgePruneError(f"cannot read --input file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise EdgePruneError(f"--input {path} is not UTF-8 text (byte {exc.start}); pass a text file with one "
+                             "input per line") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise EdgePruneError(f"{path}: no non-empty lines to run")
@@ -59,9 +72,14 @@ def run_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from edgeprune.cli import print_json_last
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.errors import EdgePruneError, check_minimums
     from edgeprune.runtime.pipelines import ClassificationPipeline, GenerationPipeline, build_pipeline
 
+    check_minimums(args, threads=1, batch_size=1, top_k=0, max_length=2, max_new_tokens=0)
+    if not 0 < args.top_p <= 1:
+        raise EdgePruneError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.sample and args.temperature <= 0:
+        raise EdgePruneError(f"--temperature must be > 0 when sampling (got {args.temperature})")
     texts = [args.text] if args.text is not None else _read_lines(args.input)
     started = time.perf_counter()
     pipeline = build_pipeline(args.artifact, args.runtime, args.threads, max_length=args.max_length)
@@ -70,15 +88,16 @@ def run_command(args: argparse.Namespace) -> int:
     progress = args.input is not None
     try:
         if isinstance(pipeline, GenerationPipeline):
-            if args.max_new_tokens < 0:
-                raise EdgePruneError("--max-new-tokens must be >= 0")
             for text in tqdm(texts, desc="generating", disable=not progress):
                 out = pipeline(text, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
                 results.append(out)
                 print(out if not progress else out.replace("\n", "\\n"), flush=True)
+                if pipeline.stopped_at_limit:
+                    print(f"edgeprune: note: stopped at the model's {pipeline.stopped_at_limit}-token limit (prompt "
+                          "plus generated tokens); the text above is what fitted", file=sys.stderr)
         else:
-            size = max(1, args.batch_size)
+            size = args.batch_size
             for start in tqdm(range(0, len(texts), size), desc="running", disable=not progress):
                 values = pipeline(texts[start:start + size])
                 for text, row in zip(texts[start:start + size], values):

@@ -52,6 +52,24 @@ class ExportInfo:
         return cls(directory, manifest, config, task, with_past)
 
 
+def position_limit(config: dict) -> int | None:
+    """Token positions a model can take, from its config.json (None: not recorded). RoBERTa-style models
+    start positions after the padding index, so two of their table's rows are never usable."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions") or config.get("n_ctx")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(config.get("pad_token_id") or 0) + 1
+    return limit
+
+
+def check_positions(config: dict, tokens: int, what: str, where) -> None:
+    """Refuse, before running, a length the model's position table cannot hold (ORT would fail in Gather)."""
+    limit = position_limit(config)
+    if limit is not None and tokens > limit:
+        raise EdgePruneError(f"{what} {tokens} exceeds the {limit} token positions of {where}; use at most {limit}")
+
+
 def _task_from_config(config: dict) -> str:
     archs = " ".join(config.get("architectures") or [])
     if "ForCausalLM" in archs or "LMHead" in archs:
@@ -180,6 +198,7 @@ class GenerationPipeline:
             self.present_for[info_.name] = present
         self.empty_past = {i.name: self._empty(i) for i in self.past_inputs}
         self.output_names = ["logits"] + [self.present_for[i.name] for i in self.past_inputs]
+        self.stopped_at_limit: int | None = None
 
     def _empty(self, tensor) -> np.ndarray:
         layer = int(_PAST.match(tensor.name).group(1))
@@ -217,10 +236,15 @@ class GenerationPipeline:
             prompt_ids = [bos]
         if max_new_tokens < 0:
             raise EdgePruneError("max_new_tokens must be >= 0")
-        limit = self.info.config.get("max_position_embeddings")
+        limit = position_limit(self.info.config)
+        self.stopped_at_limit = None  # the position limit when it cut the generation short
+        if limit and len(prompt_ids) >= limit:
+            raise EdgePruneError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most {limit} positions "
+                                 "(prompt plus generated tokens): shorten it")
         if limit and len(prompt_ids) + max_new_tokens > limit:
-            raise EdgePruneError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
-                                 f"model's {limit} positions")
+            # Generate what fits and say so, rather than fail at the last position and lose the text.
+            max_new_tokens = limit - len(prompt_ids)
+            self.stopped_at_limit = limit
         rng = np.random.default_rng(seed)
         eos = set(self.tokenizer.eos_ids) if stop_on_eos else set()
         generated: list[int] = []
@@ -253,6 +277,7 @@ class GenerationPipeline:
             raise EdgePruneError(f"logits expects input_ids of shape [1, L], got {input_ids.shape}")
         names = {i.name for i in self.session.inputs}
         length = input_ids.shape[1]
+        check_positions(self.info.config, length, "a sequence of", self.info.directory)
         feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64),
                  "position_ids": np.arange(length, dtype=np.int64)[None, :], **self.empty_past}
         return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
@@ -264,6 +289,8 @@ def build_pipeline(model_path: str | os.PathLike, runtime: str = "onnxruntime", 
     session = session or load_session(model_path, runtime, threads)
     info = ExportInfo.read(model_path, [i.name for i in session.inputs])
     tokenizer = RuntimeTokenizer(info.directory)
+    if info.task != "text-generation":
+        check_positions(info.config, max_length, "--max-length", info.directory)
     if info.task == "text-generation":
         return GenerationPipeline(session, tokenizer, info)
     if info.task == "sequence-classification":
@@ -281,6 +308,7 @@ class RuntimeBackend:
         self.session = load_session(model_dir, runtime, threads)
         self.info = ExportInfo.read(model_dir, [i.name for i in self.session.inputs])
         self.tokenizer = RuntimeTokenizer(self.info.directory)
+        self.positions = position_limit(self.info.config)
         self._embedder = None
         self._generator = None
 

@@ -231,13 +231,28 @@ def _assert_clean_failure(capsys, tmp_path, argv, expected):
     assert set(tmp_path.iterdir()) == before  # no output dir, no temp dir left behind
 
 
+def _loose_copy(export_dir, directory):
+    """The export's files without its manifest: an ONNX directory no hash check stands in front of."""
+    import shutil
+
+    directory.mkdir()
+    for item in export_dir.iterdir():
+        if item.name != "manifest.json":
+            shutil.copy2(item, directory / item.name)
+    return directory
+
+
 def test_corrupt_and_truncated_onnx(tiny_models, tmp_path, capsys):
     good = export(str(tiny_models("bert")), tmp_path / "good", progress=False)
+    loose = _loose_copy(good, tmp_path / "loose")
     data = (good / "model.onnx").read_bytes()
     (good / "model.onnx").write_bytes(data[: len(data) // 2])
-    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o1")], "corrupt or truncated")
-    (good / "model.onnx").write_bytes(b"\x00garbage" * 100)
-    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o2")], "ONNX")
+    # an export directory: its manifest's SHA-256 catches the damage first (issue 13, item 25)
+    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o0")], "model.onnx: SHA-256")
+    (loose / "model.onnx").write_bytes(data[: len(data) // 2])
+    _assert_clean_failure(capsys, tmp_path, ["export", str(loose / "model.onnx"), "-o", str(tmp_path / "o1")], "corrupt or truncated")
+    (loose / "model.onnx").write_bytes(b"\x00garbage" * 100)
+    _assert_clean_failure(capsys, tmp_path, ["export", str(loose / "model.onnx"), "-o", str(tmp_path / "o2")], "ONNX")
 
 
 def test_unsupported_opset_for_target(tiny_models, tmp_path, capsys):
@@ -246,12 +261,12 @@ def test_unsupported_opset_for_target(tiny_models, tmp_path, capsys):
 
 
 def test_source_ir_too_new_for_deepsparse_is_lowered_or_refused(tiny_models, tmp_path, capsys):
-    good = export(str(tiny_models("bert")), tmp_path / "good", progress=False)
+    good = _loose_copy(export(str(tiny_models("bert")), tmp_path / "export", progress=False), tmp_path / "good")
     model = onnx.load(str(good / "model.onnx"))
     model.opset_import[0].version = 21  # claims an opset DeepSparse cannot run
     onnx.save(model, str(good / "model.onnx"))
-    _assert_clean_failure(capsys, tmp_path, ["export", str(good), "-o", str(tmp_path / "o"), "--target", "deepsparse"],
-                          "opset 21 > 17")
+    _assert_clean_failure(capsys, tmp_path, ["export", str(good / "model.onnx"), "-o", str(tmp_path / "o"),
+                                             "--target", "deepsparse"], "opset 21 > 17")
 
 
 def test_static_quantization_needs_calibration(tiny_models, tmp_path, capsys):
