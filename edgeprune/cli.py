@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "edgeprune.runtime.cli",
     "edgeprune.eval.cli",
     "edgeprune.bench.cli",
+    "edgeprune.catalog_cli",
 )
 
 

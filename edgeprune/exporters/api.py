@@ -116,10 +116,10 @@ def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportCo
             for i in range(0, len(sentences), batch)]
 
 
-# Text for the INT8 task gate when no --calib is given: the STS-B *train* split from the shared data folder
+# Text for the INT8 task gate when no --calib is given: the STS-B *train* split (a built-in data key)
 # (never the dev split the docs report). Random token ids are the last resort: out-of-distribution inputs
 # understate INT8 quality (dense MiniLM, per-channel: mean cosine 0.9935 on text, 0.9885 on random ids).
-DEFAULT_CHECK_DATA = "stsb/sts-train.csv"
+DEFAULT_CHECK_DATA = "stsb:train"
 
 
 def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[list, str]:
@@ -127,15 +127,18 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
     text file, or random token ids."""
     import numpy as np
 
+    from edgeprune.data_sources import resolve_data
     from edgeprune.exporters.validate import random_feeds
-    from edgeprune.paths import data_dir
 
     if ctx.tokenizer is not None:
         if config.calib:
             return (_calibration_batches(ctx, config.calib, input_names, config, offset=config.calib_samples, count=64),
                     f"{config.calib} (sentences after the calibration ones)")
-        default = data_dir() / DEFAULT_CHECK_DATA
-        if default.is_file():
+        try:
+            default = resolve_data(DEFAULT_CHECK_DATA)
+        except EdgePruneError:
+            default = None  # not reachable: random ids below (the manifest names the source)
+        if default is not None:
             return _calibration_batches(ctx, str(default), input_names, config, count=64), str(default)
     rng = np.random.default_rng(config.seed + 7)
     batches = []
@@ -348,8 +351,10 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    if config.calib and not Path(config.calib).is_file():
-        raise EdgePruneError(f"calibration data not found: {config.calib}")
+    if config.calib:
+        from edgeprune.data_sources import resolve_data
+
+        config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
 
     def say(message: str) -> None:
         if progress:
