@@ -168,11 +168,15 @@ def fetch_from_hub(source: DataSource, destination: Path) -> Path:
 
 
 def _not_found(source: DataSource, hub_note: str) -> EdgePruneError:
-    mirror = f"$EDGEPRUNE_DATA/{source.mirror}" if source.mirror else "a local copy"
+    if not source.mirror:
+        mirror = "not in the mirror (hub only)"
+    elif os.environ.get("EDGEPRUNE_DATA") or data_dir().is_dir():
+        mirror = f"no mirror copy at {data_dir() / source.mirror}"
+    else:
+        mirror = "no mirror folder (EDGEPRUNE_DATA unset, no shared/data beside the checkout or the cwd)"
     return EdgePruneError(
-        f"data set {source.key} ({source.description}) not available: {hub_note}; "
-        f"pass a local file instead, or set EDGEPRUNE_DATA to a folder holding {source.mirror or source.key}"
-        f" (looked for {mirror} in {data_dir()})")
+        f"data set {source.key} ({source.description}) not available: {hub_note}; {mirror}; "
+        f"pass a local file instead, or set EDGEPRUNE_DATA to a folder holding {source.mirror or source.key}")
 
 
 def resolve_data(ref: str | os.PathLike, *, use_hub: bool = True) -> Path:
