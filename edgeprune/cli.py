@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgeprune.eval.cli",
     "edgeprune.bench.cli",
     "edgeprune.bench.fleet",
+    "edgeprune.catalog_cli",
 )
 
 

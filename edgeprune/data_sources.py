@@ -72,6 +72,8 @@ SOURCES: dict[str, DataSource] = {s.key: s for s in (
             "PIQA validation, all 1,838"),
 )}
 ALIASES = {"stsb:validation": "stsb:dev", "wikitext2:validation": "wikitext2:valid"}
+# What a task is evaluated on when no data is named (edgeprune eval / bench / pipeline).
+TASK_DEFAULT_DATA = {"sts": "stsb:dev", "perplexity": "wikitext2:valid"}
 
 
 def _clean(text: str) -> str:
@@ -166,11 +168,15 @@ def fetch_from_hub(source: DataSource, destination: Path) -> Path:
 
 
 def _not_found(source: DataSource, hub_note: str) -> EdgePruneError:
-    mirror = f"$EDGEPRUNE_DATA/{source.mirror}" if source.mirror else "a local copy"
+    if not source.mirror:
+        mirror = "not in the mirror (hub only)"
+    elif os.environ.get("EDGEPRUNE_DATA") or data_dir().is_dir():
+        mirror = f"no mirror copy at {data_dir() / source.mirror}"
+    else:
+        mirror = "no mirror folder (EDGEPRUNE_DATA unset, no shared/data beside the checkout or the cwd)"
     return EdgePruneError(
-        f"data set {source.key} ({source.description}) not available: {hub_note}; "
-        f"pass a local file instead, or set EDGEPRUNE_DATA to a folder holding {source.mirror or source.key}"
-        f" (looked for {mirror} in {data_dir()})")
+        f"data set {source.key} ({source.description}) not available: {hub_note}; {mirror}; "
+        f"pass a local file instead, or set EDGEPRUNE_DATA to a folder holding {source.mirror or source.key}")
 
 
 def resolve_data(ref: str | os.PathLike, *, use_hub: bool = True) -> Path:
@@ -211,6 +217,29 @@ def resolve_data(ref: str | os.PathLike, *, use_hub: bool = True) -> Path:
         if mirrored.is_file():
             return mirrored
     raise _not_found(source, hub_note)
+
+
+def resolve_data_or_name(ref: str | os.PathLike) -> str:
+    """For readers that also accept a ``datasets`` name (calibration, fine-tuning): a file, a built-in key or
+    a mirror-relative path resolves to a local file; anything else is returned as given, for ``datasets``."""
+    text = str(ref)
+    if is_key(text) or Path(text).expanduser().exists() or (not Path(text).is_absolute()
+                                                            and (data_dir() / text).is_file()):
+        return str(resolve_data(text))
+    return text
+
+
+def where(source: DataSource) -> str:
+    """Where ``source`` resolves right now, without downloading (for ``edgeprune data list``)."""
+    if cached_path(source).is_file():
+        return f"cache {cached_path(source)}"
+    if source.mirror and (data_dir() / source.mirror).is_file():
+        mirror_note = f"mirror {data_dir() / source.mirror}"
+    else:
+        mirror_note = None
+    if not hub_offline() and hub_reachable():
+        return f"hub (downloads on first use into {cached_path(source).parent})"
+    return mirror_note or "not available (offline and no mirror copy)"
 
 
 def describe_sources() -> list[dict[str, str]]:

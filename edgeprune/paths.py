@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeprune.errors import EdgePruneError
 
 
 def cache_dir() -> Path:
@@ -27,9 +26,3 @@ def data_dir() -> Path:
             return candidate
     return candidates[0]
 
-
-def data_file(relative: str) -> Path:
-    path = data_dir() / relative
-    if not path.is_file():
-        raise EdgePruneError(f"data file not found: {path} (set EDGEPRUNE_DATA to the shared data folder)")
-    return path

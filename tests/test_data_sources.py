@@ -104,3 +104,48 @@ def test_unreachable_hub_probe_is_quick(monkeypatch):
     started = time.perf_counter()
     assert data_sources.hub_reachable() is False
     assert time.perf_counter() - started < data_sources.HUB_PROBE_SECONDS + 1
+
+
+def _tiny_sts(path, n=12):
+    import random
+
+    from tiny import sample_texts
+
+    texts = sample_texts(2 * n, seed=5)
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"g\tf\t2012\t{i}\t{rng.uniform(0, 5):.2f}\t{texts[2 * i]}\t{texts[2 * i + 1]}\n"
+                            for i in range(n)))
+    return path
+
+
+def test_calibration_and_finetuning_read_keys(isolated, monkeypatch):
+    from edgeprune.compress.calibration import load_texts
+    from edgeprune.compress.finetune import read_texts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tiny_sts(isolated / "mirror" / "stsb" / "sts-train.csv")
+    texts = load_texts("stsb:train")
+    assert len(texts) == 24 and read_texts("stsb:train") == texts
+
+
+def test_eval_data_defaults_to_the_task_key(isolated, monkeypatch, tiny_models, capsys):
+    from edgeprune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dev = _tiny_sts(isolated / "mirror" / "stsb" / "sts-dev.csv")
+    assert main(["eval", str(tiny_models("bert")), "--task", "sts", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["data"] == str(dev) and result["n"] == 12
+
+
+def test_data_list_shows_every_key_and_where_it_resolves(isolated, monkeypatch, capsys):
+    from edgeprune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tiny_sts(isolated / "mirror" / "stsb" / "sts-dev.csv")
+    assert main(["data", "list", "--json"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"]}
+    assert set(rows) == set(SOURCES)
+    assert rows["stsb:dev"]["resolves"].startswith("mirror ") and rows["stsb:dev"]["hub"].startswith("sentence-")
+    assert rows["stsb:train"]["resolves"].startswith("not available")

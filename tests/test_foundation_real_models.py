@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeprune.paths import data_dir
+from edgeprune.data_sources import resolve_data
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +14,7 @@ def test_minilm_prune_reload_eval(tmp_path):
     from edgeprune.eval.api import EvalConfig, evaluate
 
     out = compress("minilm", tmp_path / "m", CompressConfig(structured=StructuredConfig(heads=0.5, ffn=0.5)))
-    result = evaluate(str(out), data_dir() / "stsb" / "sts-dev.csv", EvalConfig(task="sts"), progress=False)
+    result = evaluate(str(out), resolve_data("stsb:dev"), EvalConfig(task="sts"), progress=False)
     assert result["n"] == 1500
     assert 70.0 < result["value"] < 86.72  # magnitude 50/50 measured 78.63
 

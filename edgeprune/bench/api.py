@@ -163,6 +163,7 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
     """Benchmark ``dense`` and ``candidates`` (export dirs, or sources exported here in fp32) into ``out``."""
     from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
     from edgeprune.bench import report as report_mod
+    from edgeprune.data_sources import resolve_data
     from edgeprune.runtime.base import get_runtime
 
     from edgeprune.bench.harness import check_labels, check_sources
@@ -171,8 +172,8 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
     check_output_dir(out, overwrite)
     for name in config.runtimes:
         get_runtime(name)  # fail early with the runtime's own install hint
-    if config.data and not Path(config.data).is_file():
-        raise EdgePruneError(f"data file not found: {config.data}")
+    if config.data:
+        config = config.replace(data=str(resolve_data(config.data)))  # a file or a built-in key (stsb:dev)
     check_labels(labels, candidates)
     check_sources([dense] + list(candidates), config)
     if export_task is None and config.task == "perplexity":

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--round-seconds", type=float, default=0.25, help="target timed seconds per model per round")
     p.add_argument("--new-tokens", type=int, default=16, help="decoders: KV-cache decode steps per round")
     p.add_argument("--task", choices=["sts", "perplexity"], help="also measure quality")
-    p.add_argument("--data", help="STS-B tsv (sts) or text file (perplexity)")
+    p.add_argument("--data", help="a file (STS-B tsv for sts, text for perplexity) or a built-in data key; "
+                   "default: the task's dev set (stsb:dev, wikitext2:valid)")
     p.add_argument("--eval-limit", type=int, help="sts: first N pairs only")
     p.add_argument("--eval-max-tokens", type=int, default=20000, help="perplexity: tokens scored")
     p.add_argument("--watts-per-core", type=float, default=4.0,
@@ -71,12 +72,14 @@ def run_bench(args) -> int:
     from edgeprune.bench.harness import BenchConfig
     from edgeprune.bench.report import markdown
     from edgeprune.cli import print_json_last
+    from edgeprune.data_sources import TASK_DEFAULT_DATA
     from edgeprune.errors import check_minimums
 
     check_minimums(args, eval_limit=2, eval_max_tokens=2)
     config = BenchConfig(runtimes=args.runtime, batches=args.batch, seqs=args.seq, threads=args.threads,
                          rounds=args.rounds, warmup=args.warmup, round_seconds=args.round_seconds,
-                         new_tokens=args.new_tokens, task=args.task, data=args.data, eval_limit=args.eval_limit,
+                         new_tokens=args.new_tokens, task=args.task,
+                         data=args.data or (TASK_DEFAULT_DATA[args.task] if args.task else None), eval_limit=args.eval_limit,
                          eval_max_tokens=args.eval_max_tokens, watts_per_core=args.watts_per_core)
     report = bench(args.dense, args.candidate, args.output, config, overwrite=args.overwrite, labels=args.label)
     print(markdown(report))

@@ -12,11 +12,15 @@ from typing import Any, Callable
 
 from edgeprune.bench.harness import BenchConfig
 from edgeprune.configs import FrozenConfig
+from edgeprune.data_sources import resolve_data, resolve_data_or_name
 from edgeprune.errors import EdgePruneError
+from edgeprune.recipe_catalog import RECIPES_DIR, resolve_recipe
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 POSTTRAINING_RECIPE = RECIPES_DIR / "minilm-50-posttraining.yaml"
+DISTILL_RECIPE = RECIPES_DIR / "minilm-50-distill.yaml"
 UNSTRUCTURED_RECIPE = RECIPES_DIR / "minilm-unstructured-90.yaml"
+# The best trade-off the pipeline names: the fastest variant within this fraction of dense quality.
+BEST_TRADEOFF_MIN_QUALITY = 0.99
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,8 @@ class Variant(FrozenConfig):
     compress: dict | None = None  # inline compress recipe (same keys as the YAML)
     reuse: str | None = None
     export: dict = field(default_factory=dict)  # ExportConfig fields (quantize, target, optimize, ...)
-    calib: str | None = None  # calibration data for the recipe (absolute, or relative to the shared data folder)
-    finetune: str | None = None  # recovery fine-tuning / distillation data for the recipe (same resolution)
+    calib: str | None = None  # calibration data for the recipe: a built-in key (stsb:train) or a file
+    finetune: str | None = None  # fine-tuning / distillation data for the recipe (same); "none": no fine-tuning
     requires_runtime: str | None = None  # skip (with a note) when this runtime is unavailable
 
     def __post_init__(self):
@@ -44,7 +48,7 @@ class Variant(FrozenConfig):
 class PipelineConfig(FrozenConfig):
     model: str = "minilm"
     task: str | None = "sts"  # quality task for the benchmark (sts | perplexity | null)
-    data: str | None = "stsb/sts-dev.csv"  # absolute, or relative to the shared data folder
+    data: str | None = "stsb:dev"  # a built-in data key (edgeprune data list) or a file
     eval_limit: int | None = None
     variants: tuple[Variant, ...] = ()
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -63,44 +67,24 @@ class PipelineConfig(FrozenConfig):
             raise EdgePruneError("the first (dense reference) variant cannot be optional")
 
 
-def resolve_data(path: str | None) -> str | None:
-    if path is None:
-        return None
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return str(candidate)
-    from edgeprune.paths import data_dir
-
-    shared = data_dir() / path
-    if shared.is_file():
-        return str(shared)
-    raise EdgePruneError(f"data file not found: {path} (also looked in {data_dir()})")
-
-
-def resolve_recipe(path: str, relative_to: Path | None = None) -> str:
-    """A compress recipe path as given, relative to the pipeline file, or a name in edgeprune/recipes/."""
-    for candidate in (Path(path).expanduser(), (relative_to or Path.cwd()) / path, RECIPES_DIR / path,
-                      RECIPES_DIR / f"{path}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    raise EdgePruneError(f"compress recipe not found: {path} (looked beside the pipeline file and in {RECIPES_DIR})")
-
-
 def default_recipe() -> PipelineConfig:
-    """The README main job: MiniLM dense, structured 50/50 post-training, + INT8, 90% sparse on DeepSparse."""
-    structured = ({"name": "structured-50", "recipe": str(POSTTRAINING_RECIPE), "calib": "stsb/sts-train.csv"}
-                  if POSTTRAINING_RECIPE.is_file()
+    """The README main job: MiniLM dense, structured 50 % of block FLOPs post-training and distilled (each
+    fp32 and INT8), 90 % sparse on DeepSparse."""
+    structured = ({"name": "structured-50", "recipe": str(POSTTRAINING_RECIPE)} if POSTTRAINING_RECIPE.is_file()
                   else {"name": "structured-50", "compress": {"structured": {"heads": 0.5, "ffn": 0.5}}})
     variants = [
         {"name": "dense", "export": {"target": "deepsparse"}},
         structured,
         {"name": "structured-50-int8", "reuse": "structured-50", "export": {"quantize": "int8-dynamic"}},
+        *([{"name": "distilled-50", "recipe": str(DISTILL_RECIPE)},
+           {"name": "distilled-50-int8", "reuse": "distilled-50", "export": {"quantize": "int8-dynamic"}}]
+          if DISTILL_RECIPE.is_file() else []),
         dict({"recipe": str(UNSTRUCTURED_RECIPE)} if UNSTRUCTURED_RECIPE.is_file()
              else {"compress": {"sparsity": {"fraction": 0.9, "scope": "global"}}},
              name="unstructured-90", export={"target": "deepsparse"}, requires_runtime="deepsparse"),
     ]
     return PipelineConfig.from_dict({
-        "model": "minilm", "task": "sts", "data": "stsb/sts-dev.csv", "variants": variants,
+        "model": "minilm", "task": "sts", "data": "stsb:dev", "variants": variants,
         "bench": {"runtimes": ["onnxruntime"], "batches": [1], "seqs": [128], "threads": 2, "rounds": 16,
                   "round_seconds": 0.6},
         "optional_runtimes": ["deepsparse"],
@@ -116,22 +100,31 @@ def _runtime_available(name: str) -> bool:
         return False
 
 
+def variant_compress_config(variant: Variant, recipe_dir: Path | None = None):
+    """The compress recipe of a ``recipe``/``compress`` variant with its ``calib``/``finetune`` applied."""
+    from edgeprune.compress.api import CompressConfig
+
+    cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
+           else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
+    if variant.calib:
+        cfg = cfg.replace(calibration=cfg.calibration.replace(path=variant.calib))
+    if variant.finetune:
+        cfg = cfg.replace(finetune=cfg.finetune.replace(
+            data=None if variant.finetune.lower() == "none" else variant.finetune))
+    return cfg
+
+
 def variant_configs(config: PipelineConfig, recipe_dir: Path | None = None) -> dict[str, tuple[Any, Any]]:
     """Every variant's compress and export configs, built (and so validated) before the first variant runs:
     a bad ratio in the last variant must not surface after the first ones were built."""
-    from edgeprune.compress.api import CompressConfig, check_options
+    from edgeprune.compress.api import check_options
     from edgeprune.exporters.api import ExportConfig
 
     configs: dict[str, tuple[Any, Any]] = {}
     for variant in config.variants:
         cfg = None
         if not variant.reuse and (variant.recipe or variant.compress):
-            cfg = (CompressConfig.from_file(resolve_recipe(variant.recipe, recipe_dir)) if variant.recipe
-                   else CompressConfig.from_dict(variant.compress, where=f"variant {variant.name}.compress"))
-            if variant.calib:
-                cfg = cfg.replace(calibration=cfg.calibration.replace(path=resolve_data(variant.calib)))
-            if variant.finetune:
-                cfg = cfg.replace(finetune=cfg.finetune.replace(data=resolve_data(variant.finetune)))
+            cfg = variant_compress_config(variant, recipe_dir)
             try:
                 check_options(cfg)
             except EdgePruneError as exc:
@@ -141,6 +134,36 @@ def variant_configs(config: PipelineConfig, recipe_dir: Path | None = None) -> d
             fields.setdefault("task", "text-generation")
         configs[variant.name] = (cfg, ExportConfig.from_dict(fields, where=f"variant {variant.name}.export"))
     return configs
+
+
+def check_data(config: PipelineConfig, recipe_dir: Path | None = None) -> str | None:
+    """Resolve every data reference (evaluation data first: it needs no torch import) before any work, so a
+    data set that is not reachable fails in seconds, not after the first variants are built. Returns the
+    evaluation data file."""
+    data = str(resolve_data(config.data)) if config.task else None
+    for variant in config.variants:
+        if variant.recipe or variant.compress:
+            cfg = variant_compress_config(variant, recipe_dir)
+            for ref in (cfg.calibration.path, cfg.finetune.data):
+                if ref is not None:
+                    resolve_data_or_name(ref)
+    return data
+
+
+def best_tradeoff(comparisons: list[dict], min_quality: float = BEST_TRADEOFF_MIN_QUALITY) -> dict | None:
+    """The fastest variant whose quality is within ``1 - min_quality`` of dense, at the first runtime, batch
+    and sequence length measured (the README table's shape); None when no quality was measured."""
+    rows = [c for c in comparisons if c.get("quality_ratio") is not None and c.get("p50_ms") is not None]
+    if not rows:
+        return None
+    key = (rows[0]["runtime"], rows[0]["batch"], rows[0]["seq"])
+    ok = [c for c in rows if (c["runtime"], c["batch"], c["seq"]) == key and c["quality_ratio"] >= min_quality]
+    if not ok:
+        return None
+    best = min(ok, key=lambda c: c["p50_ms"])
+    return {"model": best["model"], "runtime": key[0], "batch": key[1], "seq": key[2], "p50_ms": best["p50_ms"],
+            "speedup": best.get("speedup_p50"), "quality": best.get("quality"), "quality_ratio": best["quality_ratio"],
+            "rule": f"fastest variant with quality >= {min_quality:.0%} of dense"}
 
 
 def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None] = print,
@@ -195,7 +218,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
     check_output_dir(out, overwrite)
     if threads is not None and threads < 1:
         raise EdgePruneError(f"--threads must be >= 1 (got {threads})")
-    data = resolve_data(config.data) if config.task else None
+    data = check_data(config, recipe_dir)
     runtimes = tuple(config.bench.runtimes) + tuple(
         r for r in config.optional_runtimes if r not in config.bench.runtimes and _runtime_available(r))
     bench_cfg = config.bench.replace(task=config.task, data=data, eval_limit=config.eval_limit, runtimes=runtimes,
@@ -209,13 +232,21 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
         report = bench(str(built[0][1]), [str(p) for _, p in built[1:]], tmp / "report", bench_cfg,
                        labels=[name for name, _ in built], log=log)
         summary = {"output": str(out), "report": str(Path(out) / "report" / "report.json"), "variants": notes,
-                   "seconds": round(time.perf_counter() - started, 1), "comparisons": report["comparisons"]}
+                   "seconds": round(time.perf_counter() - started, 1), "comparisons": report["comparisons"],
+                   "best_tradeoff": best_tradeoff(report["comparisons"])}
         (tmp / "pipeline.yaml").write_text(config.to_yaml())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
         if finish is not None:
             finish(tmp, summary)
         write_manifest(tmp, "pipeline", config.to_dict(), parent=None, variants=notes)
     print(markdown(report))
+    best = summary["best_tradeoff"]
+    if best is not None:
+        print(f"best trade-off ({best['rule']}, {best['runtime']} batch {best['batch']} seq {best['seq']}): "
+              f"{best['model']}, p50 {best['p50_ms']:.2f} ms = {best['speedup'] or float('nan'):.2f}x dense, "
+              f"quality {best['quality']:.2f} = {best['quality_ratio']:.1%} of dense")
+    elif config.task:
+        print(f"best trade-off: no variant reaches {BEST_TRADEOFF_MIN_QUALITY:.0%} of dense quality")
     print(f"pipeline finished in {summary['seconds']:.0f}s; report: {summary['report']}")
     return summary
 
@@ -226,12 +257,12 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
 class SweepConfig(FrozenConfig):
     model: str = "minilm"
     task: str = "sts"
-    data: str = "stsb/sts-dev.csv"
+    data: str = "stsb:dev"
     eval_limit: int | None = 500
     # fraction removed: of heads and FFN neurons, or of block FLOPs when the base recipe uses a FLOPs budget
     levels: tuple[float, ...] = (0.25, 0.5, 0.7)
     base_recipe: str | None = None  # compress recipe whose structured heads/ffn (or flops_budget) the sweep sets
-    calib: str | None = None  # calibration data for the base recipe (relative to the shared data folder or absolute)
+    calib: str | None = None  # calibration data for the base recipe: a built-in key (stsb:train) or a file
     quantize: tuple[str, ...] = ("none",)  # export variants per level: none, int8-dynamic
     bench: BenchConfig = field(default_factory=lambda: BenchConfig(threads=2, rounds=6))
 
@@ -245,7 +276,7 @@ class SweepConfig(FrozenConfig):
 
 def default_sweep() -> SweepConfig:
     if POSTTRAINING_RECIPE.is_file():
-        return SweepConfig(base_recipe=str(POSTTRAINING_RECIPE), calib="stsb/sts-train.csv",
+        return SweepConfig(base_recipe=str(POSTTRAINING_RECIPE), calib="stsb:train",
                            quantize=("none", "int8-dynamic"))
     return SweepConfig(quantize=("none", "int8-dynamic"))
 

@@ -1,6 +1,6 @@
 """Calibration data: a few hundred unlabeled texts, tokenized into batches for data-aware pruning.
 
-Sources: an STS-B tsv (both sentences of every pair), a plain text file (non-empty lines; for decoders,
+Sources: a built-in data key (``stsb:train``; edgeprune.data_sources), an STS-B tsv (both sentences of every pair), a plain text file (non-empty lines; for decoders,
 consecutive text is packed into ``max_length`` token windows), a local ``datasets`` data file
 (.json/.jsonl/.csv/.parquet/.arrow) or a ``datasets`` name (``name``, ``name:config`` or ``name:config:split``).
 Sampling is seeded, so the same recipe always sees the same texts.
@@ -65,8 +65,12 @@ def load_texts(path: str | Path, what: str = "calibration data", flag: str = "--
     """All candidate calibration (or fine-tuning) texts of a source (before sampling)."""
     from edgeprune.eval.data import read_sentences
 
+    from edgeprune.data_sources import resolve_data_or_name
+
     if path is None:
-        raise EdgePruneError(f"this importance/reconstruction needs {what}: pass {flag} PATH")
+        raise EdgePruneError(f"this importance/reconstruction needs {what}: pass {flag} PATH "
+                             f"(e.g. {flag} stsb:train; `edgeprune data list` shows the built-in data sets)")
+    path = resolve_data_or_name(path)
     location = Path(str(path)).expanduser()
     if location.is_file() and location.suffix.lower() in DATASET_SUFFIXES and location.suffix.lower() != ".csv":
         return _load_datasets(str(location))
@@ -135,9 +139,12 @@ def load_calibration(loaded, cfg, seed: int = 0) -> list[dict]:
     """Tokenized calibration batches (dicts of tensors) for ``loaded`` per a ``CalibrationConfig``."""
     import torch
 
-    texts = load_texts(cfg.path)
+    from edgeprune.data_sources import resolve_data_or_name
+
+    path = resolve_data_or_name(cfg.path) if cfg.path is not None else None
+    texts = load_texts(path)
     tokenizer = loaded.tokenizer
-    if loaded.adapter.is_decoder and not _looks_like_sentences(cfg.path):
+    if loaded.adapter.is_decoder and not _looks_like_sentences(path):
         windows = _pack(tokenizer, texts, cfg.samples, cfg.max_length, seed)
         return [{"input_ids": torch.tensor(windows[i:i + cfg.batch_size]),
                  "attention_mask": torch.ones(len(windows[i:i + cfg.batch_size]), len(windows[0]), dtype=torch.long)}

@@ -25,16 +25,20 @@ SPARSITY_FINETUNE_FLAGS = {
 
 
 def register(subparsers) -> None:
+    from edgeprune.compress.defaults import HELP
+
     p = subparsers.add_parser("compress", help="prune (and optionally sparsify/fine-tune) a model into an artifact",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="alias (minilm, smollm2-135m), local HF dir, .gguf file, hub id or artifact")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    p.add_argument("--recipe", help="YAML/JSON recipe; flags given on the command line override it")
+    p.add_argument("--recipe", help="a built-in recipe by name (`edgeprune recipes list`, e.g. minilm-50-distill) or a "
+                   "YAML/JSON file; flags given on the command line override it")
     p.add_argument("--heads", type=float, help="fraction of attention heads to remove per layer, in [0, 1)")
     p.add_argument("--ffn", type=float, help="fraction of FFN neurons to remove per layer, in [0, 1)")
-    p.add_argument("--importance", help="importance criterion (magnitude, ...)")
+    p.add_argument("--importance", help="importance criterion: magnitude, fisher, taylor, activation "
+                   "(default: fisher with --calib, else magnitude)")
     p.add_argument("--allocation", help="uniform (per layer), global (ranked across layers) or joint (greedy on per-layer Fisher blocks; needs --flops-budget)")
-    p.add_argument("--round-to", type=int, help="keep widths a multiple of N")
+    p.add_argument("--round-to", type=int, help="keep widths a multiple of N (default: 4 with --calib, else 1)")
     p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
     p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")
     p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
@@ -51,17 +55,22 @@ def register(subparsers) -> None:
                    help="fine-tune between iterative sparsity steps (needs --finetune)")
     p.add_argument("--finetune", metavar="DATA", help="recovery fine-tuning data (STS tsv, text file, datasets name)")
     p.add_argument("--epochs", type=float, help="fine-tuning epochs")
-    p.add_argument("--distill", action="store_true", default=None, help="distil from the dense model")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="distil from the dense model (default: on with --finetune and no recipe)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate")
     p.add_argument("--max-steps", type=int, help="cap on fine-tuning steps")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
     p.add_argument("--max-length", type=int, help="fine-tuning max tokens per sequence")
-    p.add_argument("--calib", metavar="PATH", help="calibration data: STS tsv, text file, datasets name or data file")
+    p.add_argument("--calib", metavar="DATA", help="calibration data: a built-in key (stsb:train; `edgeprune data "
+                   "list`), STS tsv, text file, datasets name or data file; turns on the measured-best settings")
     p.add_argument("--calib-samples", type=int, help="calibration texts (or token windows for decoders)")
-    p.add_argument("--reconstruct", action="store_true", default=None,
-                   help="re-fit kept output projections layer by layer by least squares (needs --calib)")
-    p.add_argument("--reconstruct-mode", choices=["full", "scales"], help="re-fit whole weights or per-unit scales")
-    p.add_argument("--reconstruct-damping", type=float, help="ridge strength, relative to the mean Gram diagonal")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-fit kept output projections layer by layer by least squares (needs --calib; default: "
+                   "on with --calib and no recipe)")
+    p.add_argument("--reconstruct-mode", choices=["full", "scales"],
+                   help="re-fit per-unit scales (default; measured best) or whole weights (hurts encoders)")
+    p.add_argument("--reconstruct-damping", type=float, help="ridge strength, relative to the mean Gram diagonal "
+                   "(default: 1.0 for scales, 0.01 for full)")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -70,10 +79,37 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_compress)
 
 
+def best_defaults(args) -> dict:
+    """Recipe sections for a run without --recipe: the measured-best settings of the model's family when
+    --calib (structured pruning) or --finetune is given, else the data-free defaults."""
+    from edgeprune.compress.api import CompressConfig
+    from edgeprune.compress.defaults import BEST_FINETUNE, BEST_STRUCTURED, merge, model_family
+
+    base = CompressConfig().to_dict()
+    structured = any(getattr(args, f, None) for f in ("heads", "ffn", "flops_budget"))
+    wants_structured_best = structured and args.calib is not None
+    wants_finetune_best = getattr(args, "finetune", None) not in (None, "none")
+    if not (wants_structured_best or wants_finetune_best):
+        return base
+    family = model_family(args.model)
+    if family is None:
+        return base
+    if wants_structured_best:
+        merge(base, BEST_STRUCTURED[family])
+    if wants_finetune_best:
+        merge(base, {"finetune": BEST_FINETUNE[family]})
+    return base
+
+
 def config_from_args(args):
     from edgeprune.compress.api import CompressConfig
 
-    base = CompressConfig.from_file(args.recipe).to_dict() if args.recipe else CompressConfig().to_dict()
+    if args.recipe:
+        from edgeprune.recipe_catalog import resolve_recipe
+
+        base = CompressConfig.from_file(resolve_recipe(args.recipe)).to_dict()
+    else:
+        base = best_defaults(args)
     for flag, field in STRUCTURED_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -81,11 +117,27 @@ def config_from_args(args):
     for flag, (section, field) in SPARSITY_FINETUNE_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            base[section][field] = value
+            base[section][field] = None if (section, value) == ("finetune", "none") else value
     for key in ("task", "seed"):
         if getattr(args, key, None) is not None:
             base[key] = getattr(args, key)
     return CompressConfig.from_dict(base)
+
+
+def warn_known_harmful(model: str, config) -> None:
+    """One stderr line for a combination the project measured to hurt (it still ran: the user asked), or a
+    note that pruning was data-free."""
+    import sys
+
+    from edgeprune.compress.defaults import FULL_RECONSTRUCT_ENCODER, model_family
+
+    rc = config.reconstruct
+    if rc.enabled and rc.mode == "full" and config.structured.active and model_family(model) == "encoder":
+        print(f"edgeprune: warning: {FULL_RECONSTRUCT_ENCODER}", file=sys.stderr)
+    elif config.structured.active and config.structured.importance == "magnitude" and config.calibration.path is None:
+        print("edgeprune: note: no --calib, so magnitude importance and a uniform cut (data-free); with --calib "
+              "stsb:train (or your own text) the measured-best settings apply (`edgeprune compress --help`)",
+              file=sys.stderr)
 
 
 def run_compress(args) -> int:
@@ -95,6 +147,7 @@ def run_compress(args) -> int:
 
     config = config_from_args(args)
     out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    warn_known_harmful(args.model, config)  # after the run: a failure stays one error line
     manifest = read_manifest(out)
     summary = {"output": str(out), "parameters": manifest["parameters"], "dense_parameters": manifest["dense_parameters"],
                "timings": manifest["timings"]}

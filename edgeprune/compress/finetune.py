@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgeprune.data_sources import resolve_data_or_name
 from edgeprune.errors import EdgePruneError
 
 LOG_FILE = "train_log.jsonl"
@@ -29,21 +30,12 @@ def _is_sts(path: Path) -> bool:
     return first.count("\t") >= 6
 
 
-def resolve_data(data: str) -> str:
-    """A path as given, else relative to the shared data folder (so recipes can say ``stsb/sts-train.csv``)."""
-    from edgeprune.paths import data_dir
-
-    if not Path(data).expanduser().exists() and (data_dir() / data).is_file():
-        return str(data_dir() / data)
-    return data
-
-
 def read_texts(data: str) -> list[str]:
     """Training texts from the same sources as calibration: STS tsv (both sentences), a plain text file
     (one text per line), a local json/csv/parquet file or a ``datasets`` name."""
     from edgeprune.compress.calibration import load_texts
 
-    return load_texts(resolve_data(data), what="fine-tuning data", flag="--finetune")
+    return load_texts(resolve_data_or_name(data), what="fine-tuning data", flag="--finetune")
 
 
 def check_data(data: str) -> None:
@@ -52,7 +44,7 @@ def check_data(data: str) -> None:
     from edgeprune.compress.calibration import looks_like_path
     from edgeprune.paths import data_dir
 
-    path = Path(resolve_data(data)).expanduser()
+    path = Path(resolve_data_or_name(data)).expanduser()
     if path.is_dir():
         raise EdgePruneError(f"fine-tuning data path is a directory, not a file: {data} (--finetune)")
     if not path.exists() and looks_like_path(data):
@@ -68,7 +60,7 @@ def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[li
     evaluation), cut into blocks of ``block`` tokens."""
     from edgeprune.eval.data import read_corpus
 
-    path = Path(resolve_data(data)).expanduser()
+    path = Path(resolve_data_or_name(data)).expanduser()
     text = read_corpus(path) if path.is_file() and not _is_sts(path) else "\n".join(read_texts(data))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
     blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
@@ -151,7 +143,7 @@ class _Batches:
     def __init__(self, loaded, cfg, seed: int):
         self.tok, self.cfg, self.rng = loaded.tokenizer, cfg, random.Random(seed)
         self.decoder = loaded.adapter.is_decoder
-        data = resolve_data(cfg.data)
+        data = resolve_data_or_name(cfg.data)
         if self.decoder:
             self.items: list[Any] = lm_blocks(self.tok, data, cfg.max_length, cfg.skip_tokens)
             self.kind = "lm"

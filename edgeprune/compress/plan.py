@@ -45,9 +45,10 @@ class StructuredConfig(FrozenConfig):
             raise EdgePruneError(f"gqa_mode must be one of {', '.join(GQA_MODES)} (got {self.gqa_mode!r})")
         if self.flops_budget is not None and not 0.0 < self.flops_budget <= 1.0:
             raise EdgePruneError(f"--flops-budget must be in (0, 1] (got {self.flops_budget})")
-        if self.allocation == "joint" and self.flops_budget is None:
+        if self.allocation == "joint" and self.flops_budget is None and self.heads == 0 and self.ffn == 0:
             # without a budget nothing would be pruned and the request would pass silently
-            raise EdgePruneError("allocation 'joint' needs --flops-budget F")
+            raise EdgePruneError("allocation 'joint' needs --flops-budget F (or --heads/--ffn fractions, which set "
+                                 "the budget to the block FLOPs their uniform cut keeps)")
 
     @property
     def active(self) -> bool:
@@ -93,6 +94,18 @@ def kept_count(total: int, fraction: float, round_to: int = 1, unit_width: int =
         if total >= step:
             keep = min(total - total % step, max(step, int(math.floor(keep / step + 0.5)) * step))
     return keep
+
+
+def budget_for_fractions(shapes: list[LayerShape], cfg: StructuredConfig, adapter: ArchAdapter, config) -> float:
+    """The block-FLOPs fraction (at ``cfg.seq_len``) that removing ``cfg.heads`` of every layer's heads and
+    ``cfg.ffn`` of its neurons keeps: how a budget allocator reads ``--heads/--ffn`` given without a budget."""
+    def kept(shape: LayerShape) -> LayerShape:
+        heads = kept_count(shape.heads, cfg.heads)
+        kv = kept_count(shape.kv_heads, cfg.heads) if cfg.gqa_mode == "groups" else shape.kv_heads
+        return LayerShape(heads=heads, kv_heads=min(kv, heads), ffn=kept_count(shape.ffn, cfg.ffn))
+
+    dense = sum(adapter.block_flops(config, s, cfg.seq_len) for s in shapes)
+    return round(sum(adapter.block_flops(config, kept(s), cfg.seq_len) for s in shapes) / dense, 4)
 
 
 def top_sorted(scores: torch.Tensor, k: int) -> tuple[int, ...]:

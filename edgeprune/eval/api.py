@@ -99,8 +99,10 @@ def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bo
 def evaluate(model: str | Path, data: str | Path, config: EvalConfig | None = None, runtime: str | None = None,
              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     config = config or EvalConfig()
+    from edgeprune.data_sources import resolve_data
     from edgeprune.eval.data import read_text
 
+    data = resolve_data(data)  # a built-in key (stsb:dev, wikitext2:valid) or a file
     read_text(data)  # fail on unreadable data before loading a model
     backend = make_backend(model, runtime, config.task, config.max_length, threads)
     result = evaluate_backend(backend, data, config, progress)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from edgeprune.data_sources import TASK_DEFAULT_DATA as DEFAULT_DATA
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model, artifact or export on STS or perplexity")
     p.add_argument("model", help="alias, model dir, .gguf, compressed artifact or exported ONNX directory")
     p.add_argument("--task", choices=["sts", "perplexity"], required=True)
-    p.add_argument("--data", required=True, help="STS-B tsv (sts) or a text file (perplexity)")
+    p.add_argument("--data", help="a file (STS-B tsv for sts, text for perplexity) or a built-in data key "
+                   "(`edgeprune data list`); default: the task's dev set, "
+                   + ", ".join(f"{task} -> {key}" for task, key in DEFAULT_DATA.items()))
     p.add_argument("--runtime", default=None, help="evaluate through a runtime (onnxruntime, deepsparse) instead of PyTorch")
     p.add_argument("--limit", type=int, help="STS: use only the first N pairs")
     p.add_argument("--max-tokens", type=int, default=20000, help="perplexity: tokens to score")
@@ -28,7 +32,8 @@ def run_eval(args) -> int:
 
     config = EvalConfig(task=args.task, limit=args.limit, max_tokens=args.max_tokens, window=args.window,
                         stride=args.stride, batch_size=args.batch_size)
-    result = evaluate(args.model, args.data, config, runtime=args.runtime, threads=args.threads, progress=True)
+    data = args.data or DEFAULT_DATA[args.task]
+    result = evaluate(args.model, data, config, runtime=args.runtime, threads=args.threads, progress=True)
     print(f"{result['task']}: {result['metric']} = {result['value']:.4f} (n={result['n']}, {result['backend']}, "
           f"{result['seconds']}s)")
     if args.json:

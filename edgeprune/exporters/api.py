@@ -119,10 +119,10 @@ def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportCo
             for i in range(0, len(sentences), batch)]
 
 
-# Text for the INT8 task gate when no --calib is given: the STS-B *train* split from the shared data folder
+# Text for the INT8 task gate when no --calib is given: the STS-B *train* split (a built-in data key)
 # (never the dev split the docs report). Random token ids are the last resort: out-of-distribution inputs
 # understate INT8 quality (dense MiniLM, per-channel: mean cosine 0.9935 on text, 0.9885 on random ids).
-DEFAULT_CHECK_DATA = "stsb/sts-train.csv"
+DEFAULT_CHECK_DATA = "stsb:train"
 
 
 def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[list, str]:
@@ -130,15 +130,18 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
     text file, or random token ids."""
     import numpy as np
 
+    from edgeprune.data_sources import resolve_data
     from edgeprune.exporters.validate import random_feeds
-    from edgeprune.paths import data_dir
 
     if ctx.tokenizer is not None:
         if config.calib:
             return (_calibration_batches(ctx, config.calib, input_names, config, offset=config.calib_samples, count=64),
                     f"{config.calib} (sentences after the calibration ones)")
-        default = data_dir() / DEFAULT_CHECK_DATA
-        if default.is_file():
+        try:
+            default = resolve_data(DEFAULT_CHECK_DATA)
+        except EdgePruneError:
+            default = None  # not reachable: random ids below (the manifest names the source)
+        if default is not None:
             return _calibration_batches(ctx, str(default), input_names, config, count=64), str(default)
     rng = np.random.default_rng(config.seed + 7)
     batches = []
@@ -401,10 +404,10 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
                              "a KV cache cannot run on it; add --no-past, or use onnxruntime")
     if config.calib:
+        from edgeprune.data_sources import resolve_data
         from edgeprune.eval.data import read_sentences
 
-        if not Path(config.calib).is_file():
-            raise EdgePruneError(f"calibration data not found: {config.calib} (--calib)")
+        config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
         calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
         if config.quantize == "int8-static":
             from edgeprune.compress.calibration import warn_if_few

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                    help="keep torch's shape arithmetic (by default it is folded into static reshapes)")
     p.add_argument("--optimize", action="store_true", default=None, help="onnxruntime transformer graph fusion")
     p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static"], help="INT8 quantization (default none)")
-    p.add_argument("--calib", help="calibration text (STS tsv or text file) for int8-static and the INT8 check")
+    p.add_argument("--calib", help="calibration text (a built-in key such as stsb:train, STS tsv or text file) for "
+                   "int8-static and the INT8 check (default for the check: stsb:train when reachable)")
     p.add_argument("--calib-samples", type=int, help="calibration sentences (default 128)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
     p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],

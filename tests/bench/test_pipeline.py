@@ -61,7 +61,10 @@ bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_secon
         assert m["agreement"]["cosine_mean"] <= 1.0 + 1e-6
     assert (out / "report" / "latency_vs_quality.png").is_file() and (out / "report" / "size_vs_quality.png").is_file()
     assert (out / "pipeline.yaml").is_file() and json.loads((out / "manifest.json").read_text())["stage"] == "pipeline"
-    assert "| pruned-int8 |" in capsys.readouterr().out  # the table is printed
+    printed = capsys.readouterr().out
+    assert "| pruned-int8 |" in printed  # the table is printed
+    best = summary["best_tradeoff"]  # the fastest variant within 1 % of dense quality (or none)
+    assert best is None or (best["quality_ratio"] >= 0.99 and best["model"] in by and "best trade-off" in printed)
 
 
 def test_pipeline_config_errors(tmp_path):
@@ -118,3 +121,44 @@ bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_secon
     fastest = min(result["points"], key=lambda p: p["p50_ms"])
     assert result["chosen"]["model"] == fastest["model"]  # every variant passes a near-zero quality bar
     assert (out / "chosen" / "model.onnx").is_file() and (out / "sweep.json").is_file()
+
+
+def test_best_tradeoff_is_the_fastest_within_one_percent():
+    from edgeprune.bench.pipeline import best_tradeoff
+
+    rows = [{"runtime": "onnxruntime", "batch": 1, "seq": 128, "model": m, "p50_ms": p, "quality": q * 86.7,
+             "quality_ratio": q, "speedup_p50": 9.0 / p} for m, p, q in
+            [("dense", 9.0, 1.0), ("pt", 5.0, 0.986), ("pt-int8", 2.2, 0.985), ("kd", 5.1, 0.999),
+             ("kd-int8", 2.3, 0.995)]]
+    rows.append(dict(rows[3], runtime="deepsparse", p50_ms=1.0))  # other runtimes do not compete
+    best = best_tradeoff(rows)
+    assert best["model"] == "kd-int8" and best["runtime"] == "onnxruntime"
+    assert best_tradeoff([dict(r, quality_ratio=0.9) for r in rows[1:]]) is None
+    assert best_tradeoff([dict(r, quality_ratio=None) for r in rows]) is None
+
+
+def test_default_pipeline_builds_the_distilled_variant_in_fp32_and_int8():
+    from edgeprune.bench.pipeline import default_recipe
+
+    config = default_recipe()
+    by = {v.name: v for v in config.variants}
+    assert by["distilled-50"].recipe.endswith("minilm-50-distill.yaml")
+    assert by["distilled-50-int8"].reuse == "distilled-50"
+    assert by["distilled-50-int8"].export["quantize"] == "int8-dynamic"
+    assert config.data == "stsb:dev"
+
+
+def test_unreachable_data_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    import time
+
+    from edgeprune.cli import main
+
+    monkeypatch.setenv("EDGEPRUNE_DATA", str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    code = main(["pipeline", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and time.perf_counter() - started < 5
+    assert len(err) == 1 and "stsb:dev" in err[0] and "EDGEPRUNE_DATA" in err[0]
+    assert not (tmp_path / "out").exists()

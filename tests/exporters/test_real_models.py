@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 def sts(model, runtime=None, limit=400):
     from edgeprune.eval.api import EvalConfig, evaluate
-    from edgeprune.paths import data_file
+    from edgeprune.data_sources import resolve_data
 
-    result = evaluate(str(model), data_file("stsb/sts-dev.csv"), EvalConfig(task="sts", limit=limit), runtime=runtime)
+    result = evaluate(str(model), resolve_data("stsb:dev"), EvalConfig(task="sts", limit=limit), runtime=runtime)
     return result["value"]
 
 
