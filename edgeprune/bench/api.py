@@ -169,9 +169,17 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
     check_output_dir(out, overwrite)
     for name in config.runtimes:
         get_runtime(name)  # fail early with the runtime's own install hint
+    if config.task:
+        from edgeprune.eval.api import ZERO_SHOT, resolve_task_data
+
+        if config.task in ZERO_SHOT:  # a built-in key or a file; malformed files fail before any timing
+            from edgeprune.eval.zeroshot import read_items
+
+            config = config.replace(data=str(resolve_task_data(config.task, config.data)))
+            read_items(config.task, config.data, limit=config.eval_limit)
     if config.data and not Path(config.data).is_file():
         raise EdgePruneError(f"data file not found: {config.data}")
-    if export_task is None and config.task == "perplexity":
+    if export_task is None and config.task in ("perplexity", "lambada", "hellaswag", "piqa"):
         export_task = "text-generation"
     with staged_output(out, overwrite) as tmp:
         env = environment(config)

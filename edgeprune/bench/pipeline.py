@@ -152,7 +152,7 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
         compress_s = time.perf_counter() - started
         export_dir = work / "exports" / variant.name
         fields = dict(variant.export)
-        if config.task == "perplexity":
+        if config.task in ("perplexity", "lambada", "hellaswag", "piqa"):
             fields.setdefault("task", "text-generation")
         log(f"[{variant.name}] export {source} ({fields or 'fp32'})")
         step = time.perf_counter()
