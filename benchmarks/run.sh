@@ -4,6 +4,7 @@
 #
 #   benchmarks/run.sh                      # all suites into runs/<UTC date-time>
 #   benchmarks/run.sh OUT minilm-stsb      # one suite into OUT
+#   benchmarks/run.sh OUT seed-study       # SmolLM2 pruning-robustness study (LAMBADA, HellaSwag, PIQA, ppl)
 #
 # Timings are only as good as the machine is quiet: close other work, keep the laptop on power.
 # Set EDGEPRUNE_DATA to the folder holding stsb/ and wikitext-2/ if it is not ../shared/data.
@@ -28,9 +29,17 @@ for suite in "${suites[@]}"; do
   case "$suite" in
     smollm2*) edgeprune models fetch smollm2-135m >/dev/null ;;
   esac
-  echo "== $suite: edgeprune pipeline $here/$suite.yaml -o $out/$suite"
   start=$(date +%s)
-  edgeprune pipeline "$here/$suite.yaml" -o "$out/$suite" --overwrite 2>&1 | tee "$out/$suite.log"
+  if [ "$suite" = seed-study ]; then
+    # not a pipeline recipe: compress + evaluate 11 SmolLM2 points (benchmarks/tools/seed_study.py --help);
+    # extra options pass through SEED_STUDY_ARGS, e.g. SEED_STUDY_ARGS="--limit 300 --finetune-steps 25"
+    echo "== $suite: python $here/tools/seed_study.py $out/$suite ${SEED_STUDY_ARGS:-}"
+    # shellcheck disable=SC2086
+    python "$here/tools/seed_study.py" "$out/$suite" ${SEED_STUDY_ARGS:-} 2>&1 | tee "$out/$suite.log"
+  else
+    echo "== $suite: edgeprune pipeline $here/$suite.yaml -o $out/$suite"
+    edgeprune pipeline "$here/$suite.yaml" -o "$out/$suite" --overwrite 2>&1 | tee "$out/$suite.log"
+  fi
   echo "== $suite finished in $(( $(date +%s) - start ))s" | tee -a "$out/$suite.log"
 done
 echo "reports: $out/*/report/report.md"

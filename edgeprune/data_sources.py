@@ -73,7 +73,8 @@ SOURCES: dict[str, DataSource] = {s.key: s for s in (
 )}
 ALIASES = {"stsb:validation": "stsb:dev", "wikitext2:validation": "wikitext2:valid"}
 # What a task is evaluated on when no data is named (edgeprune eval / bench / pipeline).
-TASK_DEFAULT_DATA = {"sts": "stsb:dev", "perplexity": "wikitext2:valid"}
+TASK_DEFAULT_DATA = {"sts": "stsb:dev", "perplexity": "wikitext2:valid", "lambada": "lambada:dev",
+                     "hellaswag": "hellaswag:dev", "piqa": "piqa:dev"}
 
 
 def _clean(text: str) -> str:

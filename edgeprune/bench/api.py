@@ -167,16 +167,22 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
     from edgeprune.runtime.base import get_runtime
 
     from edgeprune.bench.harness import check_labels, check_sources
+    from edgeprune.eval.api import LM_TASKS, ZERO_SHOT, resolve_task_data
 
     config = config or BenchConfig()
     check_output_dir(out, overwrite)
     for name in config.runtimes:
         get_runtime(name)  # fail early with the runtime's own install hint
-    if config.data:
+    if config.task in ZERO_SHOT:  # malformed task files fail before any timing
+        from edgeprune.eval.zeroshot import read_items
+
+        config = config.replace(data=str(resolve_task_data(config.task, config.data)))
+        read_items(config.task, config.data, limit=config.eval_limit)
+    elif config.data:
         config = config.replace(data=str(resolve_data(config.data)))  # a file or a built-in key (stsb:dev)
     check_labels(labels, candidates)
     check_sources([dense] + list(candidates), config)
-    if export_task is None and config.task == "perplexity":
+    if export_task is None and config.task in LM_TASKS:
         export_task = "text-generation"
     with staged_output(out, overwrite) as tmp:
         env = environment(config)

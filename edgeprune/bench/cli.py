@@ -34,10 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape")
     p.add_argument("--round-seconds", type=float, default=0.25, help="target timed seconds per model per round")
     p.add_argument("--new-tokens", type=int, default=16, help="decoders: KV-cache decode steps per round")
-    p.add_argument("--task", choices=["sts", "perplexity"], help="also measure quality")
-    p.add_argument("--data", help="a file (STS-B tsv for sts, text for perplexity) or a built-in data key; "
-                   "default: the task's dev set (stsb:dev, wikitext2:valid)")
-    p.add_argument("--eval-limit", type=int, help="sts: first N pairs only")
+    p.add_argument("--task", choices=["sts", "perplexity", "lambada", "hellaswag", "piqa"], help="also measure quality")
+    p.add_argument("--data", help="a file (STS-B tsv for sts, text for perplexity, task jsonl) or a built-in data "
+                   "key; default: the task's dev set (stsb:dev, wikitext2:valid, TASK:dev)")
+    p.add_argument("--eval-limit", type=int, help="sts / zero-shot tasks: first N pairs or items only")
     p.add_argument("--eval-max-tokens", type=int, default=20000, help="perplexity: tokens scored")
     p.add_argument("--watts-per-core", type=float, default=4.0,
                    help="power per busy core for the energy estimate when RAPL is unreadable")

@@ -32,9 +32,9 @@ class BenchConfig(FrozenConfig):
     round_seconds: float = 0.25  # target timed seconds per model per round (sets calls per round)
     max_calls_per_round: int = 500
     new_tokens: int = 16  # decoders: greedy KV-cache steps timed per decode round
-    task: str | None = None  # sts | perplexity: also measure quality on `data`
+    task: str | None = None  # sts | perplexity | lambada | hellaswag | piqa: also measure quality on `data`
     data: str | None = None
-    eval_limit: int | None = None  # sts pairs (None: all)
+    eval_limit: int | None = None  # sts pairs / zero-shot items (None: all)
     eval_max_tokens: int = 20000  # perplexity tokens
     eval_max_length: int = 128
     agreement_n: int = 64  # sentences (sts) or tokens (perplexity) compared with dense
@@ -48,9 +48,13 @@ class BenchConfig(FrozenConfig):
             raise EdgePruneError("batch sizes and sequence lengths must be positive")
         if self.rounds < 1 or self.warmup < 0 or self.round_seconds <= 0:
             raise EdgePruneError("rounds must be >= 1, warmup >= 0, round_seconds > 0")
-        if self.task is not None and self.task not in ("sts", "perplexity"):
-            raise EdgePruneError(f"unknown benchmark task {self.task!r}; choose sts or perplexity")
-        if self.task is not None and not self.data:
+        from edgeprune.eval.api import TASKS, ZERO_SHOT
+
+        if self.task is not None and self.task not in TASKS:
+            raise EdgePruneError(f"unknown benchmark task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise EdgePruneError(f"--eval-limit must be >= 1 (got {self.eval_limit})")
+        if self.task is not None and not self.data and self.task not in ZERO_SHOT:
             raise EdgePruneError(f"--task {self.task} needs --data PATH")
         if self.threads is not None and self.threads < 1:
             raise EdgePruneError(f"--threads must be >= 1 (got {self.threads})")
@@ -349,7 +353,8 @@ def measure_quality(models: list[BenchModel], runtime: str, config: BenchConfig,
 
 
 def agreement_vs_dense(quality: dict[str, Any], dense_label: str, task: str | None = None) -> dict[str, dict | None]:
-    """Embeddings (sts): cosine to dense per sentence. Logits (perplexity): also top-1 next-token agreement."""
+    """Embeddings (sts): cosine to dense per sentence. Logits (perplexity, zero-shot tasks): also top-1
+    next-token agreement."""
     from edgeprune.eval.metrics import agreement
 
     reference_path = (quality.get(dense_label) or {}).get("agreement_path")

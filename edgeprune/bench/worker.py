@@ -190,6 +190,11 @@ class Worker:
         """Outputs compared with dense: sentence embeddings (sts) or next-token logits on a window (ppl)."""
         from edgeprune.eval.data import read_corpus, read_sts
 
+        if config.task in ("lambada", "hellaswag", "piqa"):  # next-token logits on the first item's context
+            from edgeprune.eval.zeroshot import read_items
+
+            ids = backend.encode_for_scoring(read_items(config.task, data, limit=1)[0].context)[:n]
+            return np.asarray(backend.logits(np.asarray(ids, dtype=np.int64)[None, :]), dtype=np.float32)
         if config.task == "sts":
             pairs = read_sts(data, limit=max(1, n // 2))
             sentences = [s for p in pairs for s in (p.sentence1, p.sentence2)][:n]

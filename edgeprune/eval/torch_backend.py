@@ -38,3 +38,28 @@ class TorchBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # --- the zero-shot scorer's interface (edgeprune.eval.zeroshot) ---
+    def encode_for_scoring(self, text: str) -> list[int]:
+        # the tokenizer's default special tokens, as lm-eval's HFLM encodes
+        return self.tokenizer.encode(text)
+
+    @torch.inference_mode()
+    def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits [B, L, V] of a right-padded batch (padded positions are garbage and never read)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        mask = torch.as_tensor(attention_mask, dtype=torch.long)
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().numpy()
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def prefix_token_id(self) -> int | None:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0

@@ -282,6 +282,21 @@ class GenerationPipeline:
                  "position_ids": np.arange(length, dtype=np.int64)[None, :], **self.empty_past}
         return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
 
+    def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits [B, L, V] of a right-padded batch in one call (empty past of batch B when the export has
+        a cache); positions count real tokens only, so each row scores as it would alone."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise EdgePruneError(f"batch_logits expects input_ids and attention_mask of one shape [B, L], "
+                                 f"got {input_ids.shape} and {attention_mask.shape}")
+        rows = input_ids.shape[0]
+        names = {i.name for i in self.session.inputs}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "position_ids": np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)}
+        feeds.update({name: np.repeat(empty, rows, axis=0) for name, empty in self.empty_past.items()})
+        return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
+
 
 def build_pipeline(model_path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None,
                    max_length: int = 128, session=None):
@@ -318,12 +333,35 @@ class RuntimeBackend:
         return self._embedder(list(texts))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        if self._generator is None:
-            self._generator = GenerationPipeline(self.session, self.tokenizer, self.info)
-        return self._generator.logits(input_ids)
+        return self._generation().logits(input_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # --- the zero-shot scorer's interface (edgeprune.eval.zeroshot) ---
+    def _generation(self) -> GenerationPipeline:
+        if self._generator is None:
+            self._generator = GenerationPipeline(self.session, self.tokenizer, self.info)
+        return self._generator
+
+    def encode_for_scoring(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)  # the tokenizer's default special tokens, as lm-eval's HFLM
+
+    def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._generation().batch_logits(input_ids, attention_mask)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.info.config.get("max_position_embeddings")
+
+    @property
+    def prefix_token_id(self) -> int | None:
+        bos = self.tokenizer.token_id("bos_token")
+        return bos if bos is not None else self.tokenizer.token_id("eos_token")
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_id or 0)
 
     def close(self) -> None:
         self.session.close()

@@ -1,0 +1,259 @@
+"""Zero-shot LAMBADA / HellaSwag / PIQA scoring on tiny random decoders: equal to a hand computation,
+independent of batching, equal through PyTorch and onnxruntime, and strict about its input files."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny import WORDS  # noqa: E402
+
+from edgeprune.errors import EdgePruneError  # noqa: E402
+from edgeprune.eval import zeroshot  # noqa: E402
+
+
+def _sentence(rng, low=3, high=10):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def write_task_files(directory: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
+    """Small files in each task's format, from the tiny vocabulary (so nothing is an unknown token)."""
+    rng = random.Random(seed)
+    rows = {
+        "lambada": [{"text": _sentence(rng, 4, 14)} for _ in range(n)],
+        "hellaswag": [{"idx": i, "activity_label": rng.choice(WORDS), "ctx": _sentence(rng) + ". " + _sentence(rng, 1, 3),
+                       "endings": [_sentence(rng, 1, 8) for _ in range(4)], "label": rng.randrange(4)}
+                      for i in range(n)],
+        "piqa": [{"goal": _sentence(rng), "sol1": _sentence(rng, 1, 9), "sol2": _sentence(rng, 1, 9),
+                  "label": rng.randrange(2)} for _ in range(n)],
+    }
+    paths = {}
+    for task, items in rows.items():
+        paths[task] = directory / f"{task}.jsonl"
+        paths[task].write_text("".join(json.dumps(r) + "\n" for r in items))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    return write_task_files(tmp_path_factory.mktemp("zeroshot-data"))
+
+
+@pytest.fixture(scope="module")
+def llama_backend(tiny_models):
+    from edgeprune.eval.torch_backend import TorchBackend
+    from edgeprune.models import load_model
+
+    return TorchBackend(load_model(tiny_models("llama"), task="text-generation"))
+
+
+def hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """One request scored alone, straight from the model: lm-eval's recipe written out."""
+    import torch
+
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)[len(ctx) - 1:]
+    total = sum(float(logprobs[j, t]) for j, t in enumerate(cont))
+    greedy = all(int(logprobs[j].argmax()) == t for j, t in enumerate(cont))
+    return total, greedy
+
+
+@pytest.mark.parametrize("task", zeroshot.ZERO_SHOT_TASKS)
+def test_metrics_equal_a_hand_computation(task, task_files, llama_backend):
+    rows = [json.loads(line) for line in task_files[task].read_text().splitlines()]
+    model, tok = llama_backend.model, llama_backend.tokenizer
+    if task == "lambada":
+        lls, hits = [], []
+        for row in rows:
+            words = row["text"].split(" ")
+            ll, greedy = hand_loglikelihood(model, tok, " ".join(words[:-1]), " " + words[-1])
+            lls.append(ll)
+            hits.append(greedy)
+        expected = {"acc": float(np.mean(hits)), "perplexity": math.exp(-float(np.mean(lls)))}
+    else:
+        acc, acc_norm = [], []
+        for row in rows:
+            if task == "piqa":
+                context, choices = f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]]
+            else:
+                # the tiny ctx is "words. words": capitalize() puts a capital on the fragment after ". "
+                head, tail = row["ctx"].split(". ")
+                context = f"{row['activity_label']}: {head}. {tail.capitalize()}"
+                choices = row["endings"]
+            lls = [hand_loglikelihood(model, tok, context, " " + c)[0] for c in choices]
+            acc.append(int(np.argmax(lls)) == row["label"])
+            acc_norm.append(int(np.argmax([ll / len(c) for ll, c in zip(lls, choices)])) == row["label"])
+        expected = {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
+    items = zeroshot.read_items(task, task_files[task])
+    result = zeroshot.evaluate_zero_shot(llama_backend, task, items, batch_size=5)
+    assert result["n"] == len(rows)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-5), key
+    assert result["value"] == result[zeroshot.HEADLINE[task]]
+
+
+@pytest.mark.parametrize("task", zeroshot.ZERO_SHOT_TASKS)
+def test_batching_gives_the_numbers_of_one_by_one(task, task_files, llama_backend):
+    items = zeroshot.read_items(task, task_files[task])
+    requests = zeroshot.item_requests(llama_backend, items, llama_backend.max_positions)
+    alone = zeroshot.score_requests(llama_backend, requests, batch_size=1)
+    batched = zeroshot.score_requests(llama_backend, requests, batch_size=16, batch_tokens=64)
+    assert [g for _, g in alone] == [g for _, g in batched]
+    np.testing.assert_allclose([s for s, _ in alone], [s for s, _ in batched], rtol=1e-5, atol=1e-5)
+    assert zeroshot.metrics(task, items, alone) == pytest.approx(zeroshot.metrics(task, items, batched))
+
+
+def test_batches_are_length_sorted_and_bounded():
+    lengths = [5, 50, 7, 50, 6, 20]
+    batches = zeroshot.plan_batches(lengths, batch_size=3, batch_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        widths = [lengths[i] for i in batch]
+        assert widths == sorted(widths, reverse=True)
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * widths[0] <= 100)
+    assert batches[0] == [1, 3]  # 3 x 50 > 100 tokens: the third row waits for the next batch
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_torch_and_onnxruntime_agree(family, exported, task_files, tmp_path):
+    from edgeprune.eval.api import EvalConfig, evaluate
+
+    source, export_dir = exported(family, "text-generation")
+    for task in zeroshot.ZERO_SHOT_TASKS:
+        config = EvalConfig(task=task, batch_size=4)
+        torch_result = evaluate(source, task_files[task], config, progress=False)
+        ort_result = evaluate(export_dir, task_files[task], config, runtime="onnxruntime", threads=1, progress=False)
+        assert ort_result["backend"] == "onnxruntime" and torch_result["backend"] == "pytorch"
+        for key in ("acc", "acc_norm", "perplexity"):
+            if key in torch_result:
+                assert ort_result[key] == pytest.approx(torch_result[key], rel=1e-4), (task, key)
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation():
+    def encode(text):  # characters as tokens make the split visible
+        return [ord(c) for c in text]
+
+    ctx, cont = zeroshot.encode_pair(encode, "Answer: ", "yes")
+    assert ctx == encode("Answer:") and cont == encode(" yes")
+    assert zeroshot.encode_pair(encode, "", "yes", empty_context_id=7) == ([7], encode("yes"))
+    with pytest.raises(EdgePruneError, match="empty context"):
+        zeroshot.encode_pair(encode, "", "yes")
+
+
+def test_lambada_splits_on_single_spaces_like_lm_eval(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text(json.dumps({"text": "He said\n\nhello  there"}) + "\n")
+    (item,) = zeroshot.read_items("lambada", path)
+    assert item.context == "He said\n\nhello " and item.continuations == (" there",)
+
+
+def test_hellaswag_query_forms():
+    raw = {"activity_label": "Roof shingle removal", "ctx": "A man is sitting on a roof. he"}
+    assert zeroshot.hellaswag_query(raw) == "Roof shingle removal: A man is sitting on a roof. He"
+    split = {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he"}
+    assert zeroshot.hellaswag_query(split) == zeroshot.hellaswag_query(raw)
+    prefixed = {"activity_label": "Roof", "ctx": "Roof: A man [title] stands. [step] He"}
+    assert zeroshot.hellaswag_query(prefixed) == "Roof: A man. stands. He"
+    wikihow = {"activity_label": "Family Life", "ctx_a": "[header] How to play [title] Ask the toddler.", "ctx_b": ""}
+    assert zeroshot.hellaswag_query(wikihow) == "Family Life: How to play. Ask the toddler."
+
+
+@pytest.mark.parametrize("task,line,why", [
+    ("lambada", '{"txt": "a b"}', "no field 'text'"),
+    ("lambada", '{"text": "single"}', "at least two words"),
+    ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "label 2 out of range"),
+    ("piqa", 'not json', "not JSON"),
+    ("hellaswag", '{"activity_label": "x", "ctx": "c", "endings": "abcd", "label": 0}', "list of strings"),
+    ("hellaswag", '["a", "b"]', "not a JSON object"),
+])
+def test_readers_name_the_expected_fields_and_the_first_bad_line(task, line, why, tmp_path, task_files):
+    path = tmp_path / f"{task}.jsonl"
+    good = task_files[task].read_text().splitlines()[0]
+    path.write_text(good + "\n" + line + "\n" + line + "\n")
+    with pytest.raises(EdgePruneError) as info:
+        zeroshot.read_items(task, path)
+    message = str(info.value)
+    assert f"{path}:2:" in message and why in message and zeroshot.FIELDS[task] in message
+
+
+def test_readers_reject_empty_files_and_bad_limits(tmp_path, task_files):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(EdgePruneError, match="empty file"):
+        zeroshot.read_items("piqa", empty)
+    with pytest.raises(EdgePruneError, match="--limit must be >= 1"):
+        zeroshot.read_items("piqa", task_files["piqa"], limit=0)
+    assert len(zeroshot.read_items("piqa", task_files["piqa"], limit=3)) == 3
+
+
+def _cli(argv, capsys):
+    from edgeprune.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_eval_json_and_errors(tiny_models, exported, task_files, tmp_path, capsys, monkeypatch):
+    decoder = str(tiny_models("llama"))
+    code, out, err = _cli(["eval", decoder, "--task", "piqa", "--data", str(task_files["piqa"]), "--limit", "4",
+                           "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["task"] == "piqa" and result["metric"] == "acc" and result["n"] == 4
+    assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "value"} <= set(result)
+
+    # an encoder has no LM head: refused before its weights load
+    import edgeprune.models as models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    for task in ("lambada", "perplexity"):
+        data = task_files["lambada"] if task == "lambada" else task_files["lambada"]
+        code, _, err = _cli(["eval", str(tiny_models("bert")), "--task", task, "--data", str(data)], capsys)
+        assert code == 2 and "needs a decoder with a language-model head" in err and len(err.splitlines()) == 1
+    monkeypatch.undo()
+
+    _, encoder_export = exported("bert", "feature-extraction")
+    code, _, err = _cli(["eval", str(encoder_export), "--task", "hellaswag", "--data", str(task_files["hellaswag"]),
+                         "--runtime", "onnxruntime"], capsys)
+    assert code == 2 and "needs a text-generation export" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, expected in [
+        (["--data", str(empty)], "empty file"),
+        (["--data", str(task_files["piqa"]), "--limit", "0"], "--limit must be >= 1"),
+        (["--data", str(task_files["lambada"])], f"{task_files['lambada']}:1: not a piqa item"),
+        (["--data", str(tmp_path / "missing.jsonl")], "data file not found"),
+    ]:
+        code, _, err = _cli(["eval", decoder, "--task", "piqa", *argv], capsys)
+        assert code == 2 and expected in err and err.startswith("edgeprune: error:"), (argv, err)
+
+
+def test_bench_config_accepts_zero_shot_tasks():
+    from edgeprune.bench.harness import BenchConfig
+
+    assert BenchConfig(task="lambada").data is None  # the built-in lambada:dev is resolved by bench()
+    with pytest.raises(EdgePruneError, match="--eval-limit"):
+        BenchConfig(task="piqa", eval_limit=0)
+
+
+def test_quality_ratio_of_accuracies():
+    from edgeprune.bench.metrics import quality_ratio
+
+    assert quality_ratio("acc_norm", 0.30, 0.40) == pytest.approx(0.75)
