@@ -22,6 +22,7 @@ from edgeprune.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_ar
 from edgeprune.configs import FrozenConfig
 from edgeprune.errors import EdgePruneError
 from edgeprune.exporters.quantize import MODES as QUANT_MODES
+from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
 
 TASKS = ("auto", "feature-extraction", "sequence-classification", "text-generation")
@@ -42,7 +43,7 @@ class ExportConfig(FrozenConfig):
     with_past: bool = True  # decoders: KV-cache inputs/outputs
     simplify: bool = True  # fold shape arithmetic (static reshapes; exporters/simplify.py)
     optimize: bool = False
-    quantize: str = "none"  # none | int8-dynamic | int8-static
+    quantize: str = "none"  # none | int8-dynamic | int8-static | int4-weight | int8-weight
     calib: str | None = None  # STS tsv or text file (int8-static calibration; texts for the INT8 task check)
     calib_samples: int = 128
     calib_max_length: int = 128
@@ -52,7 +53,16 @@ class ExportConfig(FrozenConfig):
     atol: float = 1e-3  # numeric gate: fail when both abs and relative error exceed their tolerance
     rtol: float = 1e-3
     min_cosine: float = 0.99  # INT8 gate, embeddings
-    min_top1: float = 0.9  # INT8 gate, classifiers and decoders
+    min_top1: float = 0.9  # INT8 gate, classifiers
+    # Weight-only (MatMulNBits) settings; defaults measured on SmolLM2-135M and MiniLM (docs/export.md).
+    weight_block_size: int = 32
+    weight_symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits compute precision floor: 4 = int8 activations inside the kernel
+    quantize_embeddings: bool = True  # int4-weight: embedding table as GatherBlockQuantized (needs opset 21)
+    # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
+    gate_tokens: int = 4096
+    max_ppl_ratio: float = 1.05
+    min_greedy_agreement: float = 0.75
     seed: int = 0
 
     def __post_init__(self):
@@ -63,7 +73,13 @@ class ExportConfig(FrozenConfig):
                   (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})"),
                   (9 <= self.opset <= 21, f"--opset must be between 9 and 21 (got {self.opset})"),
                   (self.calib_samples >= 1 and self.calib_max_length >= 2, "calibration sizes must be positive"),
-                  (self.atol > 0 and self.rtol > 0, "tolerances must be positive")]
+                  (self.atol > 0 and self.rtol > 0, "tolerances must be positive"),
+                  (self.weight_block_size >= 16 and self.weight_block_size & (self.weight_block_size - 1) == 0,
+                   f"--block-size must be a power of two >= 16 (got {self.weight_block_size})"),
+                  (self.accuracy_level in (0, 1, 2, 3, 4), f"--accuracy-level must be 0..4 (got {self.accuracy_level})"),
+                  (self.gate_tokens >= 64, f"--gate-tokens must be >= 64 (got {self.gate_tokens})"),
+                  (self.max_ppl_ratio >= 1.0 and 0.0 <= self.min_greedy_agreement <= 1.0,
+                   "decoder gate: max_ppl_ratio must be >= 1 and min_greedy_agreement in [0, 1]")]
         for ok, message in checks:
             if not ok:
                 raise EdgePruneError(message)
@@ -77,6 +93,15 @@ class ExportConfig(FrozenConfig):
             if self.quantize == "int8-dynamic":
                 raise EdgePruneError("--target deepsparse cannot use --quantize int8-dynamic: DeepSparse 1.8 cannot run "
                                      "dynamic INT8 operators (MatMulInteger); use --quantize int8-static --calib PATH")
+        if self.quantize in WEIGHT_ONLY_BITS:
+            if self.target == "deepsparse":
+                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --target deepsparse: "
+                                     "DeepSparse does not run onnxruntime's MatMulNBits operator; use "
+                                     "--quantize int8-static or none for DeepSparse")
+            if self.sparse_initializers == "on":
+                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --sparse-initializers on: "
+                                     "MatMulNBits stores packed integer blocks, not zeros; use --sparse-initializers "
+                                     "off or auto")
         if self.quantize == "int8-static" and not self.calib:
             raise EdgePruneError("--quantize int8-static needs calibration data: pass --calib PATH (STS tsv or text)")
 
@@ -98,11 +123,16 @@ class _Context:
     """What the pipeline steps need, whichever kind of source it came from."""
 
     def __init__(self, task, decoder, layout, vocab_size, type_vocab, reference, reference_name, tokenizer,
-                 model=None):
+                 model=None, max_positions=None):
         self.task, self.decoder, self.layout = task, decoder, layout
         self.vocab_size, self.type_vocab = vocab_size, type_vocab
         self.reference, self.reference_name = reference, reference_name
         self.tokenizer, self.model = tokenizer, model
+        self.max_positions = max_positions  # decoders: longest sequence the position embedding/rope allows
+
+
+def _max_positions(config: dict) -> int | None:
+    return next((int(config[k]) for k in ("max_position_embeddings", "n_positions") if config.get(k)), None)
 
 
 def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
@@ -151,6 +181,62 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
             feeds["token_type_ids"][:] = 0
         batches.append(feeds)
     return batches, "random token ids"
+
+
+# Text for the decoder quality gate when no --calib is given: the *end* of WikiText-2 valid, so the gate never
+# sees the head of the file that the docs' perplexities score (they use its first 8-20 k tokens).
+DEFAULT_DECODER_GATE_DATA = "wikitext-2/valid.txt"
+_GATE_TAIL_CHARS_PER_TOKEN = 16  # generous: English BPE averages ~4 characters per token
+
+
+def _decoder_gate_tokens(ctx: _Context, config: ExportConfig) -> tuple[Any, str]:
+    """``config.gate_tokens`` token ids for the decoder gate and where they came from: the start of the
+    --calib text, the end of the default text file, or (no tokenizer / no text) random token ids."""
+    import numpy as np
+
+    from edgeprune.eval.data import read_corpus
+    from edgeprune.paths import data_dir
+
+    if ctx.tokenizer is not None:
+        if config.calib:
+            text = read_corpus(config.calib)[: config.gate_tokens * _GATE_TAIL_CHARS_PER_TOKEN]
+            ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"][: config.gate_tokens]
+            source = f"{config.calib} (first {len(ids)} tokens)"
+        else:
+            default = data_dir() / DEFAULT_DECODER_GATE_DATA
+            ids = []
+            if default.is_file():
+                text = read_corpus(default)[-config.gate_tokens * _GATE_TAIL_CHARS_PER_TOKEN:]
+                ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"][-config.gate_tokens:]
+                source = f"{default} (last {len(ids)} tokens)"
+        if len(ids) >= 64:
+            return np.asarray(ids, dtype=np.int64), source
+        if config.calib:
+            raise EdgePruneError(f"{config.calib}: {len(ids)} tokens, the decoder gate needs at least 64")
+    rng = np.random.default_rng(config.seed + 11)
+    return rng.integers(0, ctx.vocab_size, config.gate_tokens, dtype=np.int64), "random token ids"
+
+
+def _decoder_gate(candidate: Path, reference: Path, ctx: _Context, config: ExportConfig, with_past: bool) -> dict:
+    """Perplexity ratio and greedy agreement of a quantized decoder against its fp32 export; raises on failure."""
+    from edgeprune.exporters.decoder_gate import decoder_quality_gate
+    from edgeprune.exporters.validate import ort_logits_fn
+
+    ids, source = _decoder_gate_tokens(ctx, config)
+    layout = ctx.layout if with_past else None
+    report = decoder_quality_gate(ort_logits_fn(reference, layout), ort_logits_fn(candidate, layout), ids,
+                                  window=min(512, len(ids), ctx.max_positions or 512), greedy_prompt_len=32,
+                                  greedy_tokens=32,
+                                  max_ppl_ratio=config.max_ppl_ratio, min_greedy_agreement=config.min_greedy_agreement)
+    report["data"] = source
+    if not report["passed"]:
+        ppl, greedy = report["perplexity"], report["greedy"]
+        ratio = "non-finite" if ppl["ratio"] is None else f"{ppl['ratio']:.4f}"
+        raise EdgePruneError(
+            f"{config.quantize} decoder fails the quality gate against the fp32 export on {source}: perplexity "
+            f"ratio {ratio} (max {config.max_ppl_ratio}), greedy agreement {greedy['agreement']:.3f} "
+            f"(min {config.min_greedy_agreement}); try --quantize int8-weight or int4-weight with a smaller --block-size")
+    return report
 
 
 # --- DeepSparse ------------------------------------------------------------------------------------------------
@@ -273,7 +359,7 @@ def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, all
     model_config = loaded.model.config
     ctx = _Context(loaded.task, decoder, info.get("kv_layout"), model_config.vocab_size,
                    getattr(model_config, "type_vocab_size", 2), torch_reference(loaded.model), "PyTorch",
-                   loaded.tokenizer, loaded.model)
+                   loaded.tokenizer, loaded.model, _max_positions(model_config.to_dict()))
     parent = source if loaded.source.kind == "artifact" else {"model": loaded.source.to_dict()}
     optimum_info = {k: v for k, v in info.items() if k != "kv_layout"}  # the layout is a top-level key
     meta = {"model_type": model_config.model_type, "source_kind": loaded.source.kind, "optimum": optimum_info,
@@ -354,7 +440,8 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     ctx = _Context(task, decoder, layout, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
-                   onnx_reference(work / "fp32.onnx"), f"source ONNX {onnx_path.name}", tokenizer)
+                   onnx_reference(work / "fp32.onnx"), f"source ONNX {onnx_path.name}", tokenizer,
+                   max_positions=_max_positions(cfg))
     meta = {"model_type": cfg.get("model_type"), "source_kind": "onnx",
             "with_past": any(n.startswith("past_key_values.") for n in names),
             "model_stats": manifest.get("model_stats")}
@@ -469,25 +556,33 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             step = time.perf_counter()
             say(f"quantizing ({config.quantize})")
             names = [i.name for i in ort_session(current).get_inputs()]
+            quantized = work / "quantized.onnx"
+            label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
             if config.quantize == "int8-dynamic":
-                steps["quantize"] = quant.quantize_dynamic(current, work / "int8.onnx", config.per_channel)
+                steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
+            elif config.quantize in WEIGHT_ONLY_BITS:
+                steps["quantize"] = quant.quantize_weight_only(
+                    current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
+                    config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
             else:
                 if ctx.tokenizer is None:
                     raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
                 batches = _calibration_batches(ctx, config.calib, names, config)
-                steps["quantize"] = quant.quantize_static(current, work / "int8.onnx", batches, config.per_channel)
+                steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
                 steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
                                                     "samples_used": calib_sentences}
             timings["quantize_s"] = round(time.perf_counter() - step, 3)
             step = time.perf_counter()
-            say("checking the INT8 model against the fp32 export")
-            check, check_source = _check_batches(ctx, names, config)
-            validation["int8"] = task_gate(work / "int8.onnx", current, ctx.task, check,
-                                           config.min_cosine, config.min_top1)
-            validation["int8"]["data"] = check_source
-            timings["validate_int8_s"] = round(time.perf_counter() - step, 3)
+            say(f"checking the {config.quantize} model against the fp32 export")
+            if ctx.task == "text-generation":
+                validation[label] = _decoder_gate(quantized, current, ctx, config, meta["with_past"])
+            else:
+                check, check_source = _check_batches(ctx, names, config)
+                validation[label] = task_gate(quantized, current, ctx.task, check, config.min_cosine, config.min_top1)
+                validation[label]["data"] = check_source
+            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
             quantization = config.quantize
-            current = work / "int8.onnx"
+            current = quantized
 
         # Final onnxruntime file: sparse initializers where they pay (after quantization, never before).
         final = onnx.load(str(current))

@@ -17,9 +17,21 @@ def register(subparsers) -> None:
     p.add_argument("--no-simplify", action="store_true",
                    help="keep torch's shape arithmetic (by default it is folded into static reshapes)")
     p.add_argument("--optimize", action="store_true", default=None, help="onnxruntime transformer graph fusion")
-    p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static"], help="INT8 quantization (default none)")
+    p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight"],
+                   help="INT8 (activations too) or weight-only INT4/INT8 MatMulNBits quantization (default none)")
+    p.add_argument("--block-size", type=int, dest="weight_block_size",
+                   help="weight-only: weights per quantization block along K, a power of two >= 16 (default 32)")
+    p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
+    p.add_argument("--fp32-embeddings", action="store_true",
+                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized when opset >= 21)")
+    p.add_argument("--max-ppl-ratio", type=float,
+                   help="quantized decoders: largest perplexity / fp32-export perplexity accepted (default 1.05)")
+    p.add_argument("--min-greedy-agreement", type=float,
+                   help="quantized decoders: smallest greedy agreement with the fp32 export accepted (default 0.75)")
     p.add_argument("--calib", help="calibration text (a built-in key such as stsb:train, STS tsv or text file) for "
-                   "int8-static and the INT8 check (default for the check: stsb:train when reachable)")
+                   "int8-static and the quantization checks (default for the check: stsb:train when reachable)")
     p.add_argument("--calib-samples", type=int, help="calibration sentences (default 128)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
     p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],
@@ -34,7 +46,7 @@ def register(subparsers) -> None:
 
 
 FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
-         "atol", "rtol")
+         "atol", "rtol", "weight_block_size", "accuracy_level", "max_ppl_ratio", "min_greedy_agreement")
 
 
 def config_from_args(args):
@@ -51,6 +63,10 @@ def config_from_args(args):
         base["per_channel"] = False
     if args.no_simplify:
         base["simplify"] = False
+    if args.asymmetric:
+        base["weight_symmetric"] = False
+    if args.fp32_embeddings:
+        base["quantize_embeddings"] = False
     return ExportConfig.from_dict(base)
 
 
@@ -71,6 +87,11 @@ def run_export(args) -> int:
         if "outputs" in report:
             worst = max(e["max_abs"] for e in report["outputs"].values())
             print(f"validation {label}: max abs error {worst:.3g} vs {report['reference']}")
+        elif report.get("metric") == "decoder_quality":
+            ppl, greedy = report["perplexity"], report["greedy"]
+            print(f"validation {label}: perplexity {ppl['candidate']:.4f} vs fp32 {ppl['reference']:.4f} "
+                  f"(ratio {ppl['ratio']:.4f}, max {ppl['max_ratio']}), greedy agreement {greedy['agreement']:.3f} "
+                  f"(min {greedy['min_agreement']}, exact prefix {greedy['exact_prefix']}/{greedy['new_tokens']})")
         elif "metric" in report:
             print(f"validation {label}: {report['metric']} {report['value']:.4f} (threshold {report['threshold']})")
     if args.json:

@@ -1,7 +1,8 @@
 """Validation gates: ONNX (through onnxruntime) against PyTorch or against another ONNX file.
 
 Numerical gate: fresh random inputs at several batch / sequence / past lengths, max abs and relative error per
-output. Task gate (quantized files): embedding cosine or top-1 agreement against the fp32 export.
+output. Task gate (quantized encoders and classifiers): embedding cosine or top-1 agreement against the fp32
+export; quantized decoders use the perplexity / greedy gate in ``decoder_gate``.
 """
 
 from __future__ import annotations
@@ -252,6 +253,23 @@ def generation_gate(path: str | Path, model, layout, vocab_size: int, steps: int
             raise EdgePruneError(f"{Path(path).name}: greedy generation through onnxruntime differs from PyTorch "
                                  f"(onnxruntime {ours}, torch {theirs})")
     return {"steps": steps, "prompts": prompts, "match": True}
+
+
+def ort_logits_fn(path: str | Path, layout: list[dict[str, int]] | None) -> Callable[[np.ndarray], np.ndarray]:
+    """ids [1, T] -> logits [1, T, V] through an exported decoder (empty past when it has a KV cache)."""
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)}
+        for i, layer in enumerate(layout or []):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, layer["kv_heads"], 0, layer["head_dim"]), np.float32)
+        return session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+    return logits
 
 
 # --- quantized files: task-level agreement ------------------------------------------------------------------------

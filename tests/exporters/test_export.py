@@ -12,8 +12,9 @@ from edgeprune.artifacts import onnx_model_path, read_manifest
 from edgeprune.compress.artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.surgery import apply_plan
+from edgeprune.errors import EdgePruneError
 from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
-from edgeprune.exporters.validate import ort_greedy, ort_session, run_session, torch_greedy
+from edgeprune.exporters.validate import ort_greedy, ort_logits_fn, ort_session, run_session, torch_greedy
 from edgeprune.models import load_model
 from tiny import sample_texts, uneven_plan
 
@@ -140,13 +141,59 @@ def test_optimized_uneven_encoder(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_int8_dynamic(tiny_models, family, tmp_path):
-    out = export(str(tiny_models(family)), tmp_path / "e", ExportConfig(quantize="int8-dynamic"), progress=False)
+    out = export(str(tiny_models(family)), tmp_path / "e", ExportConfig(quantize="int8-dynamic", gate_tokens=256),
+                 progress=False)
     manifest = read_manifest(out)
     gate = manifest["validation"]["int8"]
-    assert gate["passed"] and gate["value"] >= gate["threshold"]
+    if family == "gpt2":  # decoders: perplexity and greedy agreement decide, not top-1 agreement
+        assert gate["metric"] == "decoder_quality" and gate["perplexity"]["ratio"] <= gate["perplexity"]["max_ratio"]
+        assert gate["passed"] and gate["greedy"]["agreement"] >= gate["greedy"]["min_agreement"]
+    else:
+        assert gate["passed"] and gate["value"] >= gate["threshold"]
     assert manifest["variants"][0]["quantization"] == "int8-dynamic"
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+
+
+def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
+    artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(sample_texts(120, seed=4)) + "\n")
+    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", opset=21, calib=str(calib),
+                                                               gate_tokens=256), progress=False)
+    manifest = read_manifest(out)
+    gate = manifest["validation"]["weight_only"]
+    assert gate["metric"] == "decoder_quality" and gate["passed"] and gate["data"].startswith(str(calib))
+    assert gate["perplexity"]["tokens"] > 200 and gate["greedy"]["new_tokens"] == 32
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    # every block Linear and the LM head (tied to the embedding) -> MatMulNBits; the embedding Gather too
+    assert ops.count("MatMulNBits") == 7 * len(plan.shapes) + 1 and ops.count("GatherBlockQuantized") == 1
+    assert manifest["steps"]["quantize"]["embeddings"] == "GatherBlockQuantized int4"
+    assert manifest["variants"][0]["quantization"] == "int4-weight"
+    # The quantized file's KV-cache path agrees with its own full recompute (teacher-forced on its tokens).
+    prompt = np.array([5, 9, 17, 33], dtype=np.int64)
+    got = ort_greedy(ort_session(out / "model.onnx"), prompt, 6, manifest["kv_layout"])
+    full = ort_logits_fn(out / "model.onnx", manifest["kv_layout"])(np.concatenate([prompt, got[:-1]])[None])
+    assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
+
+
+def test_int8_weight_encoder(tiny_models, tmp_path):
+    out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(quantize="int8-weight"), progress=False)
+    manifest = read_manifest(out)
+    gate = manifest["validation"]["weight_only"]
+    assert gate["metric"] == "mean_cosine" and gate["passed"] and gate["value"] > 0.999
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert manifest["steps"]["quantize"]["bits"] == 8 and "4-bit Gather" in manifest["steps"]["quantize"]["embeddings"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"target": "deepsparse"}, "cannot be combined with --target deepsparse"),
+    ({"sparse_initializers": "on"}, "cannot be combined with --sparse-initializers on"),
+    ({"weight_block_size": 24}, "--block-size must be a power of two"),
+])
+def test_weight_only_bad_combinations(flags, message):
+    with pytest.raises(EdgePruneError, match=message):
+        ExportConfig(quantize="int4-weight", **flags)
 
 
 def test_int8_static_with_calibration(tiny_models, tmp_path):
