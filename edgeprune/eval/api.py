@@ -40,9 +40,9 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
 
         loaded = load_model(model, task="text-generation" if task == "perplexity" else "feature-extraction")
         return TorchBackend(loaded, max_length=max_length, threads=threads)
-    from edgeprune.runtime.pipelines import RuntimeBackend
+    from edgeprune.runtime.pipelines import runtime_backend
 
-    return RuntimeBackend(model, runtime, max_length=max_length, threads=threads)
+    return runtime_backend(model, runtime, max_length=max_length, threads=threads)
 
 
 def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
