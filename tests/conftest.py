@@ -29,3 +29,14 @@ def family(request):
 
 def pytest_report_header(config):
     return "edgeprune tests: tiny random models; real-model tests are marked slow (pytest -m slow)"
+
+
+@pytest.fixture(scope="session")
+def llamacpp_runtime():
+    """The llama.cpp runtime, or a skip naming the install command."""
+    from edgeprune.runtime.base import get_runtime
+
+    runtime = get_runtime("llamacpp", require_available=False)
+    if not runtime.available():
+        pytest.skip(f"llama.cpp runtime missing: {runtime.why_unavailable()}")
+    return runtime

@@ -70,6 +70,7 @@ def assemble(models: list[BenchModel], config: BenchConfig, raw_by_runtime: dict
                 "file": str(onnx_path),
                 "size": model_size(model.path if model.path.is_dir() else model.path.parent, onnx_path),
                 "load_s": data["load"]["load_s"],
+                **({"build": data["load"]["build"]} if data["load"].get("build") else {}),
                 "inputs": data["load"]["inputs"],
                 "memory": data["memory"],
                 "latency": [_latency_entry(e, energy_method) for e in data["forward"].values()],

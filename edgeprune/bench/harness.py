@@ -84,7 +84,7 @@ def is_export(path: Path) -> bool:
     from edgeprune.artifacts import is_artifact, read_manifest
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".onnx":
+    if path.is_file() and path.suffix in (".onnx", ".gguf"):
         return True
     if path.is_dir() and is_artifact(path):
         return read_manifest(path).get("stage") == "export"

@@ -59,7 +59,7 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     files = [onnx_path] + [p for p in onnx_path.parent.glob(onnx_path.name + "*.data")]
     size["bytes"] = variant.get("bytes") or sum(p.stat().st_size for p in files if p.is_file())
     size["gzip_bytes"] = variant.get("gzip_bytes") or sum(gzip_size(p) for p in files if p.is_file())
-    counts = onnx_counts(onnx_path)
+    counts = gguf_counts(onnx_path) if onnx_path.suffix == ".gguf" else onnx_counts(onnx_path)
     size["initializer_elements"] = counts["initializer_elements"]
     size["nonzeros"] = variant.get("nonzeros") or counts["nonzeros"]
     size["quantization"] = variant.get("quantization")
@@ -67,6 +67,15 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     size["parameters"] = stats.get("parameters") or counts["initializer_elements"]
     size["dense_parameters"] = stats.get("dense_parameters")
     return size
+
+
+def gguf_counts(path: Path) -> dict[str, int]:
+    """Weight elements of a GGUF file (quantized blocks count their logical elements); non-zeros are not
+    counted (that would mean dequantizing every tensor) and reported as the element count."""
+    import gguf
+
+    elements = sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
+    return {"initializer_elements": elements, "nonzeros": elements}
 
 
 def analytic_flops(model_dir: Path, seq_lens: Sequence[int]) -> dict[str, Any] | None:

@@ -85,14 +85,16 @@ class Worker:
         self.session = get_runtime(self.runtime).load(self.model, threads=self.threads)
         config_path = _model_dir(self.model) / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.vocab_size = int(config.get("vocab_size") or 1000)
+        self.vocab_size = int(config.get("vocab_size") or getattr(self.session, "vocab_size", 0) or 1000)
         manifest_path = _model_dir(self.model) / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         self.kv_layout = manifest.get("kv_layout")
         return {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                 # KV-cache decode changes the past length every step; static-shape runtimes (DeepSparse)
                 # would compile an engine per step, so they only get prefill timings.
-                "decoder": is_decoder_session(self.session.inputs) and not getattr(self.session, "static_shapes", False),
+                "decoder": getattr(self.session, "stateful_decoder", False) or (
+                    is_decoder_session(self.session.inputs) and not getattr(self.session, "static_shapes", False)),
+                "build": self.session.build_flags() if hasattr(self.session, "build_flags") else None,
                 "inputs": [[i.name, list(i.shape), i.dtype] for i in self.session.inputs],
                 "outputs": [[o.name, list(o.shape), o.dtype] for o in self.session.outputs],
                 "rss_after_load": _rss_bytes(), "baseline_rss": self.baseline_rss}
@@ -128,6 +130,8 @@ class Worker:
         """Prefill a prompt of ``seq`` tokens, then ``new_tokens`` greedy steps with the KV cache;
         ``iterations`` repeats. Per-step latencies exclude nothing but the argmax of the next token."""
         batch, seq, steps = msg["batch"], msg["seq"], int(msg["new_tokens"])
+        if getattr(self.session, "stateful_decoder", False):
+            return self._stateful_decode(msg, batch, seq, steps)
         inputs = self.session.inputs
         prompt = build_feeds(inputs, batch, seq, self.vocab_size, msg.get("seed", 0), kv_layout=self.kv_layout)
         prefill_times, step_times, checksum = [], [], 0.0
@@ -166,6 +170,26 @@ class Worker:
         _, usage = self._measure(call)
         return {"prefill_latencies": prefill_times, "step_latencies": step_times, "checksum": checksum, **usage}
 
+    def _stateful_decode(self, msg, batch, seq, steps):
+        """The same measurement on a session that keeps its KV cache inside (llama.cpp): batch 1 only."""
+        if batch != 1:
+            raise RuntimeError(f"{self.runtime} decodes one sequence at a time (got batch {batch})")
+        prompt = build_feeds(self.session.inputs, 1, seq, self.vocab_size, msg.get("seed", 0))["input_ids"]
+        prefill_times, step_times, checksum = [], [], 0.0
+
+        def call():
+            nonlocal checksum
+            for _ in range(int(msg.get("warmup", 0))):
+                self.session.decode_timings(prompt, steps)
+            for _ in range(int(msg["iterations"])):
+                prefill, per_step, total = self.session.decode_timings(prompt, steps)
+                prefill_times.append(prefill)
+                step_times.append(per_step)
+                checksum += total
+
+        _, usage = self._measure(call)
+        return {"prefill_latencies": prefill_times, "step_latencies": step_times, "checksum": checksum, **usage}
+
     def memory(self, msg):
         _, child_rss = _children_cpu_and_rss()
         own, children = _peak_rss_bytes(), _children_peak_rss()
@@ -174,11 +198,12 @@ class Worker:
 
     def quality(self, msg):
         from edgeprune.eval.api import EvalConfig, evaluate_backend
-        from edgeprune.runtime.pipelines import RuntimeBackend
+        from edgeprune.runtime.pipelines import runtime_backend
 
         config = EvalConfig.from_dict(msg["config"])
-        backend = RuntimeBackend(self.model if Path(self.model).is_dir() else str(_model_dir(self.model)),
-                                 self.runtime, max_length=config.max_length, threads=self.threads)
+        # llama.cpp loads the file itself; the ONNX backends want the export directory around it
+        model = self.model if Path(self.model).is_dir() or self.runtime == "llamacpp" else str(_model_dir(self.model))
+        backend = runtime_backend(model, self.runtime, max_length=config.max_length, threads=self.threads)
         result = evaluate_backend(backend, msg["data"], config, progress=True)  # tqdm on stderr
         path = msg.get("agreement_path")
         if path:

@@ -24,7 +24,7 @@ from edgeprune.errors import EdgePruneError
 # Runtimes whose sessions compute in this process: the worker times ``session.run`` itself and consumes
 # every output. Others (DeepSparse runs in its own venv process) are timed by ``session.benchmark`` so the
 # pipe to them is not measured.
-IN_PROCESS_RUNTIMES = {"onnxruntime"}
+IN_PROCESS_RUNTIMES = {"onnxruntime", "llamacpp"}
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # Token ids below this are usually special tokens; random inputs avoid them.
 FIRST_ORDINARY_ID = 5

@@ -95,9 +95,9 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
             raise EdgePruneError(f"{model}: a {loaded.model.config.model_type} decoder is not a sentence encoder; "
                                  "STS needs an encoder (e.g. minilm), score decoders with --task perplexity")
         return TorchBackend(loaded, max_length=max_length, threads=threads)
-    from edgeprune.runtime.pipelines import RuntimeBackend
+    from edgeprune.runtime.pipelines import runtime_backend
 
-    backend = RuntimeBackend(model, runtime, max_length=max_length, threads=threads)
+    backend = runtime_backend(model, runtime, max_length=max_length, threads=threads)
     if task in LM_TASKS:
         _require_runtime_lm(backend, model, task)
     if task == "sts" and backend.info.task == "text-generation":

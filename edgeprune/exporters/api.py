@@ -26,7 +26,7 @@ from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
 
 TASKS = ("auto", "feature-extraction", "sequence-classification", "text-generation")
-TARGETS = ("onnxruntime", "deepsparse")
+TARGETS = ("onnxruntime", "deepsparse", "llamacpp")
 DENSE_FILE = "model_dense.onnx"
 # DeepSparse 1.8 reads ONNX IR <= 9 (onnx < 1.15) and opsets up to 17 (checked by compiling with it).
 DEEPSPARSE_MAX_IR = 9
@@ -43,13 +43,13 @@ class ExportConfig(FrozenConfig):
     with_past: bool = True  # decoders: KV-cache inputs/outputs
     simplify: bool = True  # fold shape arithmetic (static reshapes; exporters/simplify.py)
     optimize: bool = False
-    quantize: str = "none"  # none | int8-dynamic | int8-static | int4-weight | int8-weight
+    quantize: str = "none"  # none | int8-dynamic | int8-static | int4-weight | int8-weight; --target llamacpp: a GGUF type (default f16)
     calib: str | None = None  # STS tsv or text file (int8-static calibration; texts for the INT8 task check)
     calib_samples: int = 128
     calib_max_length: int = 128
     per_channel: bool = True
     sparse_initializers: str = "auto"  # auto | on | off
-    target: str = "onnxruntime"  # onnxruntime | deepsparse
+    target: str = "onnxruntime"  # onnxruntime | deepsparse | llamacpp (GGUF)
     atol: float = 1e-3  # numeric gate: fail when both abs and relative error exceed their tolerance
     rtol: float = 1e-3
     min_cosine: float = 0.99  # INT8 gate, embeddings
@@ -66,8 +66,12 @@ class ExportConfig(FrozenConfig):
     seed: int = 0
 
     def __post_init__(self):
+        if self.target == "llamacpp" and self.quantize != "none":  # "none" means f16 there
+            from edgeprune.exporters.gguf_export import check_gguf_type
+
+            check_gguf_type(self.quantize)
         checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})"),
-                  (self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
+                  (self.target == "llamacpp" or self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
                   (self.sparse_initializers in SPARSE_MODES,
                    f"--sparse-initializers must be one of {', '.join(SPARSE_MODES)} (got {self.sparse_initializers!r})"),
                   (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})"),
@@ -500,6 +504,10 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             from edgeprune.compress.calibration import warn_if_few
 
             warn_if_few(calib_sentences, config.calib_samples, config.calib)
+    if config.target == "llamacpp":
+        from edgeprune.exporters.gguf_api import export_gguf
+
+        return export_gguf(source, out, config, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
 
     def say(message: str) -> None:
         if progress:

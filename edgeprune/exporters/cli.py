@@ -17,8 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-simplify", action="store_true",
                    help="keep torch's shape arithmetic (by default it is folded into static reshapes)")
     p.add_argument("--optimize", action="store_true", default=None, help="onnxruntime transformer graph fusion")
-    p.add_argument("--quantize", choices=["none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight"],
-                   help="INT8 (activations too) or weight-only INT4/INT8 MatMulNBits quantization (default none)")
+    p.add_argument("--quantize", help="ONNX: none, int8-dynamic, int8-static (INT8 activations too) or int4-weight, "
+                   "int8-weight (weight-only MatMulNBits) (default none); --target llamacpp: a GGUF type f32, f16, "
+                   "bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (default f16)")
     p.add_argument("--block-size", type=int, dest="weight_block_size",
                    help="weight-only: weights per quantization block along K, a power of two >= 16 (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
@@ -36,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
     p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],
                    help="store zero-heavy weights as sparse initializers where that shrinks them (default auto)")
-    p.add_argument("--target", choices=["onnxruntime", "deepsparse"], help="also produce a file this runtime accepts")
+    p.add_argument("--target", choices=["onnxruntime", "deepsparse", "llamacpp"],
+                   help="also produce a file this runtime accepts (llamacpp: a GGUF file instead of ONNX)")
     p.add_argument("--atol", type=float, help="numeric gate absolute tolerance (default 1e-3)")
     p.add_argument("--rtol", type=float, help="numeric gate tolerance relative to the output's largest magnitude")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -53,6 +55,8 @@ def config_from_args(args):
     from edgeprune.exporters.api import ExportConfig
 
     base = ExportConfig.from_file(args.config).to_dict() if args.config else ExportConfig().to_dict()
+    if args.target == "llamacpp" and args.quantize is None and base.get("quantize") == "none":
+        base["quantize"] = "f16"  # GGUF has no "none"; f16 is llama.cpp's unquantized default
     for flag in FLAGS:
         value = getattr(args, flag, None)
         if value is not None:
@@ -79,6 +83,11 @@ def run_export(args) -> int:
     out = export(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
     manifest = read_manifest(out)
     for variant in manifest["variants"]:
+        if variant.get("format") == "gguf":
+            types = ", ".join(f"{n} {t}" for t, n in variant["tensor_types"].items())
+            print(f"{variant['file']}: {variant['bytes'] / 1e6:.2f} MB, {variant['quantization']}, llama.cpp "
+                  f"architecture {variant['architecture']}, tensors: {types}")
+            continue
         print(f"{variant['file']}: {variant['bytes'] / 1e6:.2f} MB (gzip {variant['gzip_bytes'] / 1e6:.2f} MB), "
               f"{variant['nonzeros']:,} non-zeros, quantization {variant['quantization']}, "
               f"sparse tensors {variant['sparse_tensors']}, IR {variant['ir_version']}, opset {variant['opset']}")
@@ -92,6 +101,12 @@ def run_export(args) -> int:
             print(f"validation {label}: perplexity {ppl['candidate']:.4f} vs fp32 {ppl['reference']:.4f} "
                   f"(ratio {ppl['ratio']:.4f}, max {ppl['max_ratio']}), greedy agreement {greedy['agreement']:.3f} "
                   f"(min {greedy['min_agreement']}, exact prefix {greedy['exact_prefix']}/{greedy['new_tokens']})")
+        elif "decoder_gate" in report:
+            gate = report["decoder_gate"]
+            print(f"validation {label} (llama.cpp vs {report['reference']}): perplexity ratio "
+                  f"{gate['perplexity']['ratio']:.4f} (max {gate['perplexity']['max_ratio']}), greedy agreement "
+                  f"{gate['greedy']['agreement']:.3f} (min {gate['greedy']['min_agreement']}), logits max abs error "
+                  f"{report['logits']['max_abs']:.3g}")
         elif "metric" in report:
             print(f"validation {label}: {report['metric']} {report['value']:.4f} (threshold {report['threshold']})")
     if args.json:

@@ -103,7 +103,8 @@ def _import_builtin() -> None:
     # Adapters register on import; each module keeps its own heavy imports lazy.
     import importlib
 
-    for module in ("edgeprune.runtime.onnxruntime_adapter", "edgeprune.runtime.deepsparse_adapter"):
+    for module in ("edgeprune.runtime.onnxruntime_adapter", "edgeprune.runtime.deepsparse_adapter",
+                   "edgeprune.runtime.llamacpp_adapter"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

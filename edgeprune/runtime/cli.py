@@ -11,8 +11,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run an exported model on a runtime (embedding, classification or generation)",
                               description="Run an exported model on a runtime. Prints the embedding, class "
                                           "probabilities or generated text, depending on the export's task.")
-    p.add_argument("artifact", help="export directory (or a .onnx file inside one)")
-    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime (default) or deepsparse")
+    p.add_argument("artifact", help="export directory (or a .onnx file inside one; a .gguf file for llamacpp)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime (default), deepsparse or llamacpp")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one input text")
     source.add_argument("--input", help="file with one input text per line (runs them all, with progress)")
@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     r = subparsers.add_parser("runtime", help="install or list inference runtimes")
     actions = r.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    inst = actions.add_parser("install", help="create the DeepSparse virtualenv in the user cache")
-    inst.add_argument("name", choices=["deepsparse"])
+    inst = actions.add_parser("install", help="create the DeepSparse virtualenv or build llama.cpp in the user cache")
+    inst.add_argument("name", choices=["deepsparse", "llamacpp"])
+    inst.add_argument("--jobs", type=int, help="llamacpp: parallel compile jobs (default: all cores)")
     inst.add_argument("--force", action="store_true", help="rebuild it even if it works")
     inst.set_defaults(func=install_command)
     lst = actions.add_parser("list", help="show each runtime and whether it is available (and why not)")
@@ -89,8 +90,14 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if isinstance(pipeline, GenerationPipeline):
             for text in tqdm(texts, desc="generating", disable=not progress):
-                out = pipeline(text, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                try:
+                    out = pipeline(text, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                except EdgePruneError as exc:
+                    partial = getattr(exc, "generated_text", None)
+                    if partial is not None:  # context overflow: show what was generated before it
+                        print(partial, flush=True)
+                    raise
                 results.append(out)
                 print(out if not progress else out.replace("\n", "\\n"), flush=True)
                 if pipeline.stopped_at_limit:
@@ -119,6 +126,16 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def install_command(args: argparse.Namespace) -> int:
+    if args.name == "llamacpp":
+        from edgeprune.runtime.llamacpp_install import install as install_llamacpp
+
+        info = install_llamacpp(force=args.force, jobs=args.jobs)
+        state = "already installed" if info["already_installed"] else f"built in {info['seconds']} s"
+        print(f"llama.cpp (llama-cpp-python {info['version']}) {state}: {info['variant']} build for {info['cpu']}; "
+              f"self-test generated {len(info['self_test'].get('generated', []))} tokens; tools: "
+              f"{', '.join(info.get('tools', [])) or 'none'}")
+        print(f"cmake flags: {' '.join(info['cmake_flags'])}")
+        return 0
     from edgeprune.runtime.deepsparse_adapter import install
 
     result = install(force=args.force)

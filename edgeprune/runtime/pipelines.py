@@ -298,10 +298,42 @@ class GenerationPipeline:
         return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
 
 
+class StatefulGenerationPipeline(GenerationPipeline):
+    """Generation on a session that keeps its own KV cache and tokenizer (llama.cpp): the prompt is fed
+    once, then one token per step."""
+
+    def __init__(self, session):
+        self.session, self.tokenizer, self.info = session, session, None
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32, **kwargs) -> list[int]:
+        if max_new_tokens < 0:
+            raise EdgePruneError("max_new_tokens must be >= 0")
+        if not prompt_ids:
+            prompt_ids = self.session.encode("", add_special_tokens=True)
+            if not prompt_ids:
+                raise EdgePruneError("empty prompt and the model adds no BOS token to start from")
+        return self.session.generate_ids(list(prompt_ids), max_new_tokens, **kwargs) if max_new_tokens else []
+
+    def __call__(self, text: str, max_new_tokens: int = 32, **kwargs) -> str:
+        try:
+            ids = self.generate_ids(self.session.encode(text), max_new_tokens, **kwargs)
+        except EdgePruneError as exc:
+            generated = getattr(exc, "generated", None)
+            if generated is not None:  # context overflow: the caller can still show what was generated
+                exc.generated_text = self.session.decode(generated)
+            raise
+        return self.session.decode(ids, skip_special_tokens=True)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.session.logits(np.asarray(input_ids, dtype=np.int64))
+
+
 def build_pipeline(model_path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None,
                    max_length: int = 128, session=None):
     """The pipeline that suits the export's task, loaded on ``runtime``."""
     session = session or load_session(model_path, runtime, threads)
+    if getattr(session, "stateful_decoder", False):
+        return StatefulGenerationPipeline(session)
     info = ExportInfo.read(model_path, [i.name for i in session.inputs])
     tokenizer = RuntimeTokenizer(info.directory)
     if info.task != "text-generation":
@@ -366,3 +398,12 @@ class RuntimeBackend:
     def close(self) -> None:
         self.session.close()
 
+
+def runtime_backend(model: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,
+                    threads: int | None = None):
+    """The eval backend for ``runtime``: ``RuntimeBackend`` for the ONNX runtimes, llama.cpp's own for GGUF."""
+    if runtime == "llamacpp":
+        from edgeprune.runtime.llamacpp_adapter import LlamaCppBackend
+
+        return LlamaCppBackend(model, max_length=max_length, threads=threads)
+    return RuntimeBackend(model, runtime, max_length=max_length, threads=threads)

@@ -1,0 +1,174 @@
+"""GGUF export: tiny random Llamas (even -> ``llama``, pruned uneven -> ``deci``) written and read back with
+gguf.GGUFReader; marked ``llamacpp``: loaded in llama.cpp and compared with PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeprune.cli import main
+from edgeprune.errors import EdgePruneError
+from edgeprune.exporters.api import ExportConfig, export
+from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope
+from edgeprune.models import load_model
+from tiny import make_tiny, sample_texts, uneven_plan
+
+
+def make_bpe_llama(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer (the kind llama.cpp's gpt2 tokenizer reads)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(sample_texts(200, seed=seed), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
+                                      max_position_embeddings=128, tie_word_embeddings=True,
+                                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(tmp_path_factory):
+    return make_bpe_llama(tmp_path_factory.mktemp("bpe-llama"))
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(bpe_llama, tmp_path_factory):
+    from edgeprune.compress.api import CompressConfig
+    from edgeprune.compress.artifact import save_artifact
+    from edgeprune.compress.surgery import apply_plan
+
+    loaded = load_model(bpe_llama)
+    plan = uneven_plan(loaded)
+    apply_plan(loaded.model, loaded.adapter, plan)
+    directory = tmp_path_factory.mktemp("pruned-llama")
+    save_artifact(directory, loaded, CompressConfig().to_dict(), None, plan=plan)
+    return directory
+
+
+def read_fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+@pytest.mark.parametrize("which", ["even", "uneven"])
+def test_writer_metadata_and_shapes_read_back(bpe_llama, pruned_llama, which, tmp_path):
+    loaded = load_model(bpe_llama if which == "even" else pruned_llama)
+    shapes = loaded.adapter.shapes(loaded.model.config)
+    info = export_loaded(loaded, tmp_path / GGUF_FILE, "f32", progress=False)
+    fields = read_fields(tmp_path / GGUF_FILE)
+    arch = "llama" if which == "even" else "deci"
+    assert info["architecture"] == fields["general.architecture"] == arch
+    heads, kv, ffn = ([s.heads for s in shapes], [s.kv_heads for s in shapes], [s.ffn for s in shapes])
+    if which == "even":
+        assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+        assert fields["llama.feed_forward_length"] == 128
+    else:
+        assert len(set(zip(heads, kv, ffn))) > 1  # the plan really is uneven
+        assert fields["deci.attention.head_count"] == heads and fields["deci.attention.head_count_kv"] == kv
+        assert fields["deci.feed_forward_length"] == ffn
+    assert fields[f"{arch}.attention.key_length"] == 16 and fields[f"{arch}.rope.dimension_count"] == 16
+    assert fields[f"{arch}.block_count"] == 2
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == loaded.model.config.vocab_size and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.merges"] and fields["tokenizer.ggml.bos_token_id"] == loaded.tokenizer.bos_token_id
+    written = {name: shape for name, shape, _ in iter_gguf_shapes(tmp_path / GGUF_FILE)}
+    assert "output.weight" not in written  # tied: llama.cpp reuses token_embd
+    for i, s in enumerate(shapes):
+        assert written[f"blk.{i}.attn_q.weight"] == (s.heads * 16, 64)
+        assert written[f"blk.{i}.attn_k.weight"] == (s.kv_heads * 16, 64)
+        assert written[f"blk.{i}.ffn_down.weight"] == (64, s.ffn)
+    # f32 is exact, with Q/K rows permuted to llama.cpp's RoPE pair order
+    import gguf
+
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / GGUF_FILE)).tensors}
+    q = loaded.model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight"], permute_rope(q, shapes[1].heads))
+    v = loaded.model.model.layers[1].self_attn.v_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.attn_v.weight"], v)
+
+
+def test_quantized_types_and_fallbacks(bpe_llama, tmp_path):
+    loaded = load_model(bpe_llama)
+    info = export_loaded(loaded, tmp_path / GGUF_FILE, "q4_0", progress=False)
+    types = {name: t for name, _, t in iter_gguf_shapes(tmp_path / GGUF_FILE)}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "Q8_0"  # the tied LM head keeps 8 bits
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert info["tensor_types"]["q4_0"] == 14
+
+
+def test_unsupported_architecture_and_type_are_clear(tiny_models, tmp_path):
+    with pytest.raises(EdgePruneError, match=r"supports Llama-family decoders \(llama, mistral\); this model is 'gpt2'"):
+        export_loaded(load_model(tiny_models("gpt2")), tmp_path / GGUF_FILE, "f16", progress=False)
+    assert not (tmp_path / GGUF_FILE).exists()
+    with pytest.raises(EdgePruneError, match="cannot be written as GGUF.*q4_0"):
+        ExportConfig(target="llamacpp", quantize="q4_k_m")
+
+
+def test_cli_refuses_bad_quant_type_before_work(tmp_path, capsys):
+    assert main(["export", "nowhere", "-o", str(tmp_path / "out"), "--target", "llamacpp", "--quantize", "q6_k"]) == 2
+    err = capsys.readouterr().err
+    assert "edgeprune: error:" in err and "q6_k" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_without_llamacpp_says_how_to_install(bpe_llama, tmp_path, monkeypatch):
+    from edgeprune.runtime import llamacpp_adapter
+
+    monkeypatch.setattr(llamacpp_adapter.LlamaCppRuntime, "why_unavailable",
+                        lambda self: "llama_cpp cannot be imported; run `edgeprune runtime install llamacpp`")
+    with pytest.raises(EdgePruneError, match="edgeprune runtime install llamacpp"):
+        export(bpe_llama, tmp_path / "out", ExportConfig(target="llamacpp", quantize="q8_0"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- through llama.cpp ------------------------------------------------------------------------------------------
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("which,qtype", [("even", "f16"), ("uneven", "q8_0"), ("uneven", "f32")])
+def test_export_validates_in_llamacpp(bpe_llama, pruned_llama, llamacpp_runtime, which, qtype, tmp_path):
+    import torch
+
+    from edgeprune.artifacts import read_manifest
+
+    source = bpe_llama if which == "even" else pruned_llama
+    out = export(source, tmp_path / "out", ExportConfig(target="llamacpp", quantize=qtype), progress=False)
+    manifest = read_manifest(out)
+    report = manifest["validation"][qtype]
+    assert report["passed"] and manifest["files_by_role"]["llamacpp"] == GGUF_FILE
+    assert manifest["variants"][0]["architecture"] == ("llama" if which == "even" else "deci")
+    assert report["decoder_gate"]["greedy"]["agreement"] >= 0.9
+    assert report["tokenizer"]["same_ids"]
+    # logits of the loaded file against PyTorch, independently of the export's own gate
+    loaded = load_model(source)
+    ids = np.asarray([loaded.tokenizer("the dog plays in the park with a red ball")["input_ids"]], dtype=np.int64)
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    session = llamacpp_runtime.load(str(out / GGUF_FILE), threads=1)
+    try:
+        got = session.logits(ids)
+        tolerance = {"f32": 2e-3, "f16": 2e-2, "q8_0": 5e-2}[qtype]
+        assert np.abs(got - ref).max() <= tolerance * max(1.0, np.abs(ref).max())
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    finally:
+        session.close()
