@@ -62,6 +62,10 @@ def register(subparsers) -> None:
                    help="re-fit kept output projections layer by layer by least squares (needs --calib)")
     p.add_argument("--reconstruct-mode", choices=["full", "scales"], help="re-fit whole weights or per-unit scales")
     p.add_argument("--reconstruct-damping", type=float, help="ridge strength, relative to the mean Gram diagonal")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="compress block by block with bounded memory (llama, mistral, qwen2; chosen automatically "
+                        "when the model would not fit in half the available memory)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="--sequential compute/output dtype (default: the checkpoint's)")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -94,7 +98,8 @@ def run_compress(args) -> int:
     from edgeprune.compress.api import compress
 
     config = config_from_args(args)
-    out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                   sequential=args.sequential, dtype=args.dtype)
     manifest = read_manifest(out)
     summary = {"output": str(out), "parameters": manifest["parameters"], "dense_parameters": manifest["dense_parameters"],
                "timings": manifest["timings"]}
