@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 import torch
 
 from edgeprune.errors import EdgePruneError
@@ -122,23 +123,32 @@ class SafetensorsWeights(LazyWeights):
 
 
 class GGUFWeights(LazyWeights):
-    """A GGUF file: tensors stay memory-mapped and are dequantized (to float32) only when read."""
+    """A GGUF file: only the tensor directory is kept; a tensor's bytes are read and dequantized (to
+    float32) when it is asked for."""
 
     def __init__(self, path: str | Path, skeleton) -> None:
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                              get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                              read_field)
+                                                              get_gguf_hf_weights_map, read_field)
 
         super().__init__()
         self.path = Path(path)
-        self._reader = GGUFReader(str(self.path))
-        architecture = read_field(self._reader, "general.architecture")[0]
-        # the processor gets the config dict transformers parses from the metadata (head counts for Q/K)
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
-        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+        reader = GGUFReader(str(self.path))
+        architecture = read_field(reader, "general.architecture")[0]
+        config = skeleton.config
+        # transformers hands its processor the head counts it parsed from the metadata (None when absent,
+        # which skips the Q/K permutation); the skeleton's config was parsed from the same fields
+        has_kv = f"{architecture}.attention.head_count_kv" in reader.fields
+        processor_config = {"num_attention_heads": config.num_attention_heads,
+                            "num_key_value_heads": config.num_key_value_heads if has_kv else None}
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
         name_map = get_gguf_hf_weights_map(skeleton)
-        self._tensors = {name_map[t.name]: t for t in self._reader.tensors if t.name in name_map}
+        self._tensors = {name_map[t.name]: _TensorInfo(t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes),
+                                                       t.data.dtype, tuple(t.data.shape), int(t.n_elements))
+                         for t in reader.tensors if t.name in name_map}
+        # the reader's parsed metadata (tokenizer arrays: ~100k objects) is garbage from here on
+        del reader
+        release_memory()
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -147,21 +157,43 @@ class GGUFWeights(LazyWeights):
         import numpy as np
         from gguf import dequantize
 
-        tensor = self._tensors[name]
-        # read the bytes with a plain file read, not through the reader's memory map: mapped pages once
-        # touched stay resident (and count in RSS) until the whole file is unmapped
+        info = self._tensors[name]
+        # a plain file read, not the reader's memory map: mapped pages once touched stay resident (and
+        # count in RSS) until the whole file is unmapped
         with open(self.path, "rb") as handle:
-            handle.seek(tensor.data_offset)
-            raw = np.frombuffer(handle.read(tensor.n_bytes), dtype=tensor.data.dtype).reshape(tensor.data.shape)
-        weights = dequantize(raw, tensor.tensor_type)
-        weights = self._processor.process(weights=weights, name=tensor.name).weights
+            handle.seek(info.offset)
+            raw = np.frombuffer(handle.read(info.n_bytes), dtype=info.dtype).reshape(info.shape)
+        weights = dequantize(raw, info.kind)
+        weights = self._processor.process(weights=weights, name=info.gguf_name).weights
         return torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
 
     def stored_dtype(self) -> torch.dtype:
         return torch.float32  # quantized blocks dequantize to float32
 
     def numel(self) -> int:
-        return sum(int(t.n_elements) for t in self._tensors.values())
+        return sum(t.n_elements for t in self._tensors.values())
+
+
+class _TensorInfo(NamedTuple):
+    gguf_name: str
+    kind: object  # gguf.GGMLQuantizationType
+    offset: int
+    n_bytes: int
+    dtype: object  # numpy dtype of the stored blocks
+    shape: tuple
+    n_elements: int
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so parsing peaks do not add up."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def open_weights(source, skeleton) -> LazyWeights:

@@ -40,7 +40,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # only while that fits in this fraction of the available memory.
 IN_MEMORY_PEAK_RATIO = 2.4
 MEMORY_FRACTION = 0.5
-SHARD_BYTES = 200 * 2**20  # tensors buffered before a shard is written (bounds the writer's memory)
+SHARD_BYTES = 100 * 2**20  # tensors buffered before a shard is written (bounds the writer's memory)
 LAYER_PREFIX = "model.layers."
 
 
@@ -185,8 +185,11 @@ class BlockLoader:
         return layer
 
     def free(self, index: int) -> None:
+        from edgeprune.compress.lazy_weights import release_memory
+
         self.adapter.layers(self.skeleton)[index].to("meta")
         self.resident.discard(index)
+        release_memory()
 
 
 def _set_module_tensor(module, name: str, tensor: torch.Tensor) -> None:
@@ -299,7 +302,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     from edgeprune.compress.artifact import PLAN_FILE, RECIPE_FILE
     from edgeprune.compress.calibration import load_calibration, load_texts
     from edgeprune.compress.importance import Scores
-    from edgeprune.compress.lazy_weights import open_weights
+    from edgeprune.compress.lazy_weights import open_weights, release_memory
     from edgeprune.compress.plan import get_allocation
     from edgeprune.compress.surgery import record_shapes
     from edgeprune.models import TASK_CLASSES, prepare_tokenizer, resolve
@@ -314,6 +317,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     if Path(source.path).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")
     hf_config = _read_config(source)
+    release_memory()  # parsing GGUF metadata leaves ~150 MB of garbage behind
     check_supported(config, hf_config.model_type)
     adapter = get_adapter(hf_config)
     calibrated = needs_calibration(config)
@@ -334,6 +338,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, **kwargs)
     prepare_tokenizer(tokenizer)
+    release_memory()
     dense_parameters = weights.numel()
     loader = BlockLoader(skeleton, adapter, weights, run_dtype)
     s = config.structured
@@ -354,7 +359,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
         raise EdgePruneError("--reconstruct needs calibration data: pass --calib PATH")
     with staged_output(out, overwrite) as tmp:
         step = time.perf_counter()
-        writer = ShardWriter(tmp)
+        writer = ShardWriter(tmp, SHARD_BYTES)
         inputs, table = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else (
             [], weights.get("model.embed_tokens.weight", run_dtype))
         writer.add("model.embed_tokens.weight", table)
