@@ -233,15 +233,21 @@ def check_options(config: CompressConfig) -> None:
 
 
 def compress(model: str | Path, out: str | Path, config: CompressConfig | None = None, overwrite: bool = False,
-             allow_pickle: bool = False) -> Path:
-    """Compress ``model`` per ``config`` and write the artifact to ``out`` (atomically)."""
+             allow_pickle: bool = False, sequential: bool | None = None, dtype: str | None = None) -> Path:
+    """Compress ``model`` per ``config`` and write the artifact to ``out`` (atomically). ``sequential``:
+    block by block with bounded memory (Llama family; None: chosen when the model would not fit in memory)."""
     import torch
 
+    from edgeprune.compress import sequential as seq
     from edgeprune.compress.artifact import save_artifact
     from edgeprune.compress.surgery import parameter_count
     from edgeprune.models import load_model
 
     config = config or CompressConfig()
+    if sequential or (sequential is None and seq.should_run_sequential(model, config)):
+        return seq.compress_sequential(model, out, config, overwrite=overwrite, dtype=dtype)
+    if dtype is not None:
+        raise EdgePruneError("--dtype applies to --sequential (the in-memory path computes in float32)")
     out = Path(out)
     if Path(model).exists() and Path(model).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")

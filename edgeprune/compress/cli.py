@@ -71,6 +71,10 @@ def register(subparsers) -> None:
                    help="re-fit per-unit scales (default; measured best) or whole weights (hurts encoders)")
     p.add_argument("--reconstruct-damping", type=float, help="ridge strength, relative to the mean Gram diagonal "
                    "(default: 1.0 for scales, 0.01 for full)")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="compress block by block with bounded memory (llama, mistral, qwen2; chosen automatically "
+                        "when the model would not fit in half the available memory)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="--sequential compute/output dtype (default: the checkpoint's)")
     p.add_argument("--task", help="feature-extraction, sequence-classification or text-generation (default: by architecture)")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -146,7 +150,8 @@ def run_compress(args) -> int:
     from edgeprune.compress.api import compress
 
     config = config_from_args(args)
-    out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    out = compress(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                   sequential=args.sequential, dtype=args.dtype)
     warn_known_harmful(args.model, config)  # after the run: a failure stays one error line
     manifest = read_manifest(out)
     summary = {"output": str(out), "parameters": manifest["parameters"], "dense_parameters": manifest["dense_parameters"],

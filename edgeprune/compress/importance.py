@@ -73,23 +73,25 @@ def layer_unit_sizes(adapter: ArchAdapter, model, index: int):
 @torch.no_grad()
 def magnitude(model, adapter: ArchAdapter, calib=None) -> Scores:
     """L2 norm of all weights that belong to a unit (producer rows plus consumer columns)."""
-    heads, kv_heads, neurons = [], [], []
-    for index in range(len(adapter.layers(model))):
-        shape, sizes, widths = layer_unit_sizes(adapter, model, index)
-        attn, ffn = adapter.unit_slices(model, index)
-        totals = {Q: torch.zeros(shape.heads), KV: torch.zeros(shape.kv_heads), "ffn": torch.zeros(shape.ffn)}
-        for spec in attn + ffn:
-            if spec.name != "weight":
-                continue
-            for kind, value in unit_sq_norms(spec, sizes, widths).items():
-                totals[kind] += value
-        if shape.kv_heads == shape.heads:  # MHA: q and kv are the same unit
-            totals[Q] = totals[Q] + totals[KV]
-            totals[KV] = totals[Q].clone()
-        heads.append(totals[Q].sqrt())
-        kv_heads.append(totals[KV].sqrt())
-        neurons.append(totals["ffn"].sqrt())
-    return Scores(heads, kv_heads, neurons)
+    per_layer = [magnitude_layer(model, adapter, index) for index in range(len(adapter.layers(model)))]
+    return Scores(*(list(column) for column in zip(*per_layer)))
+
+
+@torch.no_grad()
+def magnitude_layer(model, adapter: ArchAdapter, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(heads, KV heads, neurons) magnitude scores of one layer (the sequential path scores block by block)."""
+    shape, sizes, widths = layer_unit_sizes(adapter, model, index)
+    attn, ffn = adapter.unit_slices(model, index)
+    totals = {Q: torch.zeros(shape.heads), KV: torch.zeros(shape.kv_heads), "ffn": torch.zeros(shape.ffn)}
+    for spec in attn + ffn:
+        if spec.name != "weight":
+            continue
+        for kind, value in unit_sq_norms(spec, sizes, widths).items():
+            totals[kind] += value
+    if shape.kv_heads == shape.heads:  # MHA: q and kv are the same unit
+        totals[Q] = totals[Q] + totals[KV]
+        totals[KV] = totals[Q].clone()
+    return totals[Q].sqrt(), totals[KV].sqrt(), totals["ffn"].sqrt()
 
 
 # --- calibrated criteria ------------------------------------------------------------------------------
@@ -372,3 +374,6 @@ def movement(model, adapter: ArchAdapter, calib=None, learning_rate: float = 2e-
         kv_heads.append(totals[KV])
         neurons.append(totals["ffn"])
     return Scores(heads, kv_heads, neurons)
+
+
+from edgeprune.compress import flap as _flap  # noqa: E402,F401  (registers "flap")

@@ -160,6 +160,84 @@ def _run_layer(layer, inputs, hooks: dict | None = None):
 
 
 @torch.no_grad()
+def dense_targets(layer_d, consumers_d, inputs_d, calib: Sequence[dict], dtype=torch.float64):
+    """Run the dense layer on its own inputs: the consumer outputs on real tokens (the re-fit targets, per
+    consumer slot and batch, kept in ``dtype``) and the layer outputs (the next layer's dense inputs)."""
+    targets: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    batch_no = {"i": 0}
+
+    def target_hook(slot):
+        def hook(module, args, output):
+            keep = _token_mask(calib[batch_no["i"]], output.shape)
+            targets[slot].append(output.detach()[keep].to(dtype))
+        return hook
+
+    handles = [consumers_d[slot].module.register_forward_hook(target_hook(slot)) for slot in (0, 1)]
+    next_d = []
+    try:
+        for i, (args, kwargs) in enumerate(inputs_d):
+            batch_no["i"] = i
+            next_d.append(_hidden(layer_d(*args, **kwargs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return targets, next_d
+
+
+@torch.no_grad()
+def fit_layer(layer_p, consumers_p, inputs_p, targets, calib: Sequence[dict], damping: float, mode: str,
+              fit_bias: bool, head_dim: int) -> dict:
+    """Re-fit the pruned layer's two consumers (attention output, then FFN output) in place to ``targets``
+    from the layer's own inputs ``inputs_p``. Returns the errors before/after."""
+    entry = {}
+    for slot, name in ((0, "attention"), (1, "ffn")):
+        spec = consumers_p[slot]
+        normal = None
+        for i, (args, kwargs) in enumerate(inputs_p):
+            seen = {}
+
+            def input_hook(module, hook_args):
+                seen["x"] = hook_args[0].detach()
+                raise _Stop
+
+            handle = spec.module.register_forward_pre_hook(input_hook)
+            try:
+                layer_p(*args, **kwargs)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            x = seen["x"]
+            keep = _token_mask(calib[i], x.shape)
+            x = x[keep].double()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            y = targets[slot][i].double()
+            if normal is None:
+                normal = _Normal(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.shape[0])
+            else:
+                normal.gram += x.T @ x
+                normal.cross += x.T @ y
+                normal.target_sq += float(y.pow(2).sum())
+                normal.tokens += x.shape[0]
+        targets[slot] = None  # no longer needed: free it before the next solve
+        current = _current_params(spec)
+        has_bias = getattr(spec.module, "bias", None) is not None
+        if mode == "scales":
+            solution = _solve_scales(normal, current, head_dim if slot == 0 else 1, damping)
+        else:
+            solution = _solve(normal, current, damping, has_bias, fit_bias)
+        before, after = _error(current, normal), _error(solution, normal)
+        if after < before:  # guard against numerically bad solves: never make a layer worse
+            _set_params(spec, solution)
+        else:
+            after = before
+        scale = max(normal.target_sq / max(normal.tokens, 1), 1e-30)
+        entry[name] = {"mse_before": before, "mse_after": after,
+                       "rel_before": before / scale, "rel_after": after / scale}
+    return entry
+
+
+@torch.no_grad()
 def reconstruct(model, dense_model, adapter: ArchAdapter, calib: Sequence[dict], damping: float = 1e-2,
                 mode: str = "full", fit_bias: bool = True, progress: bool = True) -> list[dict]:
     """Re-fit every layer's attention-output and FFN-output projections of ``model`` (pruned, in place)
@@ -175,78 +253,15 @@ def reconstruct(model, dense_model, adapter: ArchAdapter, calib: Sequence[dict],
     inputs_p = capture_layer_inputs(model, adapter, calib)
     inputs_d = capture_layer_inputs(dense_model, adapter, calib)
     layers_p, layers_d = adapter.layers(model), adapter.layers(dense_model)
+    head_dim = adapter.head_dim(model.config)
     report = []
     for index in tqdm(range(len(layers_p)), desc="reconstruct", disable=not progress, leave=False):
-        consumers_p = adapter.unit_consumers(model, index)
-        consumers_d = adapter.unit_consumers(dense_model, index)
-        # Dense targets: the consumer outputs of the dense layer on its own inputs, real tokens only.
-        targets: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-        batch_no = {"i": 0}
-
-        def target_hook(slot):
-            def hook(module, args, output):
-                keep = _token_mask(calib[batch_no["i"]], output.shape)
-                targets[slot].append(output.detach()[keep].double())
-            return hook
-
-        dense_hooks = {consumers_d[0].module: target_hook(0), consumers_d[1].module: target_hook(1)}
-        handles = [m.register_forward_hook(h) for m, h in dense_hooks.items()]
-        next_d = []
-        try:
-            for i, (args, kwargs) in enumerate(inputs_d):
-                batch_no["i"] = i
-                next_d.append(_hidden(layers_d[index](*args, **kwargs)))
-        finally:
-            for handle in handles:
-                handle.remove()
-        entry = {"layer": index}
-        for slot, name in ((0, "attention"), (1, "ffn")):
-            spec = consumers_p[slot]
-            normal = None
-            for i, (args, kwargs) in enumerate(inputs_p):
-                seen = {}
-
-                def input_hook(module, hook_args):
-                    seen["x"] = hook_args[0].detach()
-                    raise _Stop
-
-                handle = spec.module.register_forward_pre_hook(input_hook)
-                try:
-                    layers_p[index](*args, **kwargs)
-                except _Stop:
-                    pass
-                finally:
-                    handle.remove()
-                x = seen["x"]
-                keep = _token_mask(calib[i], x.shape)
-                x = x[keep].double()
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-                y = targets[slot][i]
-                if normal is None:
-                    normal = _Normal(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.shape[0])
-                else:
-                    normal.gram += x.T @ x
-                    normal.cross += x.T @ y
-                    normal.target_sq += float(y.pow(2).sum())
-                    normal.tokens += x.shape[0]
-            current = _current_params(spec)
-            has_bias = getattr(spec.module, "bias", None) is not None
-            if mode == "scales":
-                width = adapter.head_dim(model.config) if slot == 0 else 1
-                solution = _solve_scales(normal, current, width, damping)
-            else:
-                solution = _solve(normal, current, damping, has_bias, fit_bias)
-            before, after = _error(current, normal), _error(solution, normal)
-            if after < before:  # guard against numerically bad solves: never make a layer worse
-                _set_params(spec, solution)
-            else:
-                after = before
-            scale = max(normal.target_sq / max(normal.tokens, 1), 1e-30)
-            entry[name] = {"mse_before": before, "mse_after": after,
-                           "rel_before": before / scale, "rel_after": after / scale}
+        targets, next_d = dense_targets(layers_d[index], adapter.unit_consumers(dense_model, index), inputs_d, calib)
+        entry = fit_layer(layers_p[index], adapter.unit_consumers(model, index), inputs_p, targets, calib,
+                          damping, mode, fit_bias, head_dim)
+        report.append(dict(layer=index, **entry))
         inputs_p = [_with_hidden(call, out) for out, call in zip(_run_layer(layers_p[index], inputs_p), inputs_p)]
         inputs_d = [_with_hidden(call, out) for out, call in zip(next_d, inputs_d)]
-        report.append(entry)
     model.train(was_training[0])
     dense_model.train(was_training[1])
     return report

@@ -1,0 +1,217 @@
+"""Checkpoint weights read one tensor at a time, never the whole model: safetensors (single file or a sharded
+``model.safetensors.index.json``) through ``safe_open``, and GGUF files dequantized tensor by tensor through
+the ``gguf`` package's reader.
+
+GGUF tensors get exactly the layout transformers gives them when it converts a GGUF file to a Hugging Face
+model: the same dequantization (``gguf.dequantize``), the same GGUF -> HF name map and the same per-architecture
+tensor processor (for ``llama`` it undoes llama.cpp's interleaving of the Q/K rows for rotary embeddings).
+Every read is counted in ``loaded`` so callers (and tests) can check that no more than one block was held.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+import torch
+
+from edgeprune.errors import EdgePruneError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class LazyWeights:
+    """Base: ``get(name)`` returns one Hugging Face-named tensor in ``dtype`` (or the stored one)."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []  # every tensor name read, in order
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def numel(self) -> int:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._read(name)
+        self.loaded.append(name)
+        return tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
+
+    def state_for(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (e.g. ``model.layers.3.``), keys relative to it."""
+        return {n[len(prefix):]: self.get(n, dtype) for n in self.names() if n.startswith(prefix)}
+
+    def close(self) -> None:
+        """Release file handles (called after every block)."""
+
+
+class SafetensorsWeights(LazyWeights):
+    """A Hugging Face directory with ``*.safetensors`` (an index for shards). Missing shards fail up front."""
+
+    def __init__(self, directory: str | Path, prefix: str = "") -> None:
+        from safetensors import safe_open
+
+        super().__init__()
+        directory = Path(directory)
+        index = directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+            if missing:
+                raise EdgePruneError(f"{directory}: shard {missing[0]} is named in {INDEX_FILE} but missing "
+                                     f"({len(missing)} missing); re-download the checkpoint")
+            files = {name: directory / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(directory.glob("*.safetensors"))
+            if not shards:
+                raise EdgePruneError(f"{directory}: no model weights (*.safetensors) found")
+            files = {}
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as handle:
+                    files.update({name: shard for name in handle.keys()})
+        # Checkpoints of a bare backbone (LlamaModel) lack the causal-LM prefix ("model."): add it.
+        self._files = {(name if name.startswith(prefix) or name.startswith("lm_head") else prefix + name): (f, name)
+                       for name, f in files.items()}
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def _read(self, name: str) -> torch.Tensor:
+        file, stored = self._files[name]
+        return self._handle(file).get_tensor(stored)
+
+    def _slices(self):
+        for name, (file, stored) in self._files.items():
+            yield self._handle(file).get_slice(stored)
+
+    def stored_dtype(self) -> torch.dtype:
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        for piece in self._slices():
+            if piece.get_dtype() in dtypes:
+                return dtypes[piece.get_dtype()]
+        return torch.float32
+
+    def numel(self) -> int:
+        total = 0
+        for piece in self._slices():
+            count = 1
+            for size in piece.get_shape():
+                count *= size
+            total += count
+        return total
+
+    def close(self) -> None:
+        # dropping the handles unmaps the files, so pages read for earlier blocks leave the RSS
+        self._handles.clear()
+
+
+class GGUFWeights(LazyWeights):
+    """A GGUF file: only the tensor directory is kept; a tensor's bytes are read and dequantized (to
+    float32) when it is asked for."""
+
+    def __init__(self, path: str | Path, skeleton) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map, read_field)
+
+        super().__init__()
+        self.path = Path(path)
+        reader = GGUFReader(str(self.path))
+        architecture = read_field(reader, "general.architecture")[0]
+        config = skeleton.config
+        # transformers hands its processor the head counts it parsed from the metadata (None when absent,
+        # which skips the Q/K permutation); the skeleton's config was parsed from the same fields
+        has_kv = f"{architecture}.attention.head_count_kv" in reader.fields
+        processor_config = {"num_attention_heads": config.num_attention_heads,
+                            "num_key_value_heads": config.num_key_value_heads if has_kv else None}
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
+        name_map = get_gguf_hf_weights_map(skeleton)
+        self._tensors = {name_map[t.name]: _TensorInfo(t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes),
+                                                       t.data.dtype, tuple(t.data.shape), int(t.n_elements))
+                         for t in reader.tensors if t.name in name_map}
+        # the reader's parsed metadata (tokenizer arrays: ~100k objects) is garbage from here on
+        del reader
+        release_memory()
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _read(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        info = self._tensors[name]
+        # a plain file read, not the reader's memory map: mapped pages once touched stay resident (and
+        # count in RSS) until the whole file is unmapped
+        with open(self.path, "rb") as handle:
+            handle.seek(info.offset)
+            raw = np.frombuffer(handle.read(info.n_bytes), dtype=info.dtype).reshape(info.shape)
+        weights = dequantize(raw, info.kind)
+        weights = self._processor.process(weights=weights, name=info.gguf_name).weights
+        return torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
+
+    def stored_dtype(self) -> torch.dtype:
+        return torch.float32  # quantized blocks dequantize to float32
+
+    def numel(self) -> int:
+        return sum(t.n_elements for t in self._tensors.values())
+
+
+class _TensorInfo(NamedTuple):
+    gguf_name: str
+    kind: object  # gguf.GGMLQuantizationType
+    offset: int
+    n_bytes: int
+    dtype: object  # numpy dtype of the stored blocks
+    shape: tuple
+    n_elements: int
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so parsing peaks do not add up."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def open_weights(source, skeleton) -> LazyWeights:
+    """Lazy weights of a resolved model source (``edgeprune.models.ModelSource``) for a meta ``skeleton``."""
+    if source.kind == "gguf":
+        return GGUFWeights(source.path, skeleton)
+    return SafetensorsWeights(source.path, prefix=skeleton.base_model_prefix + ".")
+
+
+def checkpoint_numel(source) -> int | None:
+    """Parameter count from the checkpoint's headers only (no tensor data read); None when unknown."""
+    try:
+        if source.kind == "gguf":
+            from gguf import GGUFReader
+
+            return sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
+        if source.kind == "local":
+            return SafetensorsWeights(source.path).numel()
+    except (EdgePruneError, OSError, ValueError):
+        return None
+    return None

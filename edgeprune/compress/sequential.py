@@ -1,0 +1,393 @@
+"""Sequential (block-by-block) structured compression with bounded memory, for the Llama family
+(``llama``, ``mistral``, ``qwen2``).
+
+The model skeleton lives on the meta device; weights are read lazily one tensor at a time
+(:mod:`edgeprune.compress.lazy_weights`). The calibration tokens go through the embeddings once; then
+
+* pass 1 (scores): for each block, load it, run the cached inputs through it with hooks that collect the
+  statistics its criterion needs (FLAP fluctuation moments; none for magnitude), score its heads / KV groups
+  and FFN neurons, keep its outputs as the next block's inputs, free it;
+* allocation over all blocks at once (uniform, global or a FLOPs budget: the same allocators as in memory);
+* pass 2 (write): for each block, load it, slice it to the plan (whole KV groups or query heads within
+  groups, FFN neurons), optionally re-fit its output projections by least squares from the *pruned*
+  model's inputs to the dense block's outputs (what ``--reconstruct`` does in memory), run the cached
+  inputs through the pruned block, write its tensors into the output shards, free it.
+
+At most one decoder block is materialised at a time (plus, during calibration, the embedding table).
+Criteria that need gradients of the whole model (fisher, taylor, movement) and allocators that need their
+interaction blocks (joint, --rearrange) are refused; sparsity and fine-tuning run in memory on the artifact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from edgeprune.errors import EdgePruneError
+
+FAMILIES = ("llama", "mistral", "qwen2")
+IMPORTANCE = ("flap", "magnitude")  # forward-only / weight-only criteria that score one block at a time
+ALLOCATIONS = ("uniform", "global", "flops_budget")  # need only the per-unit scores of every block
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The in-memory path peaked at 2.4x the fp32 weight bytes (SmolLM2-135M: 1.29 GB for 538 MB); it is chosen
+# only while that fits in this fraction of the available memory.
+IN_MEMORY_PEAK_RATIO = 2.4
+MEMORY_FRACTION = 0.5
+SHARD_BYTES = 100 * 2**20  # tensors buffered before a shard is written (bounds the writer's memory)
+LAYER_PREFIX = "model.layers."
+
+
+def check_supported(config, model_type: str | None = None) -> None:
+    """One line naming what --sequential cannot do and the alternatives; nothing is loaded before it."""
+    s = config.structured
+    if model_type is not None and model_type not in FAMILIES:
+        raise EdgePruneError(f"--sequential supports the Llama family ({', '.join(FAMILIES)}), not "
+                             f"{model_type!r}; drop --sequential to compress it in memory")
+    if not s.active:
+        raise EdgePruneError("--sequential prunes heads/FFN neurons: pass --heads/--ffn or --flops-budget")
+    if s.importance not in IMPORTANCE:
+        raise EdgePruneError(f"--sequential: importance {s.importance!r} needs gradients of the whole model; "
+                             f"use one scored block by block ({', '.join(IMPORTANCE)}) or drop --sequential")
+    if s.rearrange or s.allocation not in ALLOCATIONS:
+        what = "--rearrange" if s.rearrange else f"allocation {s.allocation!r}"
+        raise EdgePruneError(f"--sequential: {what} needs the Fisher interaction blocks of the whole model; "
+                             f"use --allocation {' | '.join(ALLOCATIONS[:2])} (with --flops-budget for a global "
+                             "budget) or drop --sequential")
+    if config.sparsity.active or config.finetune.enabled:
+        raise EdgePruneError("--sequential does structured pruning only; run sparsity / fine-tuning on its "
+                             "artifact afterwards (edgeprune compress OUT ...) or drop --sequential")
+
+
+def compute_dtype(requested: str | None, stored: torch.dtype) -> torch.dtype:
+    if requested is not None and requested not in DTYPES:
+        raise EdgePruneError(f"--dtype must be one of {', '.join(DTYPES)} (got {requested!r})")
+    dtype = DTYPES[requested] if requested else (stored if stored in (torch.bfloat16, torch.float32) else torch.float32)
+    if dtype == torch.bfloat16:
+        try:  # bf16 matmuls where this CPU build has them; float32 otherwise
+            torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
+        except RuntimeError:
+            return torch.float32
+    return dtype
+
+
+def should_run_sequential(model, config) -> bool:
+    """True (and one line on stderr) when the in-memory path would not fit in MEMORY_FRACTION of the
+    available memory and the model and recipe can be compressed block by block."""
+    import psutil
+
+    from edgeprune.compress.lazy_weights import checkpoint_numel
+    from edgeprune.models import resolve
+
+    try:
+        source = resolve(model)
+    except EdgePruneError:
+        return False  # the in-memory path reports it
+    numel = checkpoint_numel(source) if source.kind in ("local", "gguf") else None
+    if numel is None:
+        return False
+    need, available = numel * 4 * IN_MEMORY_PEAK_RATIO, psutil.virtual_memory().available
+    if need <= MEMORY_FRACTION * available:
+        return False
+    try:
+        check_supported(config, _read_config(source).model_type)
+    except EdgePruneError as exc:
+        print(f"edgeprune: the in-memory path needs ~{need / 1e9:.1f} GB, more than {MEMORY_FRACTION:.0%} of "
+              f"the {available / 1e9:.1f} GB available, but {exc}", file=sys.stderr)
+        return False
+    print(f"edgeprune: the in-memory path needs ~{need / 1e9:.1f} GB, more than {MEMORY_FRACTION:.0%} of the "
+          f"{available / 1e9:.1f} GB available: compressing block by block (--sequential)", file=sys.stderr)
+    return True
+
+
+def _read_config(source):
+    import transformers
+
+    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
+    try:
+        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise EdgePruneError(f"{source.path}: cannot read model config ({str(exc).splitlines()[0]})") from None
+
+
+class ShardWriter:
+    """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of about ``shard_bytes`` each, plus
+    the index. A failed write (disk full) raises one EdgePruneError line; the caller's staging dir goes."""
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.directory, self.shard_bytes = Path(directory), shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.numel = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous()
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        self.numel += tensor.numel()
+        if self.pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.directory / f"part-{len(self.parts):05d}.safetensors"
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise EdgePruneError(f"cannot write {path.name} into {self.directory.parent}: {reason}; free space "
+                                 "there or choose another -o (nothing was written)") from None
+        self.parts.append((path, list(self.pending)))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.parts) == 1:
+            os.replace(self.parts[0][0], self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for k, (path, names) in enumerate(self.parts, 1):
+            final = f"model-{k:05d}-of-{len(self.parts):05d}.safetensors"
+            os.replace(path, self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class BlockLoader:
+    """Materialises one decoder block of a meta skeleton from lazy weights, and frees it again."""
+
+    def __init__(self, skeleton, adapter, weights, dtype: torch.dtype) -> None:
+        self.skeleton, self.adapter, self.weights, self.dtype = skeleton, adapter, weights, dtype
+        self.resident: set[int] = set()  # blocks currently materialised (tests check it never exceeds one)
+        self.max_resident = 0
+
+    def load(self, index: int):
+        layer = self.adapter.layers(self.skeleton)[index]
+        state = self.weights.state_for(f"{LAYER_PREFIX}{index}.", self.dtype)
+        layer.load_state_dict(state, strict=True, assign=True)
+        layer.requires_grad_(False)
+        self.weights.close()
+        self.resident.add(index)
+        self.max_resident = max(self.max_resident, len(self.resident))
+        return layer
+
+    def free(self, index: int) -> None:
+        from edgeprune.compress.lazy_weights import release_memory
+
+        self.adapter.layers(self.skeleton)[index].to("meta")
+        self.resident.discard(index)
+        release_memory()
+
+
+def _set_module_tensor(module, name: str, tensor: torch.Tensor) -> None:
+    setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _stream(calls, outputs):
+    from edgeprune.compress.reconstruct import _with_hidden
+
+    return [_with_hidden(call, out) for out, call in zip(outputs, calls)]
+
+
+@torch.no_grad()
+def _capture_inputs(skeleton, adapter, weights, calib, dtype):
+    """The first block's inputs for every calibration batch: the embeddings are materialised for this
+    only (and returned for writing), the rest of the skeleton stays on the meta device."""
+    from edgeprune.compress.reconstruct import capture_layer_inputs
+
+    embed = skeleton.get_input_embeddings()
+    table = weights.get("model.embed_tokens.weight", dtype)
+    _set_module_tensor(embed, "weight", table)
+    try:
+        return capture_layer_inputs(skeleton, adapter, calib), table
+    finally:
+        embed.to("meta")
+        weights.close()
+
+
+@torch.no_grad()
+def _score_pass(loader, skeleton, adapter, calib, inputs, importance: str, progress: bool):
+    """Pass 1: per-block scores from the dense stream (the dense model's own block inputs)."""
+    from tqdm.auto import tqdm
+
+    from edgeprune.compress.flap import layer_scores, moment_hooks
+    from edgeprune.compress.importance import _kv_scores, magnitude_layer
+    from edgeprune.compress.reconstruct import _run_layer
+
+    shapes = adapter.dense_shapes(skeleton.config)
+    head_dim = adapter.head_dim(skeleton.config)
+    heads, kv_heads, neurons = [], [], []
+    for index in tqdm(range(len(shapes)), desc="sequential: score", disable=not progress, leave=False):
+        layer = loader.load(index)
+        if importance == "magnitude":
+            h, kv, n = magnitude_layer(skeleton, adapter, index)
+        else:
+            consumers = adapter.unit_consumers(skeleton, index)
+            masks: dict = {}
+            handles, moments = moment_hooks(consumers, masks)
+            outputs = []
+            try:
+                for batch, (args, kwargs) in zip(calib, inputs):
+                    masks["mask"] = batch.get("attention_mask")
+                    outputs.extend(_run_layer(layer, [(args, kwargs)]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            h, n = layer_scores(consumers, moments, head_dim)
+            kv = _kv_scores(adapter, shapes[index], h)
+            if index + 1 < len(shapes):
+                inputs[:] = _stream(inputs, outputs)
+        loader.free(index)
+        heads.append(h)
+        kv_heads.append(kv)
+        neurons.append(n)
+    return heads, kv_heads, neurons
+
+
+@torch.no_grad()
+def _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstruct_cfg, progress: bool):
+    """Pass 2: prune (and re-fit) every block and write it. Returns the per-block reconstruction errors."""
+    from tqdm.auto import tqdm
+
+    from edgeprune.compress.reconstruct import _run_layer, dense_targets, fit_layer
+
+    shapes = adapter.dense_shapes(skeleton.config)
+    head_dim = adapter.head_dim(skeleton.config)
+    dense_inputs = list(inputs) if reconstruct_cfg is not None else None
+    report = []
+    for index in tqdm(range(len(shapes)), desc="sequential: prune + write", disable=not progress, leave=False):
+        layer = loader.load(index)
+        targets = None
+        if reconstruct_cfg is not None:
+            targets, next_dense = dense_targets(layer, adapter.unit_consumers(skeleton, index), dense_inputs, calib,
+                                                dtype=torch.float32)
+            dense_inputs = _stream(dense_inputs, next_dense)
+            del next_dense
+        adapter.prune_layer(skeleton, index, plan.layers[index], shapes[index])
+        if reconstruct_cfg is not None:
+            rc = reconstruct_cfg
+            entry = fit_layer(layer, adapter.unit_consumers(skeleton, index), inputs, targets, calib, rc.damping,
+                              rc.mode, rc.fit_bias, head_dim)
+            report.append(dict(layer=index, **entry))
+            if index + 1 < len(shapes):
+                inputs = _stream(inputs, _run_layer(layer, inputs))
+        for name, tensor in layer.state_dict().items():
+            writer.add(f"{LAYER_PREFIX}{index}.{name}", tensor)
+        loader.free(index)
+    return report
+
+
+def compress_sequential(model, out, config, overwrite: bool = False, dtype: str | None = None,
+                        progress: bool = True) -> Path:
+    """Compress ``model`` block by block into the artifact ``out`` (same format as the in-memory path)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
+    from edgeprune.compress.adapters import get_adapter
+    from edgeprune.compress.api import needs_calibration
+    from edgeprune.compress.artifact import PLAN_FILE, RECIPE_FILE
+    from edgeprune.compress.calibration import load_calibration, load_texts
+    from edgeprune.compress.importance import Scores
+    from edgeprune.compress.lazy_weights import open_weights, release_memory
+    from edgeprune.compress.plan import get_allocation
+    from edgeprune.compress.surgery import record_shapes
+    from edgeprune.models import TASK_CLASSES, prepare_tokenizer, resolve
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    check_supported(config)
+    source = resolve(model)
+    if source.kind not in ("local", "gguf"):
+        raise EdgePruneError(f"--sequential reads a local checkpoint (a Hugging Face directory with safetensors "
+                             f"or a .gguf file), not a {source.kind} source: {source.path}")
+    if Path(source.path).resolve() == out.resolve():
+        raise EdgePruneError("the output directory must differ from the model directory")
+    hf_config = _read_config(source)
+    release_memory()  # parsing GGUF metadata leaves ~150 MB of garbage behind
+    check_supported(config, hf_config.model_type)
+    adapter = get_adapter(hf_config)
+    calibrated = needs_calibration(config)
+    if calibrated:
+        load_texts(config.calibration.path)  # a bad --calib fails now, before any weight is read
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    task = "text-generation"
+    model_cls = getattr(transformers, TASK_CLASSES[task])
+    with init_empty_weights():  # parameters on the meta device; the rotary buffers stay real (float32)
+        skeleton = model_cls.from_config(hf_config)
+    weights = open_weights(source, skeleton)
+    run_dtype = compute_dtype(dtype, weights.stored_dtype())
+    if run_dtype != torch.float32:
+        with init_empty_weights():
+            skeleton = model_cls.from_config(hf_config, dtype=run_dtype)
+    skeleton.eval()
+    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    prepare_tokenizer(tokenizer)
+    release_memory()
+    dense_parameters = weights.numel()
+    loader = BlockLoader(skeleton, adapter, weights, run_dtype)
+    s = config.structured
+    calib = load_calibration(SimpleNamespace(tokenizer=tokenizer, adapter=adapter), config.calibration,
+                             seed=config.seed) if calibrated else []
+    timings = {"load_s": round(time.perf_counter() - started, 3)}
+    step = time.perf_counter()
+    inputs, _ = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if calib else ([], None)
+    heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
+    timings["score_pass_s"] = round(time.perf_counter() - step, 3)
+    scores = Scores(heads, kv_heads, neurons, comparable=False)
+    allocation = "flops_budget" if s.flops_budget is not None and s.allocation == "uniform" else s.allocation
+    plan = get_allocation(allocation)(scores, adapter.dense_shapes(hf_config), s, adapter, hf_config)
+    plan.meta.update({"importance": s.importance, "allocation": allocation, "gqa_mode": s.gqa_mode,
+                      "sequential": True})
+    reconstruct_cfg = config.reconstruct if config.reconstruct.enabled else None
+    if reconstruct_cfg is not None and not calib:
+        raise EdgePruneError("--reconstruct needs calibration data: pass --calib PATH")
+    with staged_output(out, overwrite) as tmp:
+        step = time.perf_counter()
+        writer = ShardWriter(tmp, SHARD_BYTES)
+        inputs, table = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else (
+            [], weights.get("model.embed_tokens.weight", run_dtype))
+        writer.add("model.embed_tokens.weight", table)
+        del table
+        report = _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstruct_cfg, progress)
+        del inputs
+        for name in weights.names():  # final norm, and the LM head unless tied to the embeddings
+            if not name.startswith(LAYER_PREFIX) and name != "model.embed_tokens.weight":
+                if name == "lm_head.weight" and hf_config.tie_word_embeddings:
+                    continue
+                writer.add(name, weights.get(name, run_dtype))
+        writer.finish()
+        timings["write_pass_s"] = round(time.perf_counter() - step, 3)
+        timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
+        record_shapes(skeleton, plan.shapes)
+        skeleton.config.dtype = run_dtype
+        skeleton.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        plan.save(tmp / PLAN_FILE)
+        import yaml
+
+        recipe = config.to_dict()
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        extra = {"reconstruction": report} if report else {}
+        write_manifest(tmp, "compress", recipe, {"model": source.to_dict()}, task=task,
+                       auto_class=TASK_CLASSES[task], model_type=hf_config.model_type, parameters=writer.numel,
+                       layer_shapes=[sh.to_dict() for sh in plan.shapes], dense_parameters=dense_parameters,
+                       timings=timings, sequential={"dtype": str(run_dtype).replace("torch.", ""),
+                                                    "max_resident_blocks": loader.max_resident,
+                                                    "calibration_batches": len(calib)}, **extra)
+    return out
