@@ -7,7 +7,8 @@
 #   benchmarks/run.sh OUT seed-study       # SmolLM2 pruning-robustness study (LAMBADA, HellaSwag, PIQA, ppl)
 #
 # Timings are only as good as the machine is quiet: close other work, keep the laptop on power.
-# Set EDGEPRUNE_DATA to the folder holding stsb/ and wikitext-2/ if it is not ../shared/data.
+# Data come by key (stsb:dev, wikitext2:valid, ...) from the hub; offline, set EDGEPRUNE_DATA to a local copy
+# (the folder holding stsb/ and wikitext-2/; ../shared/data beside the checkout is found without it).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-runs/$(date -u +%Y%m%d-%H%M%S)}"

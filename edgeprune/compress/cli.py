@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--ffn", type=float, help="fraction of FFN neurons to remove per layer, in [0, 1)")
     p.add_argument("--importance", help="importance criterion: magnitude, fisher, taylor, activation "
                    "(default: fisher with --calib, else magnitude)")
-    p.add_argument("--allocation", help="uniform (per layer), global (ranked across layers) or joint (greedy on per-layer Fisher blocks; needs --flops-budget)")
+    p.add_argument("--allocation", help="uniform (per layer), global (ranked across layers) or joint (greedy on per-layer Fisher blocks under --flops-budget, or the budget --heads/--ffn imply; default with --calib)")
     p.add_argument("--round-to", type=int, help="keep widths a multiple of N (default: 4 with --calib, else 1)")
     p.add_argument("--gqa-mode", choices=["within", "groups"], help="GQA: prune query heads within groups, or whole KV groups")
     p.add_argument("--flops-budget", type=float, help="keep at most this fraction of dense block FLOPs")
@@ -53,7 +53,8 @@ def register(subparsers) -> None:
     p.add_argument("--sparsity-importance", choices=["magnitude", "movement"], help="weight scores for sparsity")
     p.add_argument("--finetune-each-step", action="store_true", default=None,
                    help="fine-tune between iterative sparsity steps (needs --finetune)")
-    p.add_argument("--finetune", metavar="DATA", help="recovery fine-tuning data (STS tsv, text file, datasets name)")
+    p.add_argument("--finetune", metavar="DATA", help="recovery fine-tuning data: a built-in key (stsb:train, "
+                   "wikitext2:valid), STS tsv, text file or datasets name; `none` drops a recipe's fine-tuning")
     p.add_argument("--epochs", type=float, help="fine-tuning epochs")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="distil from the dense model (default: on with --finetune and no recipe)")

@@ -137,8 +137,9 @@ def test_cli_finetune_flags_and_determinism(tiny_models, text_file, tmp_path):
     assert main(args + ["-o", str(tmp_path / "a")]) == 0
     assert main(args + ["-o", str(tmp_path / "b")]) == 0
     recipe = CompressConfig.from_file(tmp_path / "a" / "recipe.yaml")
+    # flags as given; temperature 1 is the decoders' measured-best default (edgeprune/compress/defaults.py)
     assert recipe.finetune == FinetuneConfig(data=str(text_file), distill=True, epochs=1.0, max_steps=3,
-                                             learning_rate=1e-3, max_length=16, batch_size=4)
+                                             learning_rate=1e-3, max_length=16, batch_size=4, temperature=1.0)
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["finetune"]["steps"] == 3
     a, b = load_artifact(tmp_path / "a").model.state_dict(), load_artifact(tmp_path / "b").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
