@@ -150,9 +150,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-# errno values of a disk that cannot take the output, reported as one line naming the output path
+# errno values only a write produces (a disk that cannot take the output), reported as one line naming the
+# output path; EACCES is not among them: reading an input can raise it too.
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+                 errno.EROFS: "read-only file system"}
 
 
 def write_error(exc: OSError, out: Path) -> EdgePruneError:
