@@ -184,3 +184,19 @@ def test_worker_exits_quietly_when_the_parent_goes_away(tmp_path):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert "Traceback" not in stderr, stderr
+
+
+def test_bench_runs_on_a_runtime_only_install(tiny_onnx, tmp_path):
+    """Item 23: no torch, transformers or matplotlib: bench still measures and writes its report."""
+    block = ("import sys\nclass Absent:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'transformers', 'optimum', 'matplotlib'):\n"
+             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "sys.meta_path.insert(0, Absent())\nfrom edgeprune.cli import main\n")
+    argv = ["bench", "--dense", str(tiny_onnx["dense"]), "--candidate", str(tiny_onnx["small"]), "--seq", "8",
+            "--rounds", "1", "--warmup", "0", "--round-seconds", "0.01", "-o", str(tmp_path / "o")]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    result = subprocess.run([sys.executable, "-c", block + f"sys.exit(main({argv!r}))"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert (tmp_path / "o" / "report.md").is_file() and len(report["comparisons"]) == 2
