@@ -170,12 +170,13 @@ def test_worker_exits_quietly_when_the_parent_goes_away(tmp_path):
     """Item 6: a worker whose parent was interrupted (broken pipe, or Ctrl-C to the process group) prints no
     traceback."""
     import signal
-    import time
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-m", "edgeprune.bench.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    time.sleep(1.0)  # imported and serving
+    proc.stdin.write(b'{"op": "memory"}\n')
+    proc.stdin.flush()
+    assert "no model loaded" in proc.stdout.readline().decode()  # serving: its signal setup is done
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the whole group
     proc.stdout.close()  # the parent is gone: the reply below hits a broken pipe
     proc.stdin.write(b'{"op": "memory"}\n')
