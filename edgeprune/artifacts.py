@@ -150,9 +150,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-# errno values of a disk that cannot take the output, reported as one line naming the output path
+# errno values only a write produces (a disk that cannot take the output), reported as one line naming the
+# output path; EACCES is not among them: reading an input can raise it too.
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+                 errno.EROFS: "read-only file system"}
 
 
 def write_error(exc: OSError, out: Path) -> EdgePruneError:
@@ -169,6 +170,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     The destination is checked again at rename time: a directory that appeared meanwhile (or changed into
     something that is not an edgeprune output) is never removed."""
     out = check_output_dir(out, overwrite)
+    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -182,6 +184,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         _refuse_existing(out, overwrite, when=" (it appeared while this run was working; the result was discarded)")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             raise write_error(exc, out) from None
         raise
@@ -198,10 +201,19 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(tmp, ignore_errors=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+        _remove_empty(created)
         raise EdgePruneError(f"cannot move the finished output into place at {out}: {exc.strerror or exc}; "
                              "nothing was written") from None
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def verify_files(directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:

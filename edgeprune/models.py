@@ -229,9 +229,11 @@ def load_model(spec: str | os.PathLike, task: str | None = None, allow_pickle: b
     if task == "text-generation" and not adapter.is_decoder:
         raise EdgePruneError(f"{source.path}: a {config.model_type} encoder has no language-model head, so it "
                              "cannot generate or be scored on perplexity; use a decoder (e.g. smollm2-135m)")
+    model_cls = getattr(transformers, TASK_CLASSES[task])
     if source.kind == "local":
         _check_weights(Path(location), allow_pickle)
-    model_cls = getattr(transformers, TASK_CLASSES[task])
+        if task != "feature-extraction":
+            _check_head(_missing_head(model_cls, config, Path(location)), task, source.path)
     load_kwargs = dict(kwargs, dtype=torch.float32)
     if source.kind != "gguf":
         load_kwargs["use_safetensors"] = None if allow_pickle else True
@@ -250,19 +252,41 @@ def load_model(spec: str | os.PathLike, task: str | None = None, allow_pickle: b
         raise EdgePruneError(f"{source.path}: damaged weights file ({_first_line(exc)}); download it again") from None
     if isinstance(model, tuple):
         model, info = model
-        _check_head(model, info, task, source.path)
+        if task != "feature-extraction":
+            tied = set(getattr(model, "_tied_weights_keys", None) or [])
+            _check_head([k for k in info.get("missing_keys", []) if k not in tied and not k.endswith("position_ids")],
+                        task, source.path)
     model.eval()
     prepare_tokenizer(tokenizer)
     return LoadedModel(model, tokenizer, source, adapter, task)
 
 
-def _check_head(model, info: dict, task: str, where: str) -> None:
+def _missing_head(model_cls, config, directory: Path) -> list[str]:
+    """Head weights ``model_cls`` needs that the local safetensors files lack, found from the files' headers
+    and a weightless (meta-device) skeleton, before anything is loaded."""
+    import torch
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                stored.update(handle.keys())
+        except Exception as exc:  # SafetensorError: a truncated or overwritten file
+            raise EdgePruneError(f"{file}: damaged weights file ({_first_line(exc)}); download it again") from None
+    if not stored:
+        return []
+    with torch.device("meta"):
+        skeleton = model_cls.from_config(config)
+    prefix = skeleton.base_model_prefix + "."
+    tied = set(getattr(skeleton, "_tied_weights_keys", None) or [])
+    head = [k for k in skeleton.state_dict() if not k.startswith(prefix) and k not in tied]
+    return [k for k in head if k not in stored]
+
+
+def _check_head(missing: list[str], task: str, where: str) -> None:
     """Refuse a task head the checkpoint does not have: transformers would fill it with random weights
     (a classifier whose every answer is LABEL_0 that still validates against itself)."""
-    if task == "feature-extraction":
-        return
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in info.get("missing_keys", []) if k not in tied and not k.endswith("position_ids")]
     if missing:
         raise EdgePruneError(f"{where}: has no trained {task} head (missing {', '.join(sorted(missing)[:3])}); "
                              "use --task feature-extraction, or a checkpoint fine-tuned for this task")

@@ -242,7 +242,11 @@ def write(report: dict, out_dir: Path, log=print) -> None:
     report["plots"] = []
     (out_dir / "report.md").write_text(markdown(report))
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        plotting = importlib.util.find_spec("matplotlib") is not None
+    except ImportError:  # a broken or blocked installation counts as absent
+        plotting = False
+    if not plotting:
         if any((m.get("quality") or {}).get("value") is not None for m in report["models"]):
             log("plots skipped: matplotlib is not installed (pip install matplotlib, or 'edgeprune[full]')")
         return

@@ -41,6 +41,8 @@ class StructuredConfig(FrozenConfig):
                 raise EdgePruneError(f"--{name} must be in [0, 1): the fraction to remove (got {value})")
         if self.round_to < 1:
             raise EdgePruneError(f"--round-to must be a positive integer (got {self.round_to})")
+        if self.seq_len < 1:
+            raise EdgePruneError(f"--seq-len must be >= 1 (got {self.seq_len})")
         if self.gqa_mode not in GQA_MODES:
             raise EdgePruneError(f"gqa_mode must be one of {', '.join(GQA_MODES)} (got {self.gqa_mode!r})")
         if self.flops_budget is not None and not 0.0 < self.flops_budget <= 1.0:

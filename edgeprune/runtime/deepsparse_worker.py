@@ -173,12 +173,27 @@ def _die_with_parent():
 
 
 def main():
+    import signal
+
     _die_with_parent()
+    # Ctrl-C reaches the whole process group; the parent handles it and closes this worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (also sent when the parent dies): exit through Python so the temporary directory is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     # Keep the real stdout for the protocol; route every library print to stderr.
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     protocol_in = sys.stdin.buffer
     worker = Worker()
+    try:
+        _serve(worker, protocol_in, protocol_out)
+    except BrokenPipeError:  # the parent went away: nothing left to answer, no traceback
+        pass
+    finally:
+        worker.tempdir.cleanup()
+
+
+def _serve(worker, protocol_in, protocol_out):
     while True:
         request = _read_message(protocol_in)
         if request is None or request.get("op") == "close":
@@ -199,7 +214,6 @@ def main():
             text = str(exc).strip().splitlines()
             reply = {"error": f"{exc.__class__.__name__}: {text[0] if text else ''}"}
         _write_message(protocol_out, reply)
-    worker.tempdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -58,3 +58,25 @@ def test_perplexity_eval_on_tiny_decoder(tiny_models, tmp_path):
                       progress=False)
     assert result["metric"] == "perplexity" and result["n"] > 100
     assert 1.0 < result["value"] < 1000  # random 128-token model: about vocab size
+
+
+def test_sts_batches_do_not_depend_on_string_hashing():
+    """Issue 13, item 24: sentences were batched in set order, so padding (and an INT8 model's score) changed
+    from run to run. The batches must be identical under any PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import json\nimport numpy as np\nfrom edgeprune.eval.data import STSPair\n"
+              "from edgeprune.eval.metrics import sts_spearman\n"
+              "words = ['a dog runs', 'a cat sat', 'the sky', 'red car', 'one tree', 'big ball', 'two cats', 'old man']\n"
+              "pairs = [STSPair(a, b, float(i)) for i, (a, b) in enumerate(zip(words, reversed(words)))]\n"
+              "seen = []\n"
+              "def embed(batch):\n    seen.append(list(batch))\n    return np.eye(len(batch), 4)[: len(batch)]\n"
+              "sts_spearman(embed, pairs, batch_size=3)\nprint(json.dumps(seen))")
+    root = str(Path(__file__).resolve().parents[2])
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)).stdout
+            for seed in ("1", "2", "3", "4")}
+    assert len(runs) == 1
