@@ -13,7 +13,7 @@ Points: dense, then 10/20/30/40/50 % removed by
       the recipe's distillation (``--distill-steps``) at ``--distill-level``.
 Each point: WikiText-2 valid perplexity (first ``--ppl-tokens`` tokens; fine-tuning reads the text after its
 first 25,000 tokens, so training and scored text are disjoint), LAMBADA acc, HellaSwag acc_norm, PIQA acc
-(first ``--limit`` items of each dev file; all when not given), all through PyTorch, seeded.
+(first ``--limit`` items of each dev file, 300 by default), all through PyTorch, seeded.
 
 Writes OUT/points.jsonl (one line per point as it finishes), OUT/study.json, OUT/table.md, OUT/retention.png.
 """
@@ -142,9 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5")
     parser.add_argument("--methods", default="unstructured,structured")
-    parser.add_argument("--limit", type=int, help="items per zero-shot task (default: every item of the dev files)")
+    parser.add_argument("--limit", type=int, default=300,
+                        help="first N items of each zero-shot dev file (0: all; the full HellaSwag dev is 20,000 "
+                             "forward passes per point)")
     parser.add_argument("--ppl-tokens", type=int, default=20000)
-    parser.add_argument("--finetune-steps", type=int, default=100,
+    parser.add_argument("--finetune-steps", type=int, default=50,
                         help="recovery fine-tuning steps (4 x 128 tokens) after each 10 %% unstructured step")
     parser.add_argument("--distill-steps", type=int, default=300, help="distillation steps at --distill-level")
     parser.add_argument("--distill-level", type=float, default=0.3)
@@ -163,8 +165,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     levels = [float(x) for x in args.levels.split(",")]
     methods = [m for m in args.methods.split(",") if m]
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be >= 1")
+    if args.limit < 0:
+        parser.error("--limit must be >= 0")
+    args.limit = args.limit or None
     args.data = {"perplexity": resolve_data("wikitext2:valid"), "finetune": resolve_data("wikitext2:valid"),
                  "calibration": resolve_data("stsb:train"),
                  **{t: resolve_task_data(t, None) for t in ("lambada", "hellaswag", "piqa")}}
@@ -201,6 +204,8 @@ def main(argv=None) -> int:
             if source != args.model and not args.keep_models:
                 shutil.rmtree(source, ignore_errors=True)
             source = str(target)
+        if source != args.model and not args.keep_models:
+            shutil.rmtree(source, ignore_errors=True)
     if "structured" in methods:
         for level in levels:
             target = models / f"structured-{round(level * 100)}"

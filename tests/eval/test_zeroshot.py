@@ -257,3 +257,17 @@ def test_quality_ratio_of_accuracies():
     from edgeprune.bench.metrics import quality_ratio
 
     assert quality_ratio("acc_norm", 0.30, 0.40) == pytest.approx(0.75)
+
+
+def test_bench_reports_zero_shot_quality(exported, task_files, tmp_path):
+    from edgeprune.bench.api import bench
+    from edgeprune.bench.harness import BenchConfig
+
+    _, export_dir = exported("llama", "text-generation")
+    config = BenchConfig(threads=1, rounds=1, warmup=0, round_seconds=0.01, seqs=(8,), new_tokens=2,
+                         task="piqa", data=str(task_files["piqa"]), eval_limit=6)
+    report = bench(str(export_dir), [str(export_dir)], tmp_path / "report", config, log=lambda *_: None)
+    qualities = [m["quality"] for m in report["models"]]
+    assert all(q["metric"] == "acc" and q["n"] == 6 and "acc_norm" in q for q in qualities)
+    assert qualities[0]["value"] == qualities[1]["value"] > 0
+    assert report["comparisons"][0]["quality_ratio"] == pytest.approx(1.0)
