@@ -72,9 +72,11 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
 def gguf_counts(path: Path) -> dict[str, int]:
     """Weight elements of a GGUF file (quantized blocks count their logical elements); non-zeros are not
     counted (that would mean dequantizing every tensor) and reported as the element count."""
-    import gguf
+    import math
 
-    elements = sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
+    from edgeprune.exporters.gguf_export import read_gguf_metadata
+
+    elements = sum(math.prod(shape) for _, shape, _ in read_gguf_metadata(path, tensors=True)[1])
     return {"initializer_elements": elements, "nonzeros": elements}
 
 

@@ -8,6 +8,7 @@ with tolerances per GGUF type (``GATE``). A failing file is never written to ``o
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = 
     from edgeprune.runtime.llamacpp_adapter import build_flags
 
     started = time.perf_counter()
-    session = get_runtime("llamacpp").load(str(path), threads=threads)
+    session = get_runtime("llamacpp").load(str(path), threads=threads or os.cpu_count())
     try:
         reference = torch_logits(loaded.model)
         vocab = int(loaded.model.config.vocab_size)

@@ -167,19 +167,67 @@ def source_gguf(loaded) -> Path | None:
     return None
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_metadata(path: Path, tensors: bool = False):
+    """Every key of a GGUF file's header as {key: (value, value type, array element type)}; with
+    ``tensors``, also [(name, shape in ggml order, ggml type id)] of its tensor infos.
+
+    A direct parse of the (little-endian, v2/v3) key-value section: gguf.GGUFReader maps every string of a
+    50k-token vocabulary to its own numpy array, which takes minutes on a busy 2-core machine."""
+    import struct
+
+    def scalar(handle, kind):
+        fmt = _SCALARS[kind]
+        return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+
+    def string(handle):
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length).decode("utf-8", errors="replace")
+
+    def value(handle, kind):
+        if kind == 8:
+            return string(handle)
+        if kind == 9:
+            sub, count = struct.unpack("<IQ", handle.read(12))
+            if sub in _SCALARS:
+                fmt = _SCALARS[sub]
+                return list(struct.unpack(f"<{count}{fmt[1]}", handle.read(count * struct.calcsize(fmt)))), sub
+            return [value(handle, sub) for _ in range(count)], sub
+        return scalar(handle, kind)
+
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise EdgePruneError(f"{path}: not a GGUF file")
+        version, tensor_count, kv_count = struct.unpack("<IQQ", handle.read(20))
+        if version < 2:
+            raise EdgePruneError(f"{path}: GGUF version {version} is too old (need 2 or 3)")
+        fields: dict[str, tuple[Any, int, int | None]] = {}
+        for _ in range(kv_count):
+            key = string(handle)
+            (kind,) = struct.unpack("<I", handle.read(4))
+            got = value(handle, kind)
+            fields[key] = (got[0], kind, got[1]) if kind == 9 else (got, kind, None)
+        if not tensors:
+            return fields
+        infos = []
+        for _ in range(tensor_count):
+            name = string(handle)
+            (dims,) = struct.unpack("<I", handle.read(4))
+            shape = struct.unpack(f"<{dims}Q", handle.read(8 * dims))
+            ggml_type, _offset = struct.unpack("<IQ", handle.read(12))
+            infos.append((name, tuple(shape), ggml_type))
+    return fields, infos
+
+
 def tokenizer_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
     """Every ``tokenizer.*`` key of a GGUF file as (key, value, type, array sub-type), copied verbatim."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    items = []
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-        items.append((key, field.contents(), vtype, sub))
-    return items
+    T = gguf.GGUFValueType
+    return [(key, val, T(kind), T(sub) if sub is not None else None)
+            for key, (val, kind, sub) in read_gguf_metadata(path).items() if key.startswith("tokenizer.")]
 
 
 def pre_tokenizer_name(tokenizer) -> str | None:
@@ -363,6 +411,6 @@ def iter_gguf_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(name, logical shape in numpy order, ggml type name) of every tensor in a GGUF file."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    for tensor in reader.tensors:
-        yield tensor.name, tuple(int(d) for d in reversed(tensor.shape)), tensor.tensor_type.name
+    _, infos = read_gguf_metadata(path, tensors=True)
+    for name, shape, ggml_type in infos:
+        yield name, tuple(int(d) for d in reversed(shape)), gguf.GGMLQuantizationType(ggml_type).name

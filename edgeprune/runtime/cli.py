@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     inst = actions.add_parser("install", help="create the DeepSparse virtualenv or build llama.cpp in the user cache")
     inst.add_argument("name", choices=["deepsparse", "llamacpp"])
     inst.add_argument("--jobs", type=int, help="llamacpp: parallel compile jobs (default: all cores)")
+    inst.add_argument("--no-tools", action="store_true",
+                      help="llamacpp: skip the upstream llama-bench/llama-perplexity/... cross-check tools")
     inst.add_argument("--force", action="store_true", help="rebuild it even if it works")
     inst.set_defaults(func=install_command)
     lst = actions.add_parser("list", help="show each runtime and whether it is available (and why not)")
@@ -129,7 +131,7 @@ def install_command(args: argparse.Namespace) -> int:
     if args.name == "llamacpp":
         from edgeprune.runtime.llamacpp_install import install as install_llamacpp
 
-        info = install_llamacpp(force=args.force, jobs=args.jobs)
+        info = install_llamacpp(force=args.force, jobs=args.jobs, tools=not args.no_tools)
         state = "already installed" if info["already_installed"] else f"built in {info['seconds']} s"
         print(f"llama.cpp (llama-cpp-python {info['version']}) {state}: {info['variant']} build for {info['cpu']}; "
               f"self-test generated {len(info['self_test'].get('generated', []))} tokens; tools: "

@@ -123,7 +123,8 @@ class LlamaCppSession:
         except (ValueError, RuntimeError) as exc:
             raise EdgePruneError(f"llama.cpp rejects {path}: {str(exc).splitlines()[0][:300]} (is it a model "
                                  "llama.cpp supports, written by a compatible GGUF writer?)") from None
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp pads the context to a multiple of 256; positions beyond training are not allowed here
+        self.n_ctx = self.llm.n_ctx() if n_ctx else min(self.llm.n_ctx(), trained or self.llm.n_ctx())
         self.vocab_size = self.llm.n_vocab()
         self.inputs = [TensorInfo("input_ids", ("batch", "sequence"), "int64")]
         self.outputs = [TensorInfo("logits", ("batch", "sequence", self.vocab_size), "float32")]

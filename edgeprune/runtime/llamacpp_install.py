@@ -11,7 +11,9 @@ both measure the same code. Layout under ``edgeprune.paths.cache_dir()/llamacpp`
     install/   site/ (llama_cpp package + its pure-python deps), bin/ (tools + shared libs), build.json
     build-*.log
 
-``install/`` is assembled in a temp dir and renamed into place only after the self-test passed.
+``install/`` is assembled in a temp dir and renamed into place only after the self-test passed; the tools
+are built after that (they need llama.cpp's large ``common`` library), so a slow or failing tools build
+never leaves the runtime uninstalled.
 
 The self-test generates a few tokens in a child process, so a crashing build never takes the caller
 down. On Intel AMX CPUs a native build of this ggml segfaults in ``ggml_backend_amx_mul_mat`` on the
@@ -147,8 +149,25 @@ def _build(src: Path, variant: str, jobs: int, say) -> tuple[Path, list[str], Pa
     flags = cmake_flags(variant)
     say(f"building llama.cpp ({variant}: {' '.join(f for f in flags if 'GGML' in f)}), log {log}")
     _run_logged(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build)] + flags, log, "cmake configure")
-    _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama", *TOOLS], log, "cmake build")
+    _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama"], log, "cmake build")
     return build, flags, log
+
+
+def _build_tools(build: Path, log: Path, jobs: int, say) -> list[str]:
+    """The upstream tools, after the bindings are installed (they need llama.cpp's large common library;
+    a failure here leaves a working runtime and is reported, not raised)."""
+    say(f"building the upstream tools {', '.join(TOOLS)} (for cross-checks), log {log}")
+    try:
+        _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], log, "cmake build (tools)")
+    except EdgePruneError as exc:
+        say(f"tools not built: {exc}")
+    bin_dir = install_dir() / "bin"
+    built = []
+    for tool in TOOLS:
+        if (build / "bin" / tool).is_file():
+            shutil.copy2(build / "bin" / tool, bin_dir / tool)
+            built.append(tool)
+    return built
 
 
 def _assemble(staging: Path, src: Path, build: Path, log: Path) -> None:
@@ -163,9 +182,6 @@ def _assemble(staging: Path, src: Path, build: Path, log: Path) -> None:
     for path in libraries:
         shutil.copy2(path, lib / path.name)
         shutil.copy2(path, bin_dir / path.name)
-    for tool in TOOLS:
-        if (build / "bin" / tool).is_file():
-            shutil.copy2(build / "bin" / tool, bin_dir / tool)
     _run_logged([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--quiet",
                  "--target", str(site), *PURE_DEPS], log, f"pip install {' '.join(PURE_DEPS)}")
 
@@ -210,8 +226,9 @@ def read_build_info(directory: Path | None = None) -> dict:
         return {}
 
 
-def install(force: bool = False, progress: bool = True, jobs: int | None = None) -> dict:
-    """Build and self-test llama-cpp-python into the user cache; returns build.json's content."""
+def install(force: bool = False, progress: bool = True, jobs: int | None = None, tools: bool = True) -> dict:
+    """Build and self-test llama-cpp-python into the user cache, then (``tools``) the upstream tools;
+    returns build.json's content."""
     def say(message: str) -> None:
         if progress:
             print(f"[llamacpp] {message}", file=sys.stderr, flush=True)
@@ -219,7 +236,7 @@ def install(force: bool = False, progress: bool = True, jobs: int | None = None)
     target = install_dir()
     if target.is_dir() and not force:
         info = read_build_info(target)
-        if info.get("self_test", {}).get("ok"):
+        if info.get("self_test", {}).get("ok") and (not tools or set(info.get("tools", [])) == set(TOOLS)):
             return {**info, "already_installed": True}
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
@@ -244,9 +261,7 @@ def install(force: bool = False, progress: bool = True, jobs: int | None = None)
                 continue
             info = {"version": VERSION, "variant": variant, "cmake_flags": flags, "cpu": cpu_name(),
                     "amx_int8": "amx_int8" in cpu_flags(), "self_test": test, "attempts": attempts,
-                    "build_log": str(build_log), "tools": sorted(p.name for p in (staging / "bin").iterdir()
-                                                                if p.name in TOOLS),
-                    "seconds": round(time.perf_counter() - started, 1)}
+                    "build_log": str(build_log), "tools": [], "seconds": round(time.perf_counter() - started, 1)}
             (staging / "build.json").write_text(json.dumps(info, indent=2) + "\n")
             if target.exists():
                 shutil.rmtree(target)
@@ -254,6 +269,10 @@ def install(force: bool = False, progress: bool = True, jobs: int | None = None)
             if variant != "native":
                 say(f"the native build crashed in its self-test ({attempts[0]['self_test'].get('reason')}); "
                     "installed the GGML_NATIVE=OFF build without AMX instead")
+            if tools:
+                info["tools"] = _build_tools(build, build_log, jobs, say)
+                info["seconds"] = round(time.perf_counter() - started, 1)
+                (target / "build.json").write_text(json.dumps(info, indent=2) + "\n")
             return {**info, "already_installed": False}
         finally:
             if staging.exists():

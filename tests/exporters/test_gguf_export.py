@@ -11,7 +11,7 @@ import pytest
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
 from edgeprune.exporters.api import ExportConfig, export
-from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope
+from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
 from edgeprune.models import load_model
 from tiny import make_tiny, sample_texts, uneven_plan
 
@@ -65,10 +65,14 @@ def pruned_llama(bpe_llama, tmp_path_factory):
 
 
 def read_fields(path: Path) -> dict:
+    """Metadata through gguf's own reader (an independent parser from the exporter's fast one)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items()}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert {k: v for k, (v, _, _) in read_gguf_metadata(path).items()} == {
+        k: v for k, v in fields.items() if not k.startswith("GGUF.")}  # the reader's pseudo-keys for the header
+    return fields
 
 
 @pytest.mark.parametrize("which", ["even", "uneven"])
