@@ -209,7 +209,9 @@ def checkpoint_numel(source) -> int | None:
         if source.kind == "gguf":
             from gguf import GGUFReader
 
-            return sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
+            total = sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
+            release_memory()
+            return total
         if source.kind == "local":
             return SafetensorsWeights(source.path).numel()
     except (EdgePruneError, OSError, ValueError):

@@ -346,8 +346,10 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
                              seed=config.seed) if calibrated else []
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     step = time.perf_counter()
-    inputs, _ = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if calib else ([], None)
+    score_inputs = s.importance == "flap"  # magnitude scores need no activations
+    inputs, _ = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else ([], None)
     heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
+    del inputs
     timings["score_pass_s"] = round(time.perf_counter() - step, 3)
     scores = Scores(heads, kv_heads, neurons, comparable=False)
     allocation = "flops_budget" if s.flops_budget is not None and s.allocation == "uniform" else s.allocation
