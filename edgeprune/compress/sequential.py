@@ -279,7 +279,7 @@ def _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstr
         adapter.prune_layer(skeleton, index, plan.layers[index], shapes[index])
         if reconstruct_cfg is not None:
             rc = reconstruct_cfg
-            entry = fit_layer(layer, adapter.unit_consumers(skeleton, index), inputs, targets, calib, rc.damping,
+            entry = fit_layer(layer, adapter.unit_consumers(skeleton, index), inputs, targets, calib, rc.ridge,
                               rc.mode, rc.fit_bias, head_dim)
             report.append(dict(layer=index, **entry))
             if index + 1 < len(shapes):

@@ -98,7 +98,8 @@ def test_bf16_artifact_reloads_evaluates_and_exports(tiny_models, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text("\n".join(sample_texts(40, seed=3)))
     run = lambda *args: subprocess.run([sys.executable, "-m", "edgeprune.cli", *args], capture_output=True, text=True)
-    result = run("eval", str(out), "--task", "perplexity", "--data", str(text), "--json")
+    result = run("eval", str(out), "--task", "perplexity", "--data", str(text), "--window", "64", "--stride", "32",
+                 "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["value"] > 1
     result = run("export", str(out), "-o", str(tmp_path / "onnx"))
