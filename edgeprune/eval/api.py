@@ -73,10 +73,10 @@ def require_lm_head(model: str | Path, task: str) -> None:
 
 
 def _require_runtime_lm(backend, model, task: str) -> None:
-    if backend.info.task != "text-generation":
+    if backend.task != "text-generation":
         backend.close()
         raise EdgePruneError(f"{model}: --task {task} needs a text-generation export with logits; this export's "
-                             f"task is {backend.info.task} (export a decoder with --task text-generation)")
+                             f"task is {backend.task} (export a decoder with --task text-generation)")
 
 
 def make_backend(model: str | Path, runtime: str | None, task: str, max_length: int, threads: int | None = None):
@@ -100,7 +100,7 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
     backend = runtime_backend(model, runtime, max_length=max_length, threads=threads)
     if task in LM_TASKS:
         _require_runtime_lm(backend, model, task)
-    if task == "sts" and backend.info.task == "text-generation":
+    if task == "sts" and backend.task == "text-generation":
         backend.close()
         raise EdgePruneError(f"{model}: a text-generation export is not a sentence encoder; STS needs an encoder, "
                              "score decoders with --task perplexity")

@@ -81,6 +81,11 @@ def build_flags() -> dict:
 def gguf_file(model_path: str | os.PathLike) -> Path:
     """The .gguf a path means (a file, or an export directory's ``files_by_role['llamacpp']``), checked."""
     path = Path(model_path)
+    if not path.exists():
+        from edgeprune.models import ALIASES, resolve
+
+        if str(model_path) in ALIASES:  # an alias that is a GGUF file (smollm2-135m)
+            path = Path(resolve(str(model_path)).path)
     if path.is_dir():
         from edgeprune.artifacts import is_artifact, read_manifest
 
@@ -286,6 +291,31 @@ class LlamaCppBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.session.encode(text, add_special_tokens=False)
+
+    # --- the zero-shot scoring interface (edgeprune.eval.zeroshot) ------------------------------------------
+    task = "text-generation"
+    pad_id = 0
+
+    def encode_for_scoring(self, text: str) -> list[int]:
+        # the model's own special-token rule (GGUF add_bos_token), as lm-eval's HFLM uses the tokenizer default
+        return self.session.encode(text, add_special_tokens=True)
+
+    def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits [B, L, V] of a right-padded batch; llama.cpp runs one sequence at a time from an empty cache
+        (padded positions stay zero and are never read)."""
+        out = np.zeros(input_ids.shape + (self.session.vocab_size,), dtype=np.float32)
+        for row, length in enumerate(np.asarray(attention_mask).sum(axis=1)):
+            out[row, :int(length)] = self.session.logits(np.asarray(input_ids)[row:row + 1, :int(length)])[0]
+        return out
+
+    @property
+    def max_positions(self) -> int:
+        return self.session.n_ctx
+
+    @property
+    def prefix_token_id(self) -> int | None:
+        bos = int(self.session.llm.token_bos())
+        return bos if bos >= 0 else int(self.session.llm.token_eos())
 
     def close(self) -> None:
         self.session.close()

@@ -359,6 +359,10 @@ class RuntimeBackend:
         self._embedder = None
         self._generator = None
 
+    @property
+    def task(self) -> str:
+        return self.info.task
+
     def embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
             self._embedder = EmbeddingPipeline(self.session, self.tokenizer, self.max_length)
