@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",
-                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized when opset >= 21)")
+                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized, the graph converted to opset 21)")
     p.add_argument("--max-ppl-ratio", type=float,
                    help="quantized decoders: largest perplexity / fp32-export perplexity accepted (default 1.05)")
     p.add_argument("--min-greedy-agreement", type=float,
