@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("export_dir")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--data", default="/work/shared/data/wikitext-2/valid.txt")
+    parser.add_argument("--keep-fp32", nargs="+", default=["lm_head", "embedding_gather", "mlp_down"],
+                        help="node classes to keep fp32, one variant each (see classes())")
     args = parser.parse_args()
 
     import onnx
@@ -55,7 +57,7 @@ def main() -> None:
     groups = classes(onnx.load(str(src), load_external_data=False))
     print(json.dumps({k: len(v) for k, v in groups.items()}))
     reference = ort_logits_fn(src, layout)
-    variants = [("all quantized", [])] + [(f"{name} fp32", nodes) for name, nodes in groups.items()]
+    variants = [("all quantized", [])] + [(f"{name} fp32", groups[name]) for name in args.keep_fp32]
     variants.append(("only lm_head quantized", [n for k, v in groups.items() if k != "lm_head" for n in v]))
     with tempfile.TemporaryDirectory() as tmp:
         for label, exclude in variants:

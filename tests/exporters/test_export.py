@@ -199,6 +199,15 @@ def test_weight_only_bad_combinations(flags, message):
         ExportConfig(quantize="int4-weight", **flags)
 
 
+def test_weight_only_for_deepsparse_is_one_line_before_any_work(tiny_models, tmp_path, capsys):
+    from test_cli_errors import assert_one_line_error, leftovers, run_cli
+
+    code, _, err = run_cli(["export", tiny_models("bert"), "-o", tmp_path / "out", "--quantize", "int8-weight",
+                            "--target", "deepsparse"], capsys)
+    assert_one_line_error(code, err, "--quantize int8-weight", "--target deepsparse", "MatMulNBits")
+    assert not leftovers(tmp_path, "out")
+
+
 def test_int8_static_with_calibration(tiny_models, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(sample_texts(80, seed=3)) + "\n")
