@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",
                    help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized, the graph converted to opset 21)")
+    p.add_argument("--gate-tokens", type=int,
+                   help="quantized decoders: tokens the perplexity gate scores (default 4096)")
     p.add_argument("--max-ppl-ratio", type=float,
                    help="quantized decoders: largest perplexity / fp32-export perplexity accepted (default 1.05)")
     p.add_argument("--min-greedy-agreement", type=float,
@@ -45,7 +47,8 @@ def register(subparsers) -> None:
 
 
 FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
-         "atol", "rtol", "weight_block_size", "accuracy_level", "max_ppl_ratio", "min_greedy_agreement")
+         "atol", "rtol", "weight_block_size", "accuracy_level", "gate_tokens", "max_ppl_ratio",
+         "min_greedy_agreement")
 
 
 def config_from_args(args):
