@@ -493,7 +493,7 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             step = time.perf_counter()
             say(f"quantizing ({config.quantize})")
             names = [i.name for i in ort_session(current).get_inputs()]
-            quantized = work / "quantized.onnx"
+            quantized = work / f"{config.quantize}.onnx"  # its name appears in gate errors
             label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
             if config.quantize == "int8-dynamic":
                 steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
