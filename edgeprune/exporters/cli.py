@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",
-                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized when opset >= 21)")
+                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized, the graph converted to opset 21)")
+    p.add_argument("--gate-tokens", type=int,
+                   help="quantized decoders: tokens the perplexity gate scores (default 4096)")
     p.add_argument("--max-ppl-ratio", type=float,
                    help="quantized decoders: largest perplexity / fp32-export perplexity accepted (default 1.05)")
     p.add_argument("--min-greedy-agreement", type=float,
@@ -48,7 +50,8 @@ def register(subparsers) -> None:
 
 
 FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
-         "atol", "rtol", "weight_block_size", "accuracy_level", "max_ppl_ratio", "min_greedy_agreement")
+         "atol", "rtol", "weight_block_size", "accuracy_level", "gate_tokens", "max_ppl_ratio",
+         "min_greedy_agreement")
 
 
 def config_from_args(args):

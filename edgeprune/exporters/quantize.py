@@ -129,23 +129,70 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], per_channel: bool
             "quantized_nodes": len(nodes), "fp32_weight_nodes": len(skipped), "activations": "uint8 asymmetric", "weights": "int8 symmetric"}
 
 
+def fold_transposed_weights(model) -> list[str]:
+    """Replace ``MatMul(x, Transpose(W))`` with a MatMul on a transposed copy of the constant ``W`` (in place).
+
+    A tied LM head is exported as ``Transpose`` of the embedding table, which ORT's weight-only quantizer skips
+    (it quantizes constant MatMul inputs only): SmolLM2's LM head, a quarter of its per-token multiply-adds,
+    would stay fp32. Returns the MatMul nodes rewired."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    added: dict[str, str] = {}
+    rewired = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        transpose = producer.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        source = initializers[transpose.input[0]]
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        if len(source.dims) != 2 or perm not in (None, [1, 0]):
+            continue
+        if source.name not in added:
+            copy = numpy_helper.from_array(numpy_helper.to_array(source).T.copy(), f"{source.name}_transposed_const")
+            model.graph.initializer.append(copy)
+            added[source.name] = copy.name
+        node.input[1] = added[source.name]
+        rewired.append(node.name)
+    if rewired:  # drop Transposes nobody reads any more
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]
+        for n in dead:
+            model.graph.node.remove(n)
+    return rewired
+
+
 def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symmetric: bool,
                          accuracy_level: int, embeddings: bool = True) -> dict[str, Any]:
     """Blockwise weight-only quantization with onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a
     constant weight (the LM head included) becomes ``MatMulNBits`` (``block_size`` weights along K share one
     fp32 scale, and a zero point when asymmetric); activations stay fp32. With ``embeddings`` and 4 bits, the
     embedding Gathers become ``GatherBlockQuantized`` (ORT 1.32 has no 8-bit Gather path in this quantizer, so
-    INT8 keeps them fp32); that needs opset 21 for the int4 tensor type, which the source must already have
-    (an older opset cannot be relabelled: Reduce*/Split changed meaning). ``accuracy_level``: the lowest
+    INT8 keeps them fp32); that needs opset 21 for the int4 tensor type, so an older graph is converted with
+    onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed meaning). ``accuracy_level``: the lowest
     precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)."""
     import onnx
+    import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from edgeprune.exporters.sparse import opset_of
 
     _quiet()
     model = onnx.load(str(src))
+    tied = fold_transposed_weights(model)
     gathers, _ = weight_nodes(src, ("Gather",))
+    source_opset, converted = opset_of(model), False
+    if embeddings and bits == 4 and gathers and source_opset < 21:
+        try:  # the int4 tensor type needs opset 21; convert properly (Reduce*/Split changed since 17)
+            model = onnx.version_converter.convert_version(model, 21)
+            onnx.checker.check_model(model)
+            converted = True
+        except Exception:  # noqa: BLE001 - keep the source opset and the embedding table fp32
+            model = onnx.load(str(src))
+            fold_transposed_weights(model)
     quantize_gathers = embeddings and bits == 4 and bool(gathers) and opset_of(model) >= 21
     op_types = ("MatMul", "Gather") if quantize_gathers else ("MatMul",)
     try:
@@ -173,7 +220,8 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
     elif bits != 4:
         embedding_note = "fp32 (ORT 1.32's quantizer has a 4-bit Gather path only)"
     else:
-        embedding_note = f"fp32 (opset {opset_of(model)} < 21 lacks the int4 type; export with --opset 21)"
+        embedding_note = f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
     return {"method": f"int{bits}-weight", "quantizer": "onnxruntime MatMulNBitsQuantizer (RTN)", "bits": bits,
             "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
-            "embeddings": embedding_note, "nodes": counts}
+            "embeddings": embedding_note, "transposed_weights_folded": tied, "opset": opset_of(out), "converted_from_opset": source_opset if converted else None,
+            "nodes": counts}

@@ -159,7 +159,8 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(sample_texts(120, seed=4)) + "\n")
-    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", opset=21, calib=str(calib),
+    # no shape folding: the tied LM head stays MatMul(x, Transpose(embedding)), as SmolLM2's does after folding
+    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", calib=str(calib), simplify=False,
                                                                gate_tokens=256), progress=False)
     manifest = read_manifest(out)
     gate = manifest["validation"]["weight_only"]
@@ -169,6 +170,8 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     # every block Linear and the LM head (tied to the embedding) -> MatMulNBits; the embedding Gather too
     assert ops.count("MatMulNBits") == 7 * len(plan.shapes) + 1 and ops.count("GatherBlockQuantized") == 1
     assert manifest["steps"]["quantize"]["embeddings"] == "GatherBlockQuantized int4"
+    assert manifest["steps"]["quantize"]["converted_from_opset"] == 17 and manifest["variants"][0]["opset"] == 21
+    assert manifest["steps"]["quantize"]["transposed_weights_folded"] == ["/lm_head/MatMul"]
     assert manifest["variants"][0]["quantization"] == "int4-weight"
     # The quantized file's KV-cache path agrees with its own full recompute (teacher-forced on its tokens).
     prompt = np.array([5, 9, 17, 33], dtype=np.int64)
@@ -194,6 +197,15 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
 def test_weight_only_bad_combinations(flags, message):
     with pytest.raises(EdgePruneError, match=message):
         ExportConfig(quantize="int4-weight", **flags)
+
+
+def test_weight_only_for_deepsparse_is_one_line_before_any_work(tiny_models, tmp_path, capsys):
+    from test_cli_errors import assert_one_line_error, leftovers, run_cli
+
+    code, _, err = run_cli(["export", tiny_models("bert"), "-o", tmp_path / "out", "--quantize", "int8-weight",
+                            "--target", "deepsparse"], capsys)
+    assert_one_line_error(code, err, "--quantize int8-weight", "--target deepsparse", "MatMulNBits")
+    assert not leftovers(tmp_path, "out")
 
 
 def test_int8_static_with_calibration(tiny_models, tmp_path):
