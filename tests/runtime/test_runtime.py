@@ -159,7 +159,7 @@ def test_error_cases(exported, tmp_path, monkeypatch):
     _, export = exported("bert", "feature-extraction")
     with pytest.raises(EdgePruneError, match="unknown runtime"):
         get_runtime("tensorrt")
-    assert runtime_names() == ["deepsparse", "onnxruntime"]
+    assert runtime_names() == ["deepsparse", "llamacpp", "onnxruntime"]
     session = get_runtime("onnxruntime").load(str(export))
     with pytest.raises(EdgePruneError, match="missing model inputs: attention_mask"):
         session.run({"input_ids": np.ones((1, 3), np.int64), "token_type_ids": np.zeros((1, 3), np.int64)})
