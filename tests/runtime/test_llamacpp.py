@@ -126,3 +126,19 @@ def test_rejected_gguf_is_one_clear_line(tiny_gguf, llamacpp_runtime, tmp_path):
     broken.write_bytes(tiny_gguf["even"].read_bytes()[:4096])  # a real header, the tensor data cut off
     with pytest.raises(EdgePruneError, match="llama.cpp rejects .*truncated.gguf"):
         llamacpp_runtime.load(str(broken))
+
+
+@pytest.mark.llamacpp
+def test_bench_worker_times_prefill_and_kv_decode(tiny_gguf, llamacpp_runtime):
+    from edgeprune.bench.worker import Worker
+
+    worker = Worker()
+    info = worker.load({"model": str(tiny_gguf["uneven"]), "runtime": "llamacpp", "threads": 1})
+    try:
+        assert info["decoder"] and info["build"] is not None
+        forward = worker.time({"batch": 1, "seq": 16, "iterations": 2, "warmup": 1})
+        assert len(forward["latencies"]) == 2 and all(t > 0 for t in forward["latencies"])
+        decode = worker.decode({"batch": 1, "seq": 16, "new_tokens": 4, "iterations": 2, "warmup": 1})
+        assert len(decode["prefill_latencies"]) == 2 and [len(s) for s in decode["step_latencies"]] == [4, 4]
+    finally:
+        worker.session.close()
