@@ -126,6 +126,12 @@ def config_from_args(args):
     for key in ("task", "seed"):
         if getattr(args, key, None) is not None:
             base[key] = getattr(args, key)
+    structured = base["structured"]
+    if (not args.recipe and getattr(args, "allocation", None) is None and structured.get("allocation") == "joint"
+            and structured.get("importance") != "fisher"):
+        # the default joint search needs Fisher interaction blocks: a criterion the user picked keeps the
+        # per-layer cut of --heads/--ffn instead of failing
+        structured["allocation"] = "uniform"
     return CompressConfig.from_dict(base)
 
 

@@ -76,8 +76,12 @@ class SafetensorsWeights(LazyWeights):
                 raise EdgePruneError(f"{directory}: no model weights (*.safetensors) found")
             files = {}
             for shard in shards:
-                with safe_open(str(shard), framework="pt") as handle:
-                    files.update({name: shard for name in handle.keys()})
+                try:
+                    with safe_open(str(shard), framework="pt") as handle:
+                        files.update({name: shard for name in handle.keys()})
+                except Exception as exc:  # safetensors raises its own error type for a broken header
+                    raise EdgePruneError(f"{directory}: damaged weights file {shard.name} "
+                                         f"({str(exc).splitlines()[0][:200]}); download it again") from None
         # Checkpoints of a bare backbone (LlamaModel) lack the causal-LM prefix ("model."): add it.
         self._files = {(name if name.startswith(prefix) or name.startswith("lm_head") else prefix + name): (f, name)
                        for name, f in files.items()}

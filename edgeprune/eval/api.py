@@ -31,15 +31,16 @@ class EvalConfig(FrozenConfig):
     def __post_init__(self):
         if self.task not in TASKS:
             raise EdgePruneError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.limit is not None and self.limit < 1:
-            raise EdgePruneError(f"--limit must be >= 1 (got {self.limit})")
-        if self.batch_size < 1 or self.batch_tokens < 1:
-            raise EdgePruneError("--batch-size and batch_tokens must be >= 1")
-        if self.stride < 1 or self.window < 2 or self.stride > self.window:
-            raise EdgePruneError("perplexity needs 1 <= stride <= window")
         if self.task == "sts" and self.limit is not None and self.limit < 2:
             raise EdgePruneError(f"--limit must be >= 2 (got {self.limit}): a Spearman correlation needs at least "
                                  "two pairs")
+        if self.limit is not None and self.limit < 1:
+            raise EdgePruneError(f"--limit must be >= 1 (got {self.limit})")
+        if self.batch_size < 1 or self.batch_tokens < 1:
+            raise EdgePruneError(f"--batch-size >= 1 and batch_tokens >= 1 needed (got {self.batch_size}, "
+                                 f"{self.batch_tokens})")
+        if self.stride < 1 or self.window < 2 or self.stride > self.window:
+            raise EdgePruneError("perplexity needs 1 <= stride <= window")
         if self.max_tokens < 2 or self.max_length < 2:
             raise EdgePruneError(f"--max-tokens and max_length must be >= 2 (got {self.max_tokens}, {self.max_length})")
 
@@ -69,7 +70,7 @@ def require_lm_head(model: str | Path, task: str) -> None:
         return  # load_model reports an unreadable config with its own message
     if not get_adapter(config).is_decoder:
         raise EdgePruneError(f"{model}: --task {task} needs a decoder with a language-model head; this is a "
-                             f"{config.model_type} encoder (use --task sts for sentence encoders)")
+                             f"{config.model_type} encoder with no language-model head (use --task sts for sentence encoders)")
 
 
 def _require_runtime_lm(backend, model, task: str) -> None:

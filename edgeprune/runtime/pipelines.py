@@ -302,6 +302,8 @@ class StatefulGenerationPipeline(GenerationPipeline):
     """Generation on a session that keeps its own KV cache and tokenizer (llama.cpp): the prompt is fed
     once, then one token per step."""
 
+    stopped_at_limit = None  # llama.cpp raises ContextOverflow (with the text so far) instead of stopping
+
     def __init__(self, session):
         self.session, self.tokenizer, self.info = session, session, None
 
