@@ -204,7 +204,7 @@ def test_compress_refuses_before_loading(tiny_models, tmp_path, capsys, args, ne
 
 
 def test_calibration_records_what_was_used_and_warns(tiny_models, tmp_path, capsys):
-    """Item 11: one calibration sentence is said out loud and recorded, not hidden behind samples: 256."""
+    """Item 11: one calibration sentence is said out loud and recorded, not hidden behind the samples asked for."""
     calib = tmp_path / "calib.txt"
     calib.write_text("the man plays the guitar in the park every day\n")
     code, _, err = run_cli(["compress", tiny_models("bert"), "-o", tmp_path / "out", "--heads", "0.5",
@@ -212,7 +212,7 @@ def test_calibration_records_what_was_used_and_warns(tiny_models, tmp_path, caps
     assert code == 0
     assert "warning: calibration used only 1 text(s)" in err and str(calib) in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["calibration"]["samples_used"] == 1 and manifest["calibration"]["samples_requested"] == 256
+    assert manifest["calibration"]["samples_used"] == 1 and manifest["calibration"]["samples_requested"] == 2048  # the encoder default with --calib
 
 
 @pytest.mark.parametrize("args,needle", [
