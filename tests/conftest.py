@@ -31,12 +31,21 @@ def pytest_report_header(config):
     return "edgeprune tests: tiny random models; real-model tests are marked slow (pytest -m slow)"
 
 
-@pytest.fixture(scope="session")
-def llamacpp_runtime():
-    """The llama.cpp runtime, or a skip naming the install command."""
+def runtime_or_skip(name: str, what: str):
+    """The named runtime, or a skip naming its install command."""
     from edgeprune.runtime.base import get_runtime
 
-    runtime = get_runtime("llamacpp", require_available=False)
+    runtime = get_runtime(name, require_available=False)
     if not runtime.available():
-        pytest.skip(f"llama.cpp runtime missing: {runtime.why_unavailable()}")
+        pytest.skip(f"{what} missing: {runtime.why_unavailable()}")
     return runtime
+
+
+@pytest.fixture(scope="session")
+def llamacpp_runtime():
+    return runtime_or_skip("llamacpp", "llama.cpp runtime")
+
+
+@pytest.fixture(scope="session")
+def deepsparse_runtime():
+    return runtime_or_skip("deepsparse", "DeepSparse env")

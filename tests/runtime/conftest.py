@@ -31,13 +31,3 @@ def exported(tiny_models, tmp_path_factory):
         return cache[key]
 
     return get
-
-
-@pytest.fixture(scope="session")
-def deepsparse_runtime():
-    from edgeprune.runtime.base import get_runtime
-
-    runtime = get_runtime("deepsparse", require_available=False)
-    if not runtime.available():
-        pytest.skip(f"DeepSparse env missing: {runtime.why_unavailable()}")
-    return runtime
