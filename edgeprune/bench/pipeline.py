@@ -167,12 +167,14 @@ def best_tradeoff(comparisons: list[dict], min_quality: float = BEST_TRADEOFF_MI
 
 
 def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None] = print,
-                   recipe_dir: Path | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    """Compress and export every variant under ``work``. Returns [(name, export dir)] and timings/notes."""
+                   recipe_dir: Path | None = None, configs: dict[str, tuple[Any, Any]] | None = None,
+                   ) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Compress and export every variant under ``work``. Returns [(name, export dir)] and timings/notes.
+    ``configs``: the variants' configs from ``variant_configs`` when the caller already built them."""
     from edgeprune.compress.api import compress
     from edgeprune.exporters.api import export
 
-    configs = variant_configs(config, recipe_dir)
+    configs = configs if configs is not None else variant_configs(config, recipe_dir)
     built: list[tuple[str, Path]] = []
     compressed: dict[str, str] = {}
     notes: dict[str, Any] = {}
@@ -223,10 +225,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
         r for r in config.optional_runtimes if r not in config.bench.runtimes and _runtime_available(r))
     bench_cfg = config.bench.replace(task=config.task, data=data, eval_limit=config.eval_limit, runtimes=runtimes,
                                      **({"threads": threads} if threads is not None else {}))
-    variant_configs(config, recipe_dir)  # every variant valid before the first is built
+    configs = variant_configs(config, recipe_dir)  # every variant valid before the first is built
     started = time.perf_counter()
     with staged_output(out, overwrite) as tmp:
-        built, notes = build_variants(config, tmp, log, recipe_dir)
+        built, notes = build_variants(config, tmp, log, recipe_dir, configs)
         if len(built) < 2:
             raise EdgePruneError("the pipeline needs the dense variant and at least one candidate to compare")
         report = bench(str(built[0][1]), [str(p) for _, p in built[1:]], tmp / "report", bench_cfg,
