@@ -21,6 +21,7 @@ from edgeprune.data_sources import resolve_data_or_name
 from edgeprune.errors import EdgePruneError
 
 LOG_FILE = "train_log.jsonl"
+BUCKET_POOL = 50  # batches per length-sorted pool (length_buckets): little padding, still well mixed
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class _Batches:
     def __init__(self, loaded, cfg, seed: int):
         self.tok, self.cfg, self.rng = loaded.tokenizer, cfg, random.Random(seed)
         self.decoder = loaded.adapter.is_decoder
+        self._lengths: list[int] | None = None
         data = resolve_data_or_name(cfg.data)
         if self.decoder:
             self.items: list[Any] = lm_blocks(self.tok, data, cfg.max_length, cfg.skip_tokens)
@@ -168,12 +170,34 @@ class _Batches:
     def _encode(self, texts):
         return self.tok(texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
 
+    def _bucketed(self, order: list[int]) -> list[list[int]]:
+        """Batches of similar length: each pool of ``BUCKET_POOL`` shuffled batches is sorted by token count
+        and cut into batches, then all batches are shuffled (so lengths do not rise through the epoch)."""
+        if self._lengths is None:
+            texts = [t for item in self.items for t in ((item.sentence1, item.sentence2) if self.kind == "pairs"
+                                                        else (item,))]
+            counts = [len(ids) for ids in self.tok(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"]]
+            self._lengths = (counts if self.kind == "texts"
+                             else [max(a, b) for a, b in zip(counts[::2], counts[1::2])])
+        bs = self.cfg.batch_size
+        pool = bs * BUCKET_POOL
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start:start + pool], key=self._lengths.__getitem__)
+            batches.extend(chunk[i:i + bs] for i in range(0, len(chunk), bs))
+        self.rng.shuffle(batches)
+        return batches
+
     def epoch(self):
         order = list(range(len(self.items)))
         self.rng.shuffle(order)
         bs = self.cfg.batch_size
-        for start in range(0, len(order), bs):
-            chunk = [self.items[i] for i in order[start:start + bs]]
+        if self.cfg.length_buckets and self.kind != "lm":  # decoder blocks all have the same length
+            batches = self._bucketed(order)
+        else:
+            batches = [order[start:start + bs] for start in range(0, len(order), bs)]
+        for indices in batches:
+            chunk = [self.items[i] for i in indices]
             if self.kind == "lm":
                 yield {"input_ids": torch.tensor(chunk, dtype=torch.long)}
             elif self.kind == "texts":

@@ -543,6 +543,13 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
 
         gate(current, "fp32")
         steps: dict[str, Any] = {}
+        if config.optimize:  # before folding: the attention fusion matches the unfolded reshape chains
+            step = time.perf_counter()
+            say("fusing the graph (onnxruntime transformer optimizer)")
+            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
+            current = work / "optimized.onnx"
+            timings["optimize_s"] = round(time.perf_counter() - step, 3)
+            gate(current, "optimized")
         if config.simplify:
             from edgeprune.exporters.simplify import simplify
 
@@ -553,13 +560,6 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             if steps["simplify"]["nodes_after"] < steps["simplify"]["nodes_before"]:
                 current = work / "simplified.onnx"
                 gate(current, "simplified")
-        if config.optimize:
-            step = time.perf_counter()
-            say("fusing the graph (onnxruntime transformer optimizer)")
-            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
-            current = work / "optimized.onnx"
-            timings["optimize_s"] = round(time.perf_counter() - step, 3)
-            gate(current, "optimized")
         quantization = "none"
         if config.quantize != "none":
             step = time.perf_counter()

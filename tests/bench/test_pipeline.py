@@ -65,6 +65,8 @@ bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_secon
     assert "| pruned-int8 |" in printed  # the table is printed
     best = summary["best_tradeoff"]  # the fastest variant within 1 % of dense quality (or none)
     assert best is None or (best["quality_ratio"] >= 0.99 and best["model"] in by and "best trade-off" in printed)
+    assert list(summary["best_by_kind"]) == ["onnxruntime fp32", "onnxruntime int8"]  # what the main job shows
+    assert "best onnxruntime fp32: " in printed and "best onnxruntime int8: " in printed
 
 
 def test_pipeline_config_errors(tmp_path):
@@ -138,14 +140,36 @@ def test_best_tradeoff_is_the_fastest_within_one_percent():
 
 
 def test_default_pipeline_builds_the_distilled_variant_in_fp32_and_int8():
-    from edgeprune.bench.pipeline import default_recipe
+    from edgeprune.bench.pipeline import default_recipe, variant_precisions
 
     config = default_recipe()
     by = {v.name: v for v in config.variants}
-    assert by["distilled-50"].recipe.endswith("minilm-50-distill.yaml")
-    assert by["distilled-50-int8"].reuse == "distilled-50"
-    assert by["distilled-50-int8"].export["quantize"] == "int8-dynamic"
-    assert config.data == "stsb:dev"
+    assert list(by) == ["dense", "distilled-60", "distilled-60-int8"]  # every variant one of the kinds shown
+    assert by["distilled-60"].recipe.endswith("minilm-60-distill.yaml")
+    assert by["distilled-60-int8"].reuse == "distilled-60"
+    assert by["distilled-60-int8"].export["quantize"] == "int8-dynamic"
+    assert variant_precisions(config) == {"dense": "fp32", "distilled-60": "fp32", "distilled-60-int8": "int8"}
+    assert config.data == "stsb:dev" and "deepsparse" in config.optional_runtimes
+
+
+def test_best_by_kind_shows_fp32_int8_and_each_further_runtime():
+    from edgeprune.bench.pipeline import best_by_kind
+
+    def row(model, p50, quality, runtime="onnxruntime"):
+        return {"runtime": runtime, "batch": 1, "seq": 128, "model": model, "p50_ms": p50, "quality": quality * 86.7,
+                "quality_ratio": quality, "speedup_p50": 9.0 / p50, "speedup_rounds": {"median": 9.1 / p50}}
+
+    rows = [row("dense", 9.0, 1.0), row("kd", 4.5, 0.995), row("kd-fast", 4.0, 0.97), row("kd-int8", 1.8, 0.992),
+            row("dense", 8.0, 1.0, "deepsparse"), row("kd", 5.0, 0.995, "deepsparse"),
+            dict(row("kd", 1.0, 0.995), seq=16)]  # another shape never competes
+    precisions = {"dense": "fp32", "kd": "fp32", "kd-fast": "fp32", "kd-int8": "int8"}
+    best = best_by_kind(rows, precisions)
+    assert list(best) == ["onnxruntime fp32", "onnxruntime int8", "deepsparse"]
+    assert best["onnxruntime fp32"]["model"] == "kd" and best["onnxruntime int8"]["model"] == "kd-int8"
+    assert best["deepsparse"]["model"] == "kd" and best["deepsparse"]["runtime"] == "deepsparse"
+    assert best["onnxruntime fp32"]["speedup_rounds_median"] == pytest.approx(9.1 / 4.5)
+    assert best_by_kind([r for r in rows if r["model"] != "kd-int8"], precisions)["onnxruntime int8"] is None
+    assert best_by_kind([], precisions) == {}
 
 
 def test_unreachable_data_fails_before_any_work(tmp_path, monkeypatch, capsys):

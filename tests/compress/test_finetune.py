@@ -143,3 +143,25 @@ def test_cli_finetune_flags_and_determinism(tiny_models, text_file, tmp_path):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["finetune"]["steps"] == 3
     a, b = load_artifact(tmp_path / "a").model.state_dict(), load_artifact(tmp_path / "b").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
+
+
+def test_length_buckets_cut_padding_and_keep_every_text_once(tiny_models, text_file):
+    from edgeprune.compress.finetune import _Batches
+
+    loaded = load_model(tiny_models("bert"))
+    cfg = FinetuneConfig(data=str(text_file), distill=True, batch_size=8, max_length=64)
+
+    def padded_tokens(batches) -> tuple[int, list[int]]:
+        padded, seen = 0, []
+        for batch in batches.epoch():
+            padded += batch["input_ids"].numel()
+            seen.extend(batch["attention_mask"].sum(1).tolist())
+        return padded, sorted(seen)
+
+    plain, plain_lengths = padded_tokens(_Batches(loaded, cfg, seed=0))
+    bucketed_batches = _Batches(loaded, cfg.replace(length_buckets=True), seed=0)
+    bucketed, bucketed_lengths = padded_tokens(bucketed_batches)
+    assert bucketed_lengths == plain_lengths  # the same texts, each once per epoch
+    assert bucketed < 0.9 * plain, (bucketed, plain)
+    first = [b["input_ids"].shape for b in bucketed_batches.epoch()]
+    assert first != [b["input_ids"].shape for b in bucketed_batches.epoch()]  # epochs are reshuffled
