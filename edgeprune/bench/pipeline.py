@@ -224,8 +224,9 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
         cfg, export_cfg = configs[variant.name]
         if variant.reuse:
             # Quantizing (or re-targeting) an earlier variant starts from its validated fp32 export, which
-            # skips a second PyTorch -> ONNX export; the exporter checks the result against that file.
-            reused = dict(built).get(variant.reuse)
+            # skips a second PyTorch -> ONNX export; the exporter checks the result against that file. Fusion
+            # starts from the model: that export's shape folding hides the attention pattern from the fuser.
+            reused = None if export_cfg.optimize else dict(built).get(variant.reuse)
             source = str(reused) if reused is not None else compressed.get(variant.reuse, config.model)
         elif cfg is not None:
             out = work / "compressed" / variant.name
