@@ -78,8 +78,8 @@ def default_recipe() -> PipelineConfig:
     variants = [
         {"name": "dense", "export": {"target": "deepsparse"}},
         distilled,
-        # INT8 stays unfused: fused + INT8 was 4 % faster at p50 but slower at p90 and 3.4x the file size
-        # (the fused embedding stays fp32); RESULTS.md, 2026-12-02 fusion A/B
+        # INT8 stays unfused: fused + QAttention ran 1.13x faster (RESULTS.md, 2026-12-02), but its STS
+        # quality is not measured yet (only the export's cosine gate)
         {"name": "distilled-60-fused", "reuse": "distilled-60", "export": {"optimize": True}},
         {"name": "distilled-60-int8", "reuse": "distilled-60", "export": {"quantize": "int8-dynamic"}},
     ]

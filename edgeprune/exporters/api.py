@@ -546,7 +546,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         if config.optimize:  # before folding: the attention fusion matches the unfolded reshape chains
             step = time.perf_counter()
             say("fusing the graph (onnxruntime transformer optimizer)")
-            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
+            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder,
+                                          quantized=config.quantize != "none")
             current = work / "optimized.onnx"
             timings["optimize_s"] = round(time.perf_counter() - step, 3)
             gate(current, "optimized")

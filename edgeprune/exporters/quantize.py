@@ -14,7 +14,9 @@ MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}
 # Gather: the embedding tables hold a third or more of a small encoder's weights; INT8 there shrinks the file
 # (MiniLM: 47 MB of 90 MB) at no measurable quality cost.
-DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
+# Attention: the fused operator of `--optimize` (its q/k/v weights become QAttention; fused + QAttention ran
+# 1.13x faster than the unfused INT8 MiniLM-60, benchmarks/RESULTS.md); absent from unfused graphs.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention")
 STATIC_OPS = ("MatMul", "Gather")
 
 

@@ -143,6 +143,17 @@ def test_optimized_uneven_encoder(tiny_models, tmp_path):
     assert ort_vs_torch(out, artifact, sample_texts(3)) < 1e-3
 
 
+def test_optimized_int8_quantizes_attention_and_embeddings(tiny_models, tmp_path):
+    artifact, _ = uneven_artifact(tiny_models, "bert", tmp_path / "pruned")
+    out = export(str(artifact), tmp_path / "e", ExportConfig(optimize=True, quantize="int8-dynamic"), progress=False)
+    manifest = read_manifest(out)
+    assert "EmbedLayerNormalization" not in manifest["steps"]["optimize"]["fused_operators"]  # keeps fp32 tables
+    assert manifest["validation"]["int8"]["passed"]
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("QAttention") == 2 and "Attention" not in ops
+    assert any(op == "Gather" for op in ops) and "DequantizeLinear" in ops  # the embedding table is INT8
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_int8_dynamic(tiny_models, family, tmp_path):
     out = export(str(tiny_models(family)), tmp_path / "e", ExportConfig(quantize="int8-dynamic", gate_tokens=256),
