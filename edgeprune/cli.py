@@ -13,7 +13,7 @@ import sys
 import threading
 
 from edgeprune import __version__
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 # Modules exposing ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``.
 COMMAND_MODULES = (
@@ -28,7 +28,7 @@ COMMAND_MODULES = (
 
 
 def _models_command(args) -> int:
-    from edgeprune import models
+    from edgeprune.core import loading as models
 
     if args.action == "list":
         for alias, description in models.ALIASES.items():
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verify_command(args) -> int:
-    from edgeprune.artifacts import read_manifest, verify_files
+    from edgeprune.core.artifacts import read_manifest, verify_files
 
     manifest = read_manifest(args.directory)
     problems = verify_files(args.directory, manifest)

@@ -72,8 +72,8 @@ def run_bench(args) -> int:
     from edgeprune.bench.harness import BenchConfig
     from edgeprune.bench.report import markdown
     from edgeprune.cli import print_json_last
-    from edgeprune.data_sources import TASK_DEFAULT_DATA
-    from edgeprune.errors import check_minimums
+    from edgeprune.core.data_sources import TASK_DEFAULT_DATA
+    from edgeprune.core.errors import check_minimums
 
     check_minimums(args, eval_limit=2, eval_max_tokens=2)
     config = BenchConfig(runtimes=args.runtime, batches=args.batch, seqs=args.seq, threads=args.threads,
@@ -90,7 +90,7 @@ def run_bench(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    from edgeprune.bench.pipeline import PipelineConfig, default_recipe, run_pipeline as run
+    from edgeprune.pipeline import PipelineConfig, default_recipe, run_pipeline as run
     from edgeprune.cli import print_json_last
 
     from pathlib import Path
@@ -104,7 +104,7 @@ def run_pipeline(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from edgeprune.bench.pipeline import SweepConfig, default_sweep, run_sweep as run
+    from edgeprune.pipeline import SweepConfig, default_sweep, run_sweep as run
     from edgeprune.cli import print_json_last
 
     config = SweepConfig.from_file(args.recipe) if args.recipe else default_sweep()

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeprune.artifacts import is_artifact, read_manifest
+from edgeprune.core.artifacts import is_artifact, read_manifest
 from edgeprune.exporters.sparse import gzip_size, weight_stats
 
 

@@ -213,7 +213,7 @@ class Worker:
 
     def _agreement_outputs(self, backend, config, data, n):
         """Outputs compared with dense: sentence embeddings (sts) or next-token logits on a window (ppl)."""
-        from edgeprune.eval.data import read_corpus, read_sts
+        from edgeprune.core.datasets import read_corpus, read_sts
 
         if config.task in ("lambada", "hellaswag", "piqa"):  # next-token logits on the first item's context
             from edgeprune.eval.zeroshot import read_items

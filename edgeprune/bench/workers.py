@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 # Runtimes whose sessions compute in this process: the worker times ``session.run`` itself and consumes
 # every output. Others (DeepSparse runs in its own venv process) are timed by ``session.benchmark`` so the

@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeprune.artifacts import check_output_dir, staged_output
+from edgeprune.core.artifacts import check_output_dir, staged_output
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 
 SPARSITY_PATTERNS = ("unstructured", "N:M", "4x4")
@@ -239,9 +239,9 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     import torch
 
     from edgeprune.compress import sequential as seq
-    from edgeprune.compress.artifact import save_artifact
+    from edgeprune.core.model_artifact import save_artifact
     from edgeprune.compress.surgery import parameter_count
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     config = config or CompressConfig()
     if sequential or (sequential is None and seq.should_run_sequential(model, config)):

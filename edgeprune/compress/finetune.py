@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edgeprune.data_sources import resolve_data_or_name
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.data_sources import resolve_data_or_name
+from edgeprune.core.errors import EdgePruneError
 
 LOG_FILE = "train_log.jsonl"
 
@@ -42,7 +42,7 @@ def check_data(data: str) -> None:
     """Before the model loads: a --finetune that names a file must exist (else the run would fail later with
     a reason about the data's format)."""
     from edgeprune.compress.calibration import looks_like_path
-    from edgeprune.paths import data_dir
+    from edgeprune.core.paths import data_dir
 
     path = Path(resolve_data_or_name(data)).expanduser()
     if path.is_dir():
@@ -50,7 +50,7 @@ def check_data(data: str) -> None:
     if not path.exists() and looks_like_path(data):
         raise EdgePruneError(f"fine-tuning data not found: {data} (--finetune; also looked in {data_dir()})")
     if path.is_file():
-        from edgeprune.eval.data import read_text
+        from edgeprune.core.datasets import read_text
 
         read_text(path)  # unreadable or not UTF-8: one line naming the file
 
@@ -58,7 +58,7 @@ def check_data(data: str) -> None:
 def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[list[int]]:
     """Decoder data: the whole corpus tokenized, the first ``skip_tokens`` dropped (held out for
     evaluation), cut into blocks of ``block`` tokens."""
-    from edgeprune.eval.data import read_corpus
+    from edgeprune.core.datasets import read_corpus
 
     path = Path(resolve_data_or_name(data)).expanduser()
     text = read_corpus(path) if path.is_file() and not _is_sts(path) else "\n".join(read_texts(data))
@@ -155,7 +155,7 @@ class _Batches:
             if not (path.is_file() and _is_sts(path)):
                 raise EdgePruneError("encoder fine-tuning without --distill needs STS pairs with scores "
                                      "(an STS-B tsv); pass --distill to learn from the dense model on plain text")
-            from edgeprune.eval.data import read_sts
+            from edgeprune.core.datasets import read_sts
 
             self.items = read_sts(path)
             self.kind = "pairs"

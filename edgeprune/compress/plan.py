@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from edgeprune.compress.adapters.base import ArchAdapter, LayerPlan, LayerShape
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.arch.base import ArchAdapter, LayerPlan, LayerShape
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 GQA_MODES = ("within", "groups")
 

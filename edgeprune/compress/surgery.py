@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeprune.compress.adapters.base import ArchAdapter, LayerShape
+from edgeprune.core.arch.base import ArchAdapter, LayerShape
 from edgeprune.compress.plan import PrunePlan
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeprune.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
+from edgeprune.core.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
                                  staged_output, write_manifest)
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.quantize import MODES as QUANT_MODES
 from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
@@ -118,7 +118,7 @@ def _onnx_source(source: str | Path) -> Path | None:
     if path.is_file() and path.suffix == ".onnx":
         return path
     if path.is_dir() and is_artifact(path) and read_manifest(path).get("stage") == "export":
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         return onnx_model_path(path, "onnxruntime")
     return None
@@ -142,7 +142,7 @@ def _max_positions(config: dict) -> int | None:
 
 def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
                          count: int | None = None):
-    from edgeprune.eval.data import read_sentences
+    from edgeprune.core.datasets import read_sentences
     from edgeprune.exporters.validate import text_feeds
 
     count = count or config.calib_samples
@@ -165,7 +165,7 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
     text file, or random token ids."""
     import numpy as np
 
-    from edgeprune.data_sources import resolve_data
+    from edgeprune.core.data_sources import resolve_data
     from edgeprune.exporters.validate import random_feeds
 
     if ctx.tokenizer is not None:
@@ -199,8 +199,8 @@ def _decoder_gate_tokens(ctx: _Context, config: ExportConfig) -> tuple[Any, str]
     --calib text, the end of the default text file, or (no tokenizer / no text) random token ids."""
     import numpy as np
 
-    from edgeprune.eval.data import read_corpus
-    from edgeprune.paths import data_dir
+    from edgeprune.core.datasets import read_corpus
+    from edgeprune.core.paths import data_dir
 
     if ctx.tokenizer is not None:
         if config.calib:
@@ -352,7 +352,7 @@ def _odd_matmul_widths(model) -> list[int]:
 def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, allow_pickle: bool):
     from edgeprune.exporters.onnx_export import ONNX_FILE, export_with_optimum
     from edgeprune.exporters.validate import torch_reference
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     started = time.perf_counter()
     loaded = load_model(source, task=None if config.task == "auto" else config.task, allow_pickle=allow_pickle)
@@ -456,7 +456,7 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
 
 def _source_is_decoder(source: str | Path) -> bool:
     """Whether a source is a decoder, from what is on disk (config.json or a GGUF file); False if unknown."""
-    from edgeprune.models import ALIASES
+    from edgeprune.core.loading import ALIASES
 
     path = Path(source)
     if str(source) in ALIASES:
@@ -496,8 +496,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
                              "a KV cache cannot run on it; add --no-past, or use onnxruntime")
     if config.calib:
-        from edgeprune.data_sources import resolve_data
-        from edgeprune.eval.data import read_sentences
+        from edgeprune.core.data_sources import resolve_data
+        from edgeprune.core.datasets import read_sentences
 
         config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
         calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export

@@ -78,7 +78,7 @@ def config_from_args(args):
 
 
 def run_export(args) -> int:
-    from edgeprune.artifacts import read_manifest
+    from edgeprune.core.artifacts import read_manifest
     from edgeprune.cli import print_json_last
     from edgeprune.exporters.api import export
 

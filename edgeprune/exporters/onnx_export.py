@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 # edgeprune task -> optimum task (decoders with KV cache get "-with-past").
 OPTIMUM_TASKS = {

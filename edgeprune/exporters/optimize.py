@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 # edgeprune task family -> ORT optimizer model type. Decoders use the GPT-2 fusions (LayerNorm, GELU,
 # skip-layernorm; attention only where the pattern matches); the result is validated either way.

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}

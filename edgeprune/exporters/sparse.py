@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 MODES = ("auto", "on", "off")
 INDEX_BYTES = 8  # INT64 linear indices

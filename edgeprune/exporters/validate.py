@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 # (batch, sequence, past) shapes the numerical gate runs; the last encoder row of each batch is padded.
 ENCODER_SHAPES = ((1, 8, 0), (2, 13, 0), (3, 5, 0))

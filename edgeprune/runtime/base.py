@@ -11,7 +11,7 @@ Usage (what ``edgeprune.bench`` workers and the pipelines do)::
     session.close()
 
 ``load`` accepts an export directory (the runtime picks its file via
-``edgeprune.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
+``edgeprune.core.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
 onnxruntime takes ``inter_op_threads``, ``optimization`` (disable|basic|extended|all, default all) and
 ``disabled_optimizers`` (default: SkipLayerNormFusion, measured slower in ORT 1.32);
 deepsparse takes none. Feeds may include inputs the model lacks (ignored) and are cast to the declared
@@ -26,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 @dataclass(frozen=True)

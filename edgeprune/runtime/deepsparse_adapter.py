@@ -6,7 +6,7 @@ once and serves many run/benchmark calls; benchmark timing happens inside the wo
 is never part of a measured latency.
 
 The venv is found at $EDGEPRUNE_DEEPSPARSE_PYTHON (a python executable), else
-``edgeprune.paths.cache_dir()/deepsparse-venv``, created by ``edgeprune runtime install deepsparse``.
+``edgeprune.core.paths.cache_dir()/deepsparse-venv``, created by ``edgeprune runtime install deepsparse``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.paths import cache_dir
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.paths import cache_dir
 from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
 
 ENV_VAR = "EDGEPRUNE_DEEPSPARSE_PYTHON"
@@ -213,7 +213,7 @@ class DeepSparseRuntime:
 
     def load(self, model_path: str, threads: int | None = None, **options) -> DeepSparseSession:
         """Load the export's DeepSparse file (dense with zeros, IR <= 9). No ``options`` are accepted."""
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         if options:
             raise EdgePruneError(f"unknown deepsparse options: {', '.join(sorted(options))}")

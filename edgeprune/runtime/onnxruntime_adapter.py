@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
 
 # ORT type strings ("tensor(int64)") -> numpy dtype names
@@ -120,7 +120,7 @@ class OnnxRuntime:
     def load(self, model_path: str, threads: int | None = None, **options) -> OnnxRuntimeSession:
         """``options``: ``inter_op_threads`` (int), ``optimization`` (disable|basic|extended|all),
         ``disabled_optimizers`` (ORT optimizer names; default ``DEFAULT_DISABLED_OPTIMIZERS``)."""
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         unknown = set(options) - {"inter_op_threads", "optimization", "disabled_optimizers"}
         if unknown:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.eval.metrics import mean_pool_normalize
 from edgeprune.runtime.tokenizer import RuntimeTokenizer, model_directory
 
@@ -38,7 +38,7 @@ class ExportInfo:
 
     @classmethod
     def read(cls, model_path: str | os.PathLike, input_names: list[str]) -> "ExportInfo":
-        from edgeprune.artifacts import is_artifact, read_manifest
+        from edgeprune.core.artifacts import is_artifact, read_manifest
 
         directory = model_directory(model_path)
         manifest = read_manifest(directory) if is_artifact(directory) else {}

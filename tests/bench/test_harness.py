@@ -166,7 +166,7 @@ def test_schema_check_catches_missing_fields(encoder_report):
 
 
 def test_bad_inputs_fail_cleanly(tiny_onnx, tmp_path):
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     with pytest.raises(EdgePruneError, match="unknown runtime"):
         bench(str(tiny_onnx["dense"]), [], tmp_path / "x", BenchConfig(runtimes=("nope",)))

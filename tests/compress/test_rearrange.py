@@ -10,8 +10,8 @@ from edgeprune.compress.api import CalibrationConfig, CompressConfig, compress
 from edgeprune.compress.calibration import load_calibration
 from edgeprune.compress.importance import get_importance
 from edgeprune.compress.plan import StructuredConfig, _jointly_cheapest_removal, get_allocation, rearrange_plan
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import sample_texts
 
 
@@ -97,7 +97,7 @@ def test_joint_allocation_meets_budget_with_valid_plans(tiny_models, calib_path,
 
 
 def test_joint_allocation_uses_interactions_and_needs_its_inputs(tiny_models):
-    from edgeprune.compress.adapters.bert import BertAdapter
+    from edgeprune.core.arch.bert import BertAdapter
     from edgeprune.compress.importance import Scores
     import transformers
 

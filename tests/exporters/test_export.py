@@ -8,14 +8,14 @@ import onnx
 import pytest
 import torch
 
-from edgeprune.artifacts import onnx_model_path, read_manifest
-from edgeprune.compress.artifact import save_artifact
+from edgeprune.core.artifacts import onnx_model_path, read_manifest
+from edgeprune.core.model_artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.surgery import apply_plan
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
 from edgeprune.exporters.validate import ort_greedy, ort_logits_fn, ort_session, run_session, torch_greedy
-from edgeprune.models import load_model
+from edgeprune.core.loading import load_model
 from tiny import sample_texts, uneven_plan
 
 DECODERS = ("gpt2", "llama", "qwen2")

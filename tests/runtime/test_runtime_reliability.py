@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def error_lines(err):
@@ -73,7 +73,7 @@ def test_report_numbers_come_from_the_export_itself(exported, tmp_path):
     """Item 25: params and FLOPs are the same without transformers and without the parent artifact."""
     from edgeprune.bench.metrics import analytic_flops, model_size
     from edgeprune.compress.surgery import analytic_flops as torch_flops
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     source, export = exported("bert", "feature-extraction")
     loaded = load_model(source)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from edgeprune.artifacts import check_integrity, read_manifest, write_manifest
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
+from edgeprune.core.artifacts import check_integrity, read_manifest, write_manifest
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
 
 PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.yaml"
@@ -68,7 +68,7 @@ def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
     """Rebuild a compressed model: dense skeleton -> stored shapes -> load weights strictly."""
     import transformers
 
-    from edgeprune.compress.adapters import get_adapter
+    from edgeprune.core.arch import get_adapter
 
     directory = Path(path)
     manifest = read_manifest(directory)

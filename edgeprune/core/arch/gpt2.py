@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters import register
-from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
+from edgeprune.core.arch import register
+from edgeprune.core.arch.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
 
 
 def conv1d_slices(conv, segments, role) -> list[ParamSlice]:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 T = TypeVar("T", bound="FrozenConfig")
 
