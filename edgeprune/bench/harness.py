@@ -381,7 +381,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
     import os
 
     from edgeprune.core.artifacts import library_versions
-    from edgeprune.runtime.onnxruntime_adapter import default_session_settings
+    from edgeprune.core.onnxio import default_session_settings
 
     cpu_model, flags = platform.processor() or "unknown", set()
     try:

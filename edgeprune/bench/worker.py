@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.bench.energy import EnergyMeter
-from edgeprune.bench.workers import IN_PROCESS_RUNTIMES, build_feeds, consume, is_decoder_session, present_to_past, timed_calls
+from edgeprune.bench.workers import IN_PROCESS_RUNTIMES
+from edgeprune.core.onnxio import build_feeds, consume, has_past, present_to_past, timed_calls
 
 
 def _rss_bytes() -> int:
@@ -93,7 +94,7 @@ class Worker:
                 # KV-cache decode changes the past length every step; static-shape runtimes (DeepSparse)
                 # would compile an engine per step, so they only get prefill timings.
                 "decoder": getattr(self.session, "stateful_decoder", False) or (
-                    is_decoder_session(self.session.inputs) and not getattr(self.session, "static_shapes", False)),
+                    has_past(i.name for i in self.session.inputs) and not getattr(self.session, "static_shapes", False)),
                 "build": self.session.build_flags() if hasattr(self.session, "build_flags") else None,
                 "inputs": [[i.name, list(i.shape), i.dtype] for i in self.session.inputs],
                 "outputs": [[o.name, list(o.shape), o.dtype] for o in self.session.outputs],

@@ -143,7 +143,7 @@ def _max_positions(config: dict) -> int | None:
 def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
                          count: int | None = None):
     from edgeprune.core.datasets import read_sentences
-    from edgeprune.exporters.validate import text_feeds
+    from edgeprune.core.onnxio import text_feeds
 
     count = count or config.calib_samples
     sentences = read_sentences(path, limit=offset + count)[offset:offset + count]
@@ -166,7 +166,7 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
     import numpy as np
 
     from edgeprune.core.data_sources import resolve_data
-    from edgeprune.exporters.validate import random_feeds
+    from edgeprune.core.onnxio import random_feeds
 
     if ctx.tokenizer is not None:
         if config.calib:
@@ -271,7 +271,7 @@ def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str,
     """Compile ``path`` with DeepSparse in its own interpreter and compare one inference with onnxruntime."""
     import numpy as np
 
-    from edgeprune.exporters.validate import ort_session, random_feeds, run_session
+    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
 
     python = deepsparse_python()
     if python is None:
@@ -484,8 +484,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
     from edgeprune.exporters import quantize as quant
     from edgeprune.exporters.onnx_export import io_signature
     from edgeprune.exporters.sparse import sparsify, variant_record
-    from edgeprune.exporters.validate import (check_onnx_file, compare, generation_gate, numeric_gate, ort_session,
-                                              random_feeds, run_session, task_gate)
+    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
+    from edgeprune.exporters.validate import check_onnx_file, compare, generation_gate, numeric_gate, task_gate
 
     config = config or ExportConfig()
     out = Path(out)

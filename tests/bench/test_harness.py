@@ -12,7 +12,7 @@ from edgeprune.bench import energy
 from edgeprune.bench.api import bench
 from edgeprune.bench.harness import BenchConfig, rotated
 from edgeprune.bench.report import SCHEMA_ID, validate
-from edgeprune.bench.workers import build_feeds, consume, timed_calls
+from edgeprune.core.onnxio import build_feeds, consume, timed_calls
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ import pytest
 import scipy.stats
 import torch
 
-from edgeprune.eval.metrics import (agreement, mean_pool_normalize, rankdata, sliding_window_perplexity, spearman,
+from edgeprune.core.onnxio import mean_pool_normalize
+from edgeprune.eval.metrics import (agreement, rankdata, sliding_window_perplexity, spearman,
                                     token_nll)
 
 

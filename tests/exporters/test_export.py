@@ -14,7 +14,8 @@ from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.surgery import apply_plan
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
-from edgeprune.exporters.validate import ort_greedy, ort_logits_fn, ort_session, run_session, torch_greedy
+from edgeprune.core.onnxio import ort_greedy, ort_session, run_session
+from edgeprune.exporters.validate import ort_logits_fn, torch_greedy
 from edgeprune.core.loading import load_model
 from tiny import sample_texts, uneven_plan
 

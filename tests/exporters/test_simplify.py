@@ -13,7 +13,7 @@ from edgeprune.core.model_artifact import save_artifact
 from edgeprune.compress.surgery import apply_plan
 from edgeprune.exporters.api import ExportConfig, export
 from edgeprune.exporters.simplify import simplify
-from edgeprune.exporters.validate import ort_session, random_feeds, run_session
+from edgeprune.core.onnxio import ort_session, random_feeds, run_session
 from edgeprune.core.loading import load_model
 from tiny import uneven_plan
 
