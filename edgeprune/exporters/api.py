@@ -68,7 +68,7 @@ class ExportConfig(FrozenConfig):
 
     def __post_init__(self):
         if self.target == "llamacpp" and self.quantize != "none":  # "none" means f16 there
-            from edgeprune.exporters.gguf_export import check_gguf_type
+            from edgeprune.core.ggufio import check_gguf_type
 
             check_gguf_type(self.quantize)
         checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})"),

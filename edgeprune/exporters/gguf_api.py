@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeprune.core.artifacts import staged_output, write_manifest
 from edgeprune.core.errors import EdgePruneError
-from edgeprune.exporters.gguf_export import GGUF_FILE, check_gguf_type, export_loaded
+from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_loaded
 
 # (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type. Measured on
 # SmolLM2-135M (docs/llamacpp.md): f16 1.000, q8_0 1.002, q4_0 about 1.06 on the gate tokens; the bounds

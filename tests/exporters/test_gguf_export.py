@@ -11,7 +11,7 @@ import pytest
 from edgeprune.cli import main
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.api import ExportConfig, export
-from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
+from edgeprune.core.ggufio import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
 from edgeprune.core.loading import load_model
 from tiny import make_tiny, sample_texts, uneven_plan
 
