@@ -15,7 +15,7 @@ def register(subparsers) -> None:
 
 
 def run_data(args) -> int:
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.core.data_sources import SOURCES, describe_sources, where
     from edgeprune.core.paths import data_dir
 
@@ -30,7 +30,7 @@ def run_data(args) -> int:
 
 
 def run_recipes(args) -> int:
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.core.recipe_catalog import list_recipes
 
     rows = list_recipes()

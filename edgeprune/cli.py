@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import contextlib
-import json
 import os
 import signal
 import sys
 import threading
 
 from edgeprune import __version__
+from edgeprune.core.console import print_json_last
 from edgeprune.core.errors import EdgePruneError
 
 # Modules exposing ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``.
@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edgeprune.runtime.cli",
     "edgeprune.eval.cli",
     "edgeprune.bench.cli",
+    "edgeprune.pipeline_cli",
     "edgeprune.bench.fleet",
     "edgeprune.catalog_cli",
 )
@@ -104,12 +105,6 @@ def _sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def print_json_last(result: dict) -> None:
-    """Machine-readable result: one JSON object on the last stdout line."""
-    sys.stdout.flush()
-    print(json.dumps(result, sort_keys=False, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,7 +240,7 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
 
     from edgeprune.compress import sequential as seq
     from edgeprune.core.model_artifact import save_artifact
-    from edgeprune.compress.surgery import parameter_count
+    from edgeprune.core.anatomy import parameter_count
     from edgeprune.core.loading import load_model
 
     config = config or CompressConfig()

@@ -153,7 +153,7 @@ def warn_known_harmful(model: str, config) -> None:
 
 def run_compress(args) -> int:
     from edgeprune.core.artifacts import read_manifest
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.compress.api import compress
 
     config = config_from_args(args)

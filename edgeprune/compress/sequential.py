@@ -304,7 +304,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     from edgeprune.compress.importance import Scores
     from edgeprune.compress.lazy_weights import open_weights, release_memory
     from edgeprune.compress.plan import get_allocation
-    from edgeprune.compress.surgery import record_shapes
+    from edgeprune.core.anatomy import record_shapes
     from edgeprune.core.loading import TASK_CLASSES, prepare_tokenizer, resolve
 
     out = Path(out)

@@ -21,7 +21,7 @@ def save_artifact(directory: Path, loaded: LoadedModel, recipe: dict[str, Any], 
     """Write weights (safetensors), config with per-layer shapes, tokenizer, plan, recipe and manifest."""
     import yaml
 
-    from edgeprune.compress.surgery import parameter_count, record_shapes
+    from edgeprune.core.anatomy import parameter_count, record_shapes
 
     directory = Path(directory)
     model = loaded.model

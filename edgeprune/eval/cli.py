@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.core.errors import check_minimums
     from edgeprune.eval.api import EvalConfig, evaluate
 

@@ -375,7 +375,7 @@ def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, all
 def _model_stats(loaded) -> dict[str, Any]:
     """Parameters and block-FLOPs coefficients, recorded in the export so reports read them from the export
     itself (not from a parent artifact that may be absent, nor from transformers, which a device lacks)."""
-    from edgeprune.compress.surgery import analytic_flops, parameter_count
+    from edgeprune.core.anatomy import analytic_flops, parameter_count
 
     parameters = parameter_count(loaded.model)
     dense = parameters

@@ -79,7 +79,7 @@ def config_from_args(args):
 
 def run_export(args) -> int:
     from edgeprune.core.artifacts import read_manifest
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.exporters.api import export
 
     config = config_from_args(args)

@@ -74,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.core.errors import EdgePruneError, check_minimums
     from edgeprune.runtime.pipelines import ClassificationPipeline, GenerationPipeline, build_pipeline
 
@@ -149,7 +149,7 @@ def install_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.runtime.base import get_runtime, runtime_names
 
     rows = []

@@ -7,7 +7,8 @@ from edgeprune.core.arch.base import LayerShape
 from edgeprune.compress.api import CompressConfig, compress
 from edgeprune.compress.importance import Scores, get_importance
 from edgeprune.compress.plan import StructuredConfig, get_allocation
-from edgeprune.compress.surgery import analytic_flops, apply_plan
+from edgeprune.compress.surgery import apply_plan
+from edgeprune.core.anatomy import analytic_flops
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.loading import load_model
 

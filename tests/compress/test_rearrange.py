@@ -78,7 +78,8 @@ def test_compress_with_rearrange_and_bad_importance(tiny_models, calib_path, tmp
 @pytest.mark.parametrize("family,gqa_mode", [("bert", "within"), ("gpt2", "within"), ("llama", "groups")])
 @pytest.mark.parametrize("budget,round_to", [(0.5, 1), (0.7, 4)])
 def test_joint_allocation_meets_budget_with_valid_plans(tiny_models, calib_path, family, gqa_mode, budget, round_to):
-    from edgeprune.compress.surgery import analytic_flops, apply_plan
+    from edgeprune.compress.surgery import apply_plan
+    from edgeprune.core.anatomy import analytic_flops
 
     loaded = load_model(tiny_models(family))
     model, adapter = loaded.model, loaded.adapter

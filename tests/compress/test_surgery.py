@@ -8,7 +8,8 @@ import torch
 from edgeprune.compress.api import CompressConfig, compress, structured_prune
 from edgeprune.core.model_artifact import load_artifact
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.compress.surgery import analytic_parameter_count, mask_plan, parameter_count
+from edgeprune.compress.surgery import mask_plan
+from edgeprune.core.anatomy import analytic_parameter_count, parameter_count
 from edgeprune.core.loading import load_model
 from tiny import sample_texts, uneven_plan
 

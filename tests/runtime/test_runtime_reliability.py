@@ -72,7 +72,7 @@ def test_positions_are_checked_up_front_and_generation_keeps_its_text(exported, 
 def test_report_numbers_come_from_the_export_itself(exported, tmp_path):
     """Item 25: params and FLOPs are the same without transformers and without the parent artifact."""
     from edgeprune.bench.metrics import analytic_flops, model_size
-    from edgeprune.compress.surgery import analytic_flops as torch_flops
+    from edgeprune.core.anatomy import analytic_flops as torch_flops
     from edgeprune.core.loading import load_model
 
     source, export = exported("bert", "feature-extraction")
