@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.bench.energy import EnergyMeter
-from edgeprune.bench.workers import IN_PROCESS_RUNTIMES
 from edgeprune.core.onnxio import build_feeds, consume, has_past, present_to_past, timed_calls
+from edgeprune.runtime.base import get_runtime
 
 
 def _rss_bytes() -> int:
@@ -78,8 +78,6 @@ class Worker:
 
     # --- requests -------------------------------------------------------------------------------
     def load(self, msg):
-        from edgeprune.runtime.base import get_runtime
-
         self.model, self.runtime, self.threads = msg["model"], msg["runtime"], msg.get("threads")
         started = time.perf_counter()
         self.baseline_rss = _rss_bytes()
@@ -116,7 +114,9 @@ class Worker:
         feeds = build_feeds(self.session.inputs, msg["batch"], msg["seq"], self.vocab_size, msg.get("seed", 0),
                             kv_layout=self.kv_layout)
         iterations, warmup = int(msg["iterations"]), int(msg.get("warmup", 0))
-        if self.runtime not in IN_PROCESS_RUNTIMES:
+        # Runtimes computing in this process are timed here on ``session.run`` (every output consumed); others
+        # (DeepSparse runs in its own venv process) by ``session.benchmark``, so the pipe is not measured.
+        if not get_runtime(self.runtime, require_available=False).target.in_process:
             # The model runs in another process: only the session's own in-process timing excludes IPC.
             def call():
                 times = self.session.benchmark(feeds, iterations, warmup)

@@ -17,10 +17,6 @@ from typing import Any
 
 from edgeprune.core.errors import EdgePruneError
 
-# Runtimes whose sessions compute in this process: the worker times ``session.run`` itself and consumes
-# every output. Others (DeepSparse runs in its own venv process) are timed by ``session.benchmark`` so the
-# pipe to them is not measured.
-IN_PROCESS_RUNTIMES = {"onnxruntime", "llamacpp"}
 
 
 class WorkerClient:

@@ -81,6 +81,11 @@ def run_session(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, values))
 
 
+def opset_of(model) -> int:
+    """The default-domain opset of an ``onnx.ModelProto``."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 # --- naming -----------------------------------------------------------------------------------------------
 def is_past(name: str) -> bool:
     return name.startswith(PAST_PREFIX)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,13 +23,10 @@ from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.quantize import MODES as QUANT_MODES
 from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
+from edgeprune.runtime.base import export_targets, get_target
 
 TASKS = ("auto", "feature-extraction", "sequence-classification", "text-generation")
-TARGETS = ("onnxruntime", "deepsparse", "llamacpp")
 DENSE_FILE = "model_dense.onnx"
-# DeepSparse 1.8 reads ONNX IR <= 9 (onnx < 1.15) and opsets up to 17 (checked by compiling with it).
-DEEPSPARSE_MAX_IR = 9
-DEEPSPARSE_MAX_OPSET = 17
 SOURCE_ONNX_OPSETS = (11, 21)  # opsets this exporter re-processes when the source is already ONNX
 
 
@@ -67,15 +63,15 @@ class ExportConfig(FrozenConfig):
     seed: int = 0
 
     def __post_init__(self):
-        if self.target == "llamacpp" and self.quantize != "none":  # "none" means f16 there
+        target = get_target(self.target)  # the runtime's own export target (an unknown name fails here)
+        if target.file_format == "gguf" and self.quantize != "none":  # "none" means f16 there
             from edgeprune.core.ggufio import check_gguf_type
 
             check_gguf_type(self.quantize)
         checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})"),
-                  (self.target == "llamacpp" or self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
+                  (target.file_format == "gguf" or self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
                   (self.sparse_initializers in SPARSE_MODES,
                    f"--sparse-initializers must be one of {', '.join(SPARSE_MODES)} (got {self.sparse_initializers!r})"),
-                  (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})"),
                   (9 <= self.opset <= 21, f"--opset must be between 9 and 21 (got {self.opset})"),
                   (self.calib_samples >= 1 and self.calib_max_length >= 2, "calibration sizes must be positive"),
                   (self.atol > 0 and self.rtol > 0, "tolerances must be positive"),
@@ -88,25 +84,13 @@ class ExportConfig(FrozenConfig):
         for ok, message in checks:
             if not ok:
                 raise EdgePruneError(message)
-        if self.target == "deepsparse":
-            if self.opset > DEEPSPARSE_MAX_OPSET:
-                raise EdgePruneError(f"--target deepsparse: DeepSparse 1.8 supports ONNX opset <= {DEEPSPARSE_MAX_OPSET} "
-                                     f"(got --opset {self.opset})")
-            if self.optimize:
-                raise EdgePruneError("--target deepsparse cannot use --optimize: ORT fusion emits com.microsoft "
-                                     "operators DeepSparse does not run")
-            if self.quantize == "int8-dynamic":
-                raise EdgePruneError("--target deepsparse cannot use --quantize int8-dynamic: DeepSparse 1.8 cannot run "
-                                     "dynamic INT8 operators (MatMulInteger); use --quantize int8-static --calib PATH")
-        if self.quantize in WEIGHT_ONLY_BITS:
-            if self.target == "deepsparse":
-                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --target deepsparse: "
-                                     "DeepSparse does not run onnxruntime's MatMulNBits operator; use "
-                                     "--quantize int8-static or none for DeepSparse")
-            if self.sparse_initializers == "on":
-                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --sparse-initializers on: "
-                                     "MatMulNBits stores packed integer blocks, not zeros; use --sparse-initializers "
-                                     "off or auto")
+        problems = target.config_problems(self)
+        if problems:
+            raise EdgePruneError(problems[0])
+        if self.quantize in WEIGHT_ONLY_BITS and self.sparse_initializers == "on":
+            raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --sparse-initializers on: "
+                                 "MatMulNBits stores packed integer blocks, not zeros; use --sparse-initializers "
+                                 "off or auto")
         if self.quantize == "int8-static" and not self.calib:
             raise EdgePruneError("--quantize int8-static needs calibration data: pass --calib PATH (STS tsv or text)")
 
@@ -244,108 +228,56 @@ def _decoder_gate(candidate: Path, reference: Path, ctx: _Context, config: Expor
     return report
 
 
-# --- DeepSparse ------------------------------------------------------------------------------------------------
-def deepsparse_python() -> str | None:
-    """The DeepSparse interpreter the runtime would use ($EDGEPRUNE_DEEPSPARSE_PYTHON or the installed venv)."""
-    from edgeprune.runtime.deepsparse_adapter import worker_python
-
-    python = worker_python()
-    return str(python) if python.is_file() else None
+# --- runtime targets ---------------------------------------------------------------------------------------
+def _kv_refusal(target) -> str:
+    return (f"--target {target.name}: {target.display} compiles one engine per shape, so a decoder with a KV cache "
+            "cannot run on it; add --no-past, or use onnxruntime")
 
 
-_DS_SCRIPT = r"""
-import json, sys
-import numpy as np
-from deepsparse import compile_model
-path, feeds_path, out_path = sys.argv[1:4]
-feeds = np.load(feeds_path)
-names = json.loads(sys.argv[4])
-inputs = [feeds[n] for n in names]
-engine = compile_model(path, batch_size=inputs[0].shape[0], input_shapes=[list(x.shape) for x in inputs])
-outputs = engine.run(inputs)
-np.savez(out_path, *outputs)
-"""
+def _target_file(target, selected: bool, final, current: Path, tmp: Path, kv_decoder: bool, quantization: str,
+                 variants: list) -> str | None:
+    """The file a runtime loads from this export (its manifest role): the onnxruntime file when the runtime
+    accepts it, else (only for the selected --target) a dense copy it accepts; None when it gets none."""
+    import onnx
+
+    from edgeprune.exporters.sparse import variant_record
+    from edgeprune.exporters.validate import check_onnx_file
+
+    if kv_decoder and not target.kv_cache:  # the runtime refuses to generate with a KV-cache decoder
+        if selected:
+            raise EdgePruneError(_kv_refusal(target))
+        return None
+    if target.ready is None or not target.ready(final):
+        return DEFAULT_ONNX
+    if not selected:
+        return None
+    dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
+    if target.max_ir is not None:
+        dense_copy.ir_version = min(dense_copy.ir_version, target.max_ir)
+    problems = target.ready(dense_copy)
+    if problems:
+        raise EdgePruneError(f"cannot make a {target.display} file: {'; '.join(problems)}")
+    onnx.save(dense_copy, str(tmp / DENSE_FILE))
+    check_onnx_file(tmp / DENSE_FILE)
+    variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, target.name))
+    return DENSE_FILE
 
 
-def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str, Any]:
-    """Compile ``path`` with DeepSparse in its own interpreter and compare one inference with onnxruntime."""
+def _target_check(target, path: Path, ctx: _Context) -> dict[str, Any]:
+    """The runtime's export-time compile check on one static shape; says so when it could not run."""
     import numpy as np
 
-    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
+    from edgeprune.core.onnxio import ort_session, random_feeds
 
-    python = deepsparse_python()
-    if python is None:
-        return {"checked": False, "reason": "no DeepSparse environment (set EDGEPRUNE_DEEPSPARSE_PYTHON)"}
-    session = ort_session(path)
-    names = [i.name for i in session.get_inputs()]
-    # Decoders: one prefill step with a short past; DeepSparse compiles static shapes.
+    names = [i.name for i in ort_session(path).get_inputs()]
+    # Decoders: one prefill step with a short past (static-shape runtimes compile one shape).
     feeds = random_feeds(names, 1, 16, 4 if ctx.decoder else 0, ctx.vocab_size, ctx.layout,
                          np.random.default_rng(5), ctx.type_vocab)
-    expected = run_session(session, feeds)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-ds-") as tmp:
-        np.savez(Path(tmp) / "feeds.npz", **feeds)
-        # A copy: DeepSparse rewrites the input shapes of the file it compiles, in place.
-        shutil.copy2(path, Path(tmp) / "model.onnx")
-        cmd = [python, "-c", _DS_SCRIPT, str(Path(tmp) / "model.onnx"), str(Path(tmp) / "feeds.npz"), str(Path(tmp) / "out.npz"),
-               json.dumps(names)]
-        started = time.perf_counter()
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
-        if result.returncode != 0:
-            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
-            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
-        with np.load(Path(tmp) / "out.npz") as out:
-            got = [out[f"arr_{i}"] for i in range(len(out.files))]
-    max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)
-    return {"checked": True, "python": python, "compile_and_run_s": round(time.perf_counter() - started, 2),
-            "max_abs_vs_onnxruntime": max_abs}
-
-
-def deepsparse_ready(model) -> list[str]:
-    """Why an ONNX model would be refused by DeepSparse 1.8 (empty list: acceptable)."""
-    from edgeprune.exporters.sparse import opset_of
-
-    problems = []
-    if model.graph.sparse_initializer:
-        problems.append("it holds sparse initializers")
-    if model.ir_version > DEEPSPARSE_MAX_IR:
-        problems.append(f"IR version {model.ir_version} > {DEEPSPARSE_MAX_IR}")
-    if opset_of(model) > DEEPSPARSE_MAX_OPSET:
-        problems.append(f"opset {opset_of(model)} > {DEEPSPARSE_MAX_OPSET}")
-    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if domains:
-        problems.append(f"it uses non-standard operator domains {domains}")
-    dynamic = sorted({n.op_type for n in model.graph.node if n.op_type in DEEPSPARSE_UNSUPPORTED_OPS})
-    if dynamic:
-        problems.append(f"it uses dynamic INT8 operators {dynamic}, which DeepSparse 1.8 crashes on "
-                        "(use --quantize int8-static)")
-    odd = _odd_matmul_widths(model)
-    if odd:
-        problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
-                        "compiler aborts on them at sequence lengths above 64; compress with "
-                        f"--round-to {DEEPSPARSE_WIDTH_MULTIPLE})")
-    return problems
-
-
-# Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
-DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
-# Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
-# seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
-DEEPSPARSE_WIDTH_MULTIPLE = 4
-
-
-def _odd_matmul_widths(model) -> list[int]:
-    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    odd = set()
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "MatMulInteger"):
-            for name in node.input[:2]:
-                dims = shapes.get(name, ())
-                if len(dims) == 2:
-                    odd.update(d for d in dims if d % DEEPSPARSE_WIDTH_MULTIPLE)
-    return sorted(odd)
+    report = target.check(path, feeds)
+    if not report["checked"]:  # said on every run, not only in the manifest
+        print(f"edgeprune: warning: {path.name} was not compile-checked with {target.display}: "
+              f"{report['reason']} ({target.install_hint})", file=sys.stderr, flush=True)
+    return report
 
 
 # --- pipeline -----------------------------------------------------------------------------------------------
@@ -397,15 +329,16 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
     from edgeprune.exporters.validate import check_onnx_file, onnx_reference
 
     model = check_onnx_file(onnx_path)
-    from edgeprune.exporters.sparse import opset_of
+    from edgeprune.core.onnxio import opset_of
 
     opset = opset_of(model)
     if not SOURCE_ONNX_OPSETS[0] <= opset <= SOURCE_ONNX_OPSETS[1]:
         raise EdgePruneError(f"{onnx_path}: opset {opset} is outside what this exporter handles "
                              f"({SOURCE_ONNX_OPSETS[0]}..{SOURCE_ONNX_OPSETS[1]})")
-    if config.target == "deepsparse" and opset > DEEPSPARSE_MAX_OPSET:
-        raise EdgePruneError(f"{onnx_path}: opset {opset} > {DEEPSPARSE_MAX_OPSET}, which DeepSparse 1.8 does not "
-                             "support (--target deepsparse); re-export from the model with --opset 17")
+    target = get_target(config.target)
+    if target.max_opset is not None and opset > target.max_opset:
+        raise EdgePruneError(f"{onnx_path}: opset {opset} > {target.max_opset}, which {target.display} does not "
+                             f"support (--target {target.name}); re-export from the model with --opset {target.max_opset}")
     src_dir = onnx_path.parent
     if not (src_dir / "config.json").is_file():
         raise EdgePruneError(f"{src_dir}: no config.json beside {onnx_path.name}; an export directory needs one")
@@ -492,9 +425,9 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    if config.target == "deepsparse" and config.with_past and _source_is_decoder(source):
-        raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
-                             "a KV cache cannot run on it; add --no-past, or use onnxruntime")
+    target = get_target(config.target)
+    if not target.kv_cache and config.with_past and _source_is_decoder(source):
+        raise EdgePruneError(_kv_refusal(target))
     if config.calib:
         from edgeprune.core.data_sources import resolve_data
         from edgeprune.core.datasets import read_sentences
@@ -505,7 +438,7 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             from edgeprune.compress.calibration import warn_if_few
 
             warn_if_few(calib_sentences, config.calib_samples, config.calib)
-    if config.target == "llamacpp":
+    if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 
         return export_gguf(source, out, config, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
@@ -614,36 +547,14 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
             if worst > 1e-5:
                 raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
         variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
-        roles: dict[str, str | None] = {"onnxruntime": DEFAULT_ONNX, "deepsparse": None}
-
-        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies. A decoder
-        # with a KV cache never gets a DeepSparse file: the runtime refuses to generate with one.
         kv_decoder = ctx.decoder and bool(meta["with_past"])
-        if kv_decoder:
-            if config.target == "deepsparse":
-                raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder "
-                                     "with a KV cache cannot run on it; add --no-past, or use onnxruntime")
-        elif not deepsparse_ready(final):
-            roles["deepsparse"] = DEFAULT_ONNX
-        elif config.target == "deepsparse":
-            dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
-            dense_copy.ir_version = min(dense_copy.ir_version, DEEPSPARSE_MAX_IR)
-            problems = deepsparse_ready(dense_copy)
-            if problems:
-                raise EdgePruneError(f"cannot make a DeepSparse file: {'; '.join(problems)}")
-            onnx.save(dense_copy, str(tmp / DENSE_FILE))
-            check_onnx_file(tmp / DENSE_FILE)
-            variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, "deepsparse"))
-            roles["deepsparse"] = DENSE_FILE
-        if config.target == "deepsparse":
-            say("compiling with DeepSparse (if its environment exists)")
+        roles = {t.name: _target_file(t, t.name == config.target, final, current, tmp, kv_decoder, quantization,
+                                      variants) for t in export_targets("onnx")}
+        if target.check is not None:
+            say(f"compiling with {target.display} (if its environment exists)")
             step = time.perf_counter()
-            validation["deepsparse"] = deepsparse_check(tmp / roles["deepsparse"], ctx)
-            timings["deepsparse_check_s"] = round(time.perf_counter() - step, 3)
-            if not validation["deepsparse"]["checked"]:  # said on every run, not only in the manifest
-                print(f"edgeprune: warning: {roles['deepsparse']} was not compile-checked with DeepSparse: "
-                      f"{validation['deepsparse']['reason']} (edgeprune runtime install deepsparse)",
-                      file=sys.stderr, flush=True)
+            validation[target.name] = _target_check(target, tmp / roles[target.name], ctx)
+            timings[f"{target.name}_check_s"] = round(time.perf_counter() - step, 3)
         timings["total_s"] = round(time.perf_counter() - started, 3)
         write_manifest(
             tmp, "export", config.to_dict(), parent,

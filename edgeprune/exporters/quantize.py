@@ -178,7 +178,7 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgeprune.exporters.sparse import opset_of
+    from edgeprune.core.onnxio import opset_of
 
     model = onnx.load(str(src))
     tied = fold_transposed_weights(model)

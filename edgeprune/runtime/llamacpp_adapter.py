@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeprune.core.errors import EdgePruneError
-from edgeprune.runtime.base import TensorInfo, register_runtime
+from edgeprune.runtime.base import ExportTarget, TensorInfo, register_runtime
 from edgeprune.runtime.llamacpp_install import INSTALL_HINT, install_dir, read_build_info
 
 SITE_ENV = "EDGEPRUNE_LLAMACPP_SITE"
@@ -260,6 +260,7 @@ class LlamaCppSession:
 @register_runtime("llamacpp")
 class LlamaCppRuntime:
     name = "llamacpp"
+    target = ExportTarget("llamacpp", file_format="gguf", display="llama.cpp")
 
     def available(self) -> bool:
         return not self.why_unavailable()

@@ -9,7 +9,7 @@ import numpy as np
 
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.onnxio import DEFAULT_DISABLED_OPTIMIZERS, DEFAULT_OPTIMIZATION, ort_session, timed_calls
-from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
+from edgeprune.runtime.base import ExportTarget, TensorInfo, prepare_feeds, register_runtime
 
 # ORT type strings ("tensor(int64)") -> numpy dtype names
 _ORT_TYPES = {
@@ -63,6 +63,7 @@ class OnnxRuntimeSession:
 @register_runtime("onnxruntime")
 class OnnxRuntime:
     name = "onnxruntime"
+    target = ExportTarget("onnxruntime", display="onnxruntime")
 
     def available(self) -> bool:
         try:

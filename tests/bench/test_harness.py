@@ -50,7 +50,7 @@ def test_report_is_complete_and_schema_checked(encoder_report):
         rounds = c["speedup_rounds"]
         assert rounds["rounds"] == 4 and rounds["min"] <= rounds["median"] <= rounds["max"]
     md = (out / "report.md").read_text()
-    assert "| small |" in md and "speedup" in md and "estimate" in md or "measured" in md
+    assert "| small |" in md and "speedup" in md and ("estimate" in md or "measured" in md)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "bench" and "report.json" in manifest["files"]
 
