@@ -7,14 +7,15 @@ staged output, which replaces ``out`` when everything passed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgeprune.core.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
                                  staged_output, write_manifest)
@@ -408,36 +409,187 @@ def _source_is_decoder(source: str | Path) -> bool:
     return "ForCausalLM" in archs or "LMHead" in archs
 
 
-def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
-           allow_pickle: bool = False, progress: bool = True) -> Path:
-    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+@dataclass
+class _Run:
+    """The state one ONNX export's steps share: the current file, and what goes into the manifest."""
+
+    config: ExportConfig
+    ctx: _Context
+    meta: dict[str, Any]
+    work: Path
+    tmp: Path
+    say: Callable[[str], None]
+    current: Path
+    calib_sentences: int | None = None
+    quantization: str = "none"
+    steps: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        started = time.perf_counter()
+        yield
+        self.timings[key] = round(time.perf_counter() - started, 3)
+
+    def gate(self, path: Path, label: str) -> None:
+        """Numerical gate of ``path`` against the reference (plus greedy generation for decoders)."""
+        from edgeprune.exporters.validate import generation_gate, numeric_gate
+
+        ctx, config = self.ctx, self.config
+        with self.timed(f"validate_{label}_s"):
+            self.say(f"validating {label} against {ctx.reference_name}")
+            self.validation[label] = numeric_gate(path, ctx.reference, ctx.vocab_size, ctx.layout, ctx.decoder,
+                                                  config.atol, config.rtol, seed=config.seed + 1234,
+                                                  type_vocab=ctx.type_vocab, what=ctx.reference_name)
+            if ctx.decoder and ctx.model is not None:
+                self.validation[label]["generation"] = generation_gate(path, ctx.model, ctx.layout, ctx.vocab_size)
+
+
+def _simplify_step(run: _Run) -> None:
+    if not run.config.simplify:
+        return
+    from edgeprune.exporters.simplify import simplify
+
+    with run.timed("simplify_s"):
+        run.say("folding shape arithmetic")
+        run.steps["simplify"] = simplify(run.current, run.work / "simplified.onnx")
+    if run.steps["simplify"]["nodes_after"] < run.steps["simplify"]["nodes_before"]:
+        run.current = run.work / "simplified.onnx"
+        run.gate(run.current, "simplified")
+
+
+def _optimize_step(run: _Run) -> None:
+    if not run.config.optimize:
+        return
+    from edgeprune.exporters import optimize as opt
+
+    with run.timed("optimize_s"):
+        run.say("fusing the graph (onnxruntime transformer optimizer)")
+        run.steps["optimize"] = opt.optimize(run.current, run.work / "optimized.onnx", run.ctx.decoder)
+        run.current = run.work / "optimized.onnx"
+    run.gate(run.current, "optimized")
+
+
+def _quantize_step(run: _Run) -> None:
+    config, ctx = run.config, run.ctx
+    if config.quantize == "none":
+        return
+    from edgeprune.core.onnxio import ort_session
+    from edgeprune.exporters import quantize as quant
+    from edgeprune.exporters.validate import task_gate
+
+    current = run.current
+    with run.timed("quantize_s"):
+        run.say(f"quantizing ({config.quantize})")
+        names = [i.name for i in ort_session(current).get_inputs()]
+        quantized = run.work / f"{config.quantize}.onnx"  # its name appears in gate errors
+        if config.quantize == "int8-dynamic":
+            run.steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
+        elif config.quantize in WEIGHT_ONLY_BITS:
+            run.steps["quantize"] = quant.quantize_weight_only(
+                current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
+                config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
+        else:
+            if ctx.tokenizer is None:
+                raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
+            batches = _calibration_batches(ctx, config.calib, names, config)
+            run.steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
+            run.steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
+                                                    "samples_used": run.calib_sentences}
+    label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
+    with run.timed(f"validate_{label}_s"):
+        run.say(f"checking the {config.quantize} model against the fp32 export")
+        if ctx.task == "text-generation":
+            run.validation[label] = _decoder_gate(quantized, current, ctx, config, run.meta["with_past"])
+        else:
+            check, check_source = _check_batches(ctx, names, config)
+            run.validation[label] = task_gate(quantized, current, ctx.task, check, config.min_cosine, config.min_top1)
+            run.validation[label]["data"] = check_source
+    run.quantization = config.quantize
+    run.current = quantized
+
+
+# The graph rewrites, in order; each validates its output before the next one runs.
+ONNX_STEPS: tuple[Callable[[_Run], None], ...] = (_simplify_step, _optimize_step, _quantize_step)
+
+
+def _write_final(run: _Run):
+    """The onnxruntime file: sparse initializers where they pay (after quantization, never before), checked
+    against its dense source."""
+    import numpy as np
     import onnx
 
-    from edgeprune.exporters import optimize as opt
-    from edgeprune.exporters import quantize as quant
-    from edgeprune.exporters.onnx_export import io_signature
-    from edgeprune.exporters.sparse import sparsify, variant_record
     from edgeprune.core.onnxio import ort_session, random_feeds, run_session
-    from edgeprune.exporters.validate import check_onnx_file, compare, generation_gate, numeric_gate, task_gate
+    from edgeprune.exporters.sparse import sparsify
+    from edgeprune.exporters.validate import compare
 
-    config = config or ExportConfig()
-    out = Path(out)
+    config, ctx, tmp = run.config, run.ctx, run.tmp
+    final = onnx.load(str(run.current))
+    sparsify(final, config.sparse_initializers)
+    run.steps["sparse_initializers"] = {"mode": config.sparse_initializers, "tensors": len(final.graph.sparse_initializer)}
+    onnx.save(final, str(tmp / DEFAULT_ONNX))
+    if final.graph.sparse_initializer:
+        run.say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
+        session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(run.current)
+        rng = np.random.default_rng(config.seed + 99)
+        names = [i.name for i in session.get_inputs()]
+        feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and run.meta["with_past"] else 0,
+                             ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
+        errors = compare(run_session(reference, feeds), run_session(session, feeds))
+        worst = max(e["max_abs"] for e in errors.values())
+        run.validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
+        if worst > 1e-5:
+            raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
+    return final
+
+
+def _runtime_files(run: _Run, final, target) -> tuple[dict[str, str | None], list]:
+    """Every ONNX runtime's file role, and the selected runtime's export-time check."""
+    from edgeprune.exporters.sparse import variant_record
+
+    variants = [variant_record(run.tmp / DEFAULT_ONNX, final, run.quantization, "onnxruntime")]
+    kv_decoder = run.ctx.decoder and bool(run.meta["with_past"])
+    roles = {t.name: _target_file(t, t.name == run.config.target, final, run.current, run.tmp, kv_decoder,
+                                  run.quantization, variants) for t in export_targets("onnx")}
+    if target.check is not None:
+        run.say(f"compiling with {target.display} (if its environment exists)")
+        with run.timed(f"{target.name}_check_s"):
+            run.validation[target.name] = _target_check(target, run.tmp / roles[target.name], run.ctx)
+    return roles, variants
+
+
+def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, target) -> tuple[ExportConfig, int | None]:
+    """Everything checkable before the slow export; returns the config with --calib resolved to a file."""
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    target = get_target(config.target)
     if not target.kv_cache and config.with_past and _source_is_decoder(source):
         raise EdgePruneError(_kv_refusal(target))
-    if config.calib:
-        from edgeprune.core.data_sources import resolve_data
-        from edgeprune.core.datasets import read_sentences
+    if not config.calib:
+        return config, None
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.core.datasets import read_sentences
 
-        config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
-        calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
-        if config.quantize == "int8-static":
-            from edgeprune.compress.calibration import warn_if_few
+    config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
+    calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
+    if config.quantize == "int8-static":
+        from edgeprune.compress.calibration import warn_if_few
 
-            warn_if_few(calib_sentences, config.calib_samples, config.calib)
+        warn_if_few(calib_sentences, config.calib_samples, config.calib)
+    return config, calib_sentences
+
+
+def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
+           allow_pickle: bool = False, progress: bool = True) -> Path:
+    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+    from edgeprune.exporters.onnx_export import io_signature
+    from edgeprune.exporters.validate import check_onnx_file
+
+    config = config or ExportConfig()
+    out = Path(out)
+    target = get_target(config.target)
+    config, calib_sentences = _check_request(source, out, config, overwrite, target)
     if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 
@@ -447,8 +599,6 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
 
-    timings: dict[str, float] = {}
-    validation: dict[str, Any] = {}
     started = time.perf_counter()
     with staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeprune-export-") as scratch:
         work = Path(scratch)
@@ -460,108 +610,22 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         else:
             say(f"loading {source} and exporting to ONNX (opset {config.opset})")
             ctx, parent, meta = _prepare_from_model(source, config, tmp, work, allow_pickle)
-        timings["export_s"] = round(time.perf_counter() - step, 3)
-        current = work / "fp32.onnx"
-        check_onnx_file(current)
-
-        def gate(path: Path, label: str) -> None:
-            step = time.perf_counter()
-            say(f"validating {label} against {ctx.reference_name}")
-            validation[label] = numeric_gate(path, ctx.reference, ctx.vocab_size, ctx.layout, ctx.decoder,
-                                             config.atol, config.rtol, seed=config.seed + 1234,
-                                             type_vocab=ctx.type_vocab, what=ctx.reference_name)
-            if ctx.decoder and ctx.model is not None:
-                validation[label]["generation"] = generation_gate(path, ctx.model, ctx.layout, ctx.vocab_size)
-            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
-
-        gate(current, "fp32")
-        steps: dict[str, Any] = {}
-        if config.simplify:
-            from edgeprune.exporters.simplify import simplify
-
-            step = time.perf_counter()
-            say("folding shape arithmetic")
-            steps["simplify"] = simplify(current, work / "simplified.onnx")
-            timings["simplify_s"] = round(time.perf_counter() - step, 3)
-            if steps["simplify"]["nodes_after"] < steps["simplify"]["nodes_before"]:
-                current = work / "simplified.onnx"
-                gate(current, "simplified")
-        if config.optimize:
-            step = time.perf_counter()
-            say("fusing the graph (onnxruntime transformer optimizer)")
-            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
-            current = work / "optimized.onnx"
-            timings["optimize_s"] = round(time.perf_counter() - step, 3)
-            gate(current, "optimized")
-        quantization = "none"
-        if config.quantize != "none":
-            step = time.perf_counter()
-            say(f"quantizing ({config.quantize})")
-            names = [i.name for i in ort_session(current).get_inputs()]
-            quantized = work / f"{config.quantize}.onnx"  # its name appears in gate errors
-            label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
-            if config.quantize == "int8-dynamic":
-                steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
-            elif config.quantize in WEIGHT_ONLY_BITS:
-                steps["quantize"] = quant.quantize_weight_only(
-                    current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
-                    config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
-            else:
-                if ctx.tokenizer is None:
-                    raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
-                batches = _calibration_batches(ctx, config.calib, names, config)
-                steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
-                steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
-                                                    "samples_used": calib_sentences}
-            timings["quantize_s"] = round(time.perf_counter() - step, 3)
-            step = time.perf_counter()
-            say(f"checking the {config.quantize} model against the fp32 export")
-            if ctx.task == "text-generation":
-                validation[label] = _decoder_gate(quantized, current, ctx, config, meta["with_past"])
-            else:
-                check, check_source = _check_batches(ctx, names, config)
-                validation[label] = task_gate(quantized, current, ctx.task, check, config.min_cosine, config.min_top1)
-                validation[label]["data"] = check_source
-            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
-            quantization = config.quantize
-            current = quantized
-
-        # Final onnxruntime file: sparse initializers where they pay (after quantization, never before).
-        final = onnx.load(str(current))
-        sparsify(final, config.sparse_initializers)
-        steps["sparse_initializers"] = {"mode": config.sparse_initializers,
-                                        "tensors": len(final.graph.sparse_initializer)}
-        onnx.save(final, str(tmp / DEFAULT_ONNX))
-        if final.graph.sparse_initializer:
-            say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
-            session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(current)
-            import numpy as np
-
-            rng = np.random.default_rng(config.seed + 99)
-            names = [i.name for i in session.get_inputs()]
-            feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and meta["with_past"] else 0,
-                                 ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
-            errors = compare(run_session(reference, feeds), run_session(session, feeds))
-            worst = max(e["max_abs"] for e in errors.values())
-            validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
-            if worst > 1e-5:
-                raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
-        variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
-        kv_decoder = ctx.decoder and bool(meta["with_past"])
-        roles = {t.name: _target_file(t, t.name == config.target, final, current, tmp, kv_decoder, quantization,
-                                      variants) for t in export_targets("onnx")}
-        if target.check is not None:
-            say(f"compiling with {target.display} (if its environment exists)")
-            step = time.perf_counter()
-            validation[target.name] = _target_check(target, tmp / roles[target.name], ctx)
-            timings[f"{target.name}_check_s"] = round(time.perf_counter() - step, 3)
-        timings["total_s"] = round(time.perf_counter() - started, 3)
+        run = _Run(config, ctx, meta, work, tmp, say, work / "fp32.onnx", calib_sentences)
+        run.timings["export_s"] = round(time.perf_counter() - step, 3)
+        check_onnx_file(run.current)
+        run.gate(run.current, "fp32")
+        for onnx_step in ONNX_STEPS:
+            onnx_step(run)
+        final = _write_final(run)
+        roles, variants = _runtime_files(run, final, target)
+        run.timings["total_s"] = round(time.perf_counter() - started, 3)
         write_manifest(
             tmp, "export", config.to_dict(), parent,
             task=ctx.task, with_past=bool(meta["with_past"]), files_by_role=roles, variants=variants,
-            validation=validation, kv_layout=ctx.layout if ctx.decoder else None, io=io_signature(tmp / DEFAULT_ONNX),
-            steps=steps, model_type=meta["model_type"], source_kind=meta["source_kind"],
-            optimum=meta.get("optimum"), timings=timings, model_stats=meta.get("model_stats"),
+            validation=run.validation, kv_layout=ctx.layout if ctx.decoder else None,
+            io=io_signature(tmp / DEFAULT_ONNX), steps=run.steps, model_type=meta["model_type"],
+            source_kind=meta["source_kind"], optimum=meta.get("optimum"), timings=run.timings,
+            model_stats=meta.get("model_stats"),
         )
         say(f"wrote {out}")
     return out
