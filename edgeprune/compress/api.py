@@ -156,8 +156,8 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     import functools
     import inspect
 
-    from edgeprune.compress.plan import (ALLOCATIONS_NEEDING_INTERACTIONS, budget_for_fractions, get_allocation,
-                                         rearrange_plan)
+    from edgeprune.compress.plan import (ALLOCATIONS_NEEDING_INTERACTIONS, budget_for_fractions, effective_allocation,
+                                         get_allocation, rearrange_plan)
     from edgeprune.compress.surgery import apply_plan
 
     model, adapter = loaded.model, loaded.adapter
@@ -167,7 +167,7 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
         cfg = cfg.replace(flops_budget=budget_for_fractions(shapes, cfg, adapter, model.config))
     importance = get_importance(cfg.importance)
     # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
-    allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
+    allocation = effective_allocation(cfg)
     if cfg.rearrange or allocation in ALLOCATIONS_NEEDING_INTERACTIONS:
         if "interactions" not in inspect.signature(importance).parameters:
             what = "--rearrange" if cfg.rearrange else f"allocation {allocation!r}"

@@ -303,7 +303,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     from edgeprune.compress.calibration import load_calibration, load_texts
     from edgeprune.compress.importance import Scores
     from edgeprune.compress.lazy_weights import open_weights, release_memory
-    from edgeprune.compress.plan import get_allocation
+    from edgeprune.compress.plan import effective_allocation, get_allocation
     from edgeprune.core.anatomy import record_shapes
     from edgeprune.core.loading import TASK_CLASSES, prepare_tokenizer, resolve
 
@@ -352,7 +352,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     del inputs
     timings["score_pass_s"] = round(time.perf_counter() - step, 3)
     scores = Scores(heads, kv_heads, neurons, comparable=False)
-    allocation = "flops_budget" if s.flops_budget is not None and s.allocation == "uniform" else s.allocation
+    allocation = effective_allocation(s)
     plan = get_allocation(allocation)(scores, adapter.dense_shapes(hf_config), s, adapter, hf_config)
     plan.meta.update({"importance": s.importance, "allocation": allocation, "gqa_mode": s.gqa_mode,
                       "sequential": True})

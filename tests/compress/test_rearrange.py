@@ -9,7 +9,8 @@ import torch
 from edgeprune.compress.api import CalibrationConfig, CompressConfig, compress
 from edgeprune.compress.calibration import load_calibration
 from edgeprune.compress.importance import get_importance
-from edgeprune.compress.plan import StructuredConfig, _jointly_cheapest_removal, get_allocation, rearrange_plan
+from edgeprune.compress.plan import StructuredConfig, get_allocation, rearrange_plan
+from edgeprune.compress.plan.rearrange import _jointly_cheapest_removal
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.loading import load_model
 from tiny import sample_texts
