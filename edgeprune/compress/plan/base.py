@@ -42,10 +42,6 @@ class PrunePlan:
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
-    @classmethod
-    def load(cls, path: Path) -> "PrunePlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 def kept_count(total: int, fraction: float, round_to: int = 1, unit_width: int = 1) -> int:
     """Units kept after removing ``fraction`` of ``total``: at least one, width a multiple of ``round_to``."""

@@ -18,9 +18,7 @@ def linear_slices(linear, segments, role) -> list[ParamSlice]:
 
 @register
 class BertAdapter(ArchAdapter):
-    family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
-    auto_class = "AutoModel"
 
     def layers(self, model):
         return list(model.base_model.encoder.layer)

@@ -9,9 +9,7 @@ from edgeprune.core.arch.bert import linear_slices
 
 @register
 class DistilBertAdapter(ArchAdapter):
-    family = "distilbert"
     model_types = ("distilbert",)
-    auto_class = "AutoModel"
 
     def layers(self, model):
         return list(model.base_model.transformer.layer)

@@ -14,10 +14,8 @@ def conv1d_slices(conv, segments, role) -> list[ParamSlice]:
 
 @register
 class GPT2Adapter(ArchAdapter):
-    family = "gpt2"
     model_types = ("gpt2",)
     is_decoder = True
-    auto_class = "AutoModelForCausalLM"
 
     def layers(self, model):
         return list(model.base_model.h)

@@ -13,10 +13,8 @@ from edgeprune.core.arch.bert import linear_slices
 
 @register
 class LlamaAdapter(ArchAdapter):
-    family = "llama"
     model_types = ("llama", "mistral", "qwen2")
     is_decoder = True
-    auto_class = "AutoModelForCausalLM"
     ffn_matrices = 3
     norm_vectors_per_block = 2
 
