@@ -155,10 +155,7 @@ def load_calibration(loaded, cfg, seed: int = 0) -> list[dict]:
 
 def _looks_like_sentences(path) -> bool:
     """STS pairs stay sentence-level even for decoders; everything else is packed for decoders."""
-    location = Path(str(path)).expanduser()
-    if not location.is_file():
-        return False
-    with open(location, encoding="utf-8", errors="replace") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    return first.count("\t") >= 6
+    from edgeprune.core.datasets import is_sts_file
+
+    return is_sts_file(path)
 

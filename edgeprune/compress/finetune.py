@@ -18,18 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from edgeprune.core.data_sources import resolve_data_or_name
+from edgeprune.core.datasets import is_sts_file
 from edgeprune.core.errors import EdgePruneError
 
 LOG_FILE = "train_log.jsonl"
 
 
 # --- data ----------------------------------------------------------------------------------------
-def _is_sts(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    return first.count("\t") >= 6
-
-
 def read_texts(data: str) -> list[str]:
     """Training texts from the same sources as calibration: STS tsv (both sentences), a plain text file
     (one text per line), a local json/csv/parquet file or a ``datasets`` name."""
@@ -61,7 +56,7 @@ def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[li
     from edgeprune.core.datasets import read_corpus
 
     path = Path(resolve_data_or_name(data)).expanduser()
-    text = read_corpus(path) if path.is_file() and not _is_sts(path) else "\n".join(read_texts(data))
+    text = read_corpus(path) if path.is_file() and not is_sts_file(path) else "\n".join(read_texts(data))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
     blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
     if not blocks:
@@ -152,7 +147,7 @@ class _Batches:
             self.kind = "texts"
         else:
             path = Path(data).expanduser()
-            if not (path.is_file() and _is_sts(path)):
+            if not (path.is_file() and is_sts_file(path)):
                 raise EdgePruneError("encoder fine-tuning without --distill needs STS pairs with scores "
                                      "(an STS-B tsv); pass --distill to learn from the dense model on plain text")
             from edgeprune.core.datasets import read_sts
