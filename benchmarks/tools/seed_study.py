@@ -41,7 +41,7 @@ def evaluate_point(model: str, args, data: dict[str, Path]) -> dict:
     for task in TASKS:
         config = (EvalConfig(task=task, max_tokens=args.ppl_tokens, window=window, stride=window // 2)
                   if task == "perplexity"
-                  else EvalConfig(task=task, limit=args.limit, batch_size=args.batch_size))
+                  else EvalConfig(task=task, limit=args.task_limits.get(task, args.limit), batch_size=args.batch_size))
         result = evaluate_backend(backend, data[task], config, progress=True)
         out[task] = {k: result[k] for k in ("metric", "value", "acc", "acc_norm", "perplexity", "n", "seconds")
                      if k in result}
@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=300,
                         help="first N items of each zero-shot dev file (0: all; the full HellaSwag dev is 20,000 "
                              "forward passes per point)")
+    parser.add_argument("--task-limits", default="",
+                        help="per-task overrides of --limit, e.g. lambada=60,hellaswag=20,piqa=40")
     parser.add_argument("--ppl-tokens", type=int, default=20000)
     parser.add_argument("--finetune-steps", type=int, default=50,
                         help="recovery fine-tuning steps (4 x 128 tokens) after each 10 %% unstructured step")
@@ -177,6 +179,12 @@ def main(argv=None) -> int:
     if args.limit < 0:
         parser.error("--limit must be >= 0")
     args.limit = args.limit or None
+    try:
+        args.task_limits = {k: int(v) or None for k, v in (kv.split("=") for kv in args.task_limits.split(",") if kv)}
+    except ValueError:
+        parser.error(f"--task-limits takes TASK=N,... (got {args.task_limits!r})")
+    if set(args.task_limits) - {"lambada", "hellaswag", "piqa"} or any((v or 1) < 1 for v in args.task_limits.values()):
+        parser.error(f"--task-limits takes lambada/hellaswag/piqa=N with N >= 0 (got {args.task_limits})")
     args.data = {"perplexity": resolve_data("wikitext2:valid"), "finetune": resolve_data("wikitext2:valid"),
                  "calibration": resolve_data("stsb:train"),
                  **{t: resolve_task_data(t, None) for t in ("lambada", "hellaswag", "piqa")}}
