@@ -299,8 +299,8 @@ class _FullLogitsOnly:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_target_logits_equal_full_logits_torch_and_onnxruntime(family, exported, tiny_models):
-    from edgeprune.eval.torch_backend import TorchBackend
-    from edgeprune.models import load_model
+    from edgeprune.eval.backends import TorchBackend
+    from edgeprune.core.loading import load_model
     from edgeprune.runtime.pipelines import RuntimeBackend
 
     source, export_dir = exported(family, "text-generation")
