@@ -76,6 +76,18 @@ def compare(model_dir: str, limit: int = 300, tasks=TASKS, batch_size: int = 16)
             "lm_eval_s": round(theirs_s, 1), "data": {t: str(p) for t, p in data.items()}}
 
 
+def format_table(result: dict) -> str:
+    """The side-by-side markdown table of ``compare``'s result, with the item count and both wall times."""
+    lines = ["| task | metric | edgeprune | lm-eval | difference |", "| --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        unit = "% (relative)" if r["metric"] == "perplexity" else " points"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['edgeprune']:.4f} | {r['lm_eval']:.4f} | "
+                     f"{r['diff_points']:+.2f}{unit} |")
+    lines.append(f"n = {result['limit']} items per task; edgeprune {result['edgeprune_s']} s, "
+                 f"lm-eval {result['lm_eval_s']} s")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a Hugging Face model directory (benchmarks/tools/save_hf.py writes one)")
@@ -85,11 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = compare(args.model_dir, args.limit, tuple(t for t in args.tasks.split(",") if t), args.batch_size)
-    print("| task | metric | edgeprune | lm-eval | difference |\n| --- | --- | --- | --- | --- |")
-    for r in result["rows"]:
-        unit = "% (relative)" if r["metric"] == "perplexity" else " points"
-        print(f"| {r['task']} | {r['metric']} | {r['edgeprune']:.4f} | {r['lm_eval']:.4f} | {r['diff_points']:+.2f}{unit} |")
-    print(f"n = {args.limit} items per task; edgeprune {result['edgeprune_s']} s, lm-eval {result['lm_eval_s']} s")
+    print(format_table(result))
     if args.json:
         print(json.dumps(result))
     return 0

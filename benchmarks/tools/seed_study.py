@@ -33,13 +33,16 @@ RECIPE = Path(__file__).resolve().parents[2] / "edgeprune" / "recipes" / "smollm
 
 
 def evaluate_point(model: str, args, data: dict[str, Path]) -> dict:
-    from edgeprune.eval.api import EvalConfig, evaluate
+    from edgeprune.eval.api import EvalConfig, evaluate_backend, make_backend
 
     out = {}
+    backend = make_backend(model, None, "lambada", 128, args.threads)  # loaded once for the four tasks
+    window = min(512, getattr(backend, "positions", None) or 512)  # a tiny test model has fewer positions
     for task in TASKS:
-        config = (EvalConfig(task=task, max_tokens=args.ppl_tokens) if task == "perplexity"
-                  else EvalConfig(task=task, limit=args.limit, batch_size=args.batch_size))
-        result = evaluate(model, data[task], config, threads=args.threads, progress=True)
+        config = (EvalConfig(task=task, max_tokens=args.ppl_tokens, window=window, stride=window // 2)
+                  if task == "perplexity"
+                  else EvalConfig(task=task, limit=args.task_limits.get(task, args.limit), batch_size=args.batch_size))
+        result = evaluate_backend(backend, data[task], config, progress=True)
         out[task] = {k: result[k] for k in ("metric", "value", "acc", "acc_norm", "perplexity", "n", "seconds")
                      if k in result}
     return out
@@ -70,9 +73,10 @@ def structured_point(out: Path, fraction: float, args, distill_steps: int = 0):
 
     base = CompressConfig.from_file(RECIPE)
     config = base.replace(structured=base.structured.replace(flops_budget=round(1.0 - fraction, 6)),
-                          calibration=base.calibration.replace(path=str(args.data["calibration"])),
+                          calibration=base.calibration.replace(path=str(args.data["calibration"]),
+                                                               samples=args.calib_samples or base.calibration.samples),
                           finetune=(finetune_config(args, distill_steps, distill=True) if distill_steps
-                                    else base.finetune.replace(data=None)),
+                                    else base.finetune.replace(data=None, distill=False)),
                           seed=args.seed)
     compress(args.model, out, config, overwrite=True)
 
@@ -145,9 +149,15 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=300,
                         help="first N items of each zero-shot dev file (0: all; the full HellaSwag dev is 20,000 "
                              "forward passes per point)")
+    parser.add_argument("--task-limits", default="",
+                        help="per-task overrides of --limit, e.g. lambada=60,hellaswag=20,piqa=40")
     parser.add_argument("--ppl-tokens", type=int, default=20000)
     parser.add_argument("--finetune-steps", type=int, default=50,
                         help="recovery fine-tuning steps (4 x 128 tokens) after each 10 %% unstructured step")
+    parser.add_argument("--structured-levels", default=None, help="fractions for the structured method "
+                        "(default: --levels)")
+    parser.add_argument("--calib-samples", type=int, default=0,
+                        help="structured: calibration sentences for the Fisher importance (0: the recipe's 256)")
     parser.add_argument("--distill-steps", type=int, default=300, help="distillation steps at --distill-level")
     parser.add_argument("--distill-level", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -164,10 +174,17 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     levels = [float(x) for x in args.levels.split(",")]
+    structured_levels = [float(x) for x in (args.structured_levels or args.levels).split(",") if x]
     methods = [m for m in args.methods.split(",") if m]
     if args.limit < 0:
         parser.error("--limit must be >= 0")
     args.limit = args.limit or None
+    try:
+        args.task_limits = {k: int(v) or None for k, v in (kv.split("=") for kv in args.task_limits.split(",") if kv)}
+    except ValueError:
+        parser.error(f"--task-limits takes TASK=N,... (got {args.task_limits!r})")
+    if set(args.task_limits) - {"lambada", "hellaswag", "piqa"} or any((v or 1) < 1 for v in args.task_limits.values()):
+        parser.error(f"--task-limits takes lambada/hellaswag/piqa=N with N >= 0 (got {args.task_limits})")
     args.data = {"perplexity": resolve_data("wikitext2:valid"), "finetune": resolve_data("wikitext2:valid"),
                  "calibration": resolve_data("stsb:train"),
                  **{t: resolve_task_data(t, None) for t in ("lambada", "hellaswag", "piqa")}}
@@ -207,7 +224,7 @@ def main(argv=None) -> int:
         if source != args.model and not args.keep_models:
             shutil.rmtree(source, ignore_errors=True)
     if "structured" in methods:
-        for level in levels:
+        for level in structured_levels:
             target = models / f"structured-{round(level * 100)}"
             started = time.perf_counter()
             structured_point(target, level, args)

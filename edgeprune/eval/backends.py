@@ -51,6 +51,40 @@ class TorchBackend:
         mask = torch.as_tensor(attention_mask, dtype=torch.long)
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().numpy()
 
+    @torch.inference_mode()
+    def target_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        """Logits [N, V] at (rows[i], positions[i]) of a right-padded batch: the LM head runs on those
+        positions only (the full forward when the model's logits are not ``head(last hidden state)``)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        mask = torch.as_tensor(attention_mask, dtype=torch.long)
+        at = (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(positions, dtype=torch.long))
+        split = self._head_split()
+        if split is None:
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[at].float().numpy()
+        body, head = split
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        return head(hidden[at]).float().numpy()
+
+    def _head_split(self):
+        """(decoder body, LM head) when logits == head(body's last hidden state), checked once on a few
+        tokens (a model that scales or soft-caps its logits fails the check and keeps the full forward)."""
+        if not hasattr(self, "_split"):
+            self._split = None
+            body = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+            head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            if isinstance(body, torch.nn.Module) and body is not self.model and head is not None:
+                ids = torch.arange(min(8, self.model.config.vocab_size), dtype=torch.long)[None, :]
+                try:
+                    full = self.model(input_ids=ids, use_cache=False).logits
+                    split = head(body(input_ids=ids, use_cache=False)[0])
+                except (TypeError, ValueError, AttributeError):
+                    split = None
+                if split is not None and split.shape == full.shape and torch.allclose(split, full, rtol=1e-4,
+                                                                                       atol=1e-5):
+                    self._split = (body, head)
+        return self._split
+
     @property
     def max_positions(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)

@@ -169,6 +169,33 @@ class LlamaCppSession:
                 rows.append(view.reshape(n, self.vocab_size).copy())
         return np.concatenate(rows) if all_logits else rows[-1][0]
 
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Logits [len(positions), V] at ``positions`` (sorted, distinct) of ``tokens`` fed from an empty
+        cache; llama.cpp computes the output head at those positions only."""
+        tokens = [int(t) for t in tokens]
+        wanted = sorted(set(int(p) for p in positions))
+        if not tokens or not wanted or wanted[0] < 0 or wanted[-1] >= len(tokens):
+            raise EdgePruneError(f"logits_at: positions {list(positions)[:5]} outside 0..{len(tokens) - 1}")
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"context overflow: {len(tokens)} tokens exceed the context of {self.n_ctx} tokens", [])
+        self.reset()
+        llm, rows, marked = self.llm, [], set(wanted)
+        for start in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[start:start + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=llm.n_tokens, logits_all=False)
+            flags = [start + i in marked for i in range(len(chunk))]
+            for i, flag in enumerate(flags):  # set_batch always marks the chunk's last token; only ours count
+                llm._batch.batch.logits[i] = flag
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[llm.n_tokens:llm.n_tokens + len(chunk)] = chunk
+            llm.n_tokens += len(chunk)
+            n = sum(flags)
+            if n:
+                view = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n * self.vocab_size,))
+                rows.append(view.reshape(n, self.vocab_size).copy())
+        out = np.concatenate(rows)
+        return out[[wanted.index(int(p)) for p in positions]]
+
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, int(token)))
 
@@ -307,6 +334,19 @@ class LlamaCppBackend:
         out = np.zeros(input_ids.shape + (self.session.vocab_size,), dtype=np.float32)
         for row, length in enumerate(np.asarray(attention_mask).sum(axis=1)):
             out[row, :int(length)] = self.session.logits(np.asarray(input_ids)[row:row + 1, :int(length)])[0]
+        return out
+
+    def target_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        """Logits [N, V] at (rows[i], positions[i]); each row runs alone from an empty cache, with the output
+        head at its scored positions only."""
+        rows, positions = np.asarray(rows), np.asarray(positions)
+        out = np.empty((len(rows), self.session.vocab_size), dtype=np.float32)
+        lengths = np.asarray(attention_mask).sum(axis=1)
+        for row in np.unique(rows):
+            picked = np.flatnonzero(rows == row)
+            tokens = np.asarray(input_ids)[row, :int(lengths[row])].tolist()
+            out[picked] = self.session.logits_at(tokens, positions[picked].tolist())
         return out
 
     @property

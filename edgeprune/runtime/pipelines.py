@@ -287,12 +287,17 @@ class GenerationPipeline:
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise EdgePruneError(f"batch_logits expects input_ids and attention_mask of one shape [B, L], "
                                  f"got {input_ids.shape} and {attention_mask.shape}")
+        return self.run_batch(self.session, input_ids, attention_mask, "logits")
+
+    def run_batch(self, session, input_ids: np.ndarray, attention_mask: np.ndarray, output: str) -> np.ndarray:
+        """``output`` of ``session`` (this export's graph or one derived from it, as edgeprune.runtime.lm_head
+        writes) for a right-padded batch with an empty past."""
         rows = input_ids.shape[0]
-        names = {i.name for i in self.session.inputs}
+        names = {i.name for i in session.inputs}
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)}
         feeds.update({name: np.repeat(empty, rows, axis=0) for name, empty in self.empty_past.items()})
-        return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
+        return session.run({k: v for k, v in feeds.items() if k in names}, [output])[output]
 
 
 class StatefulGenerationPipeline(GenerationPipeline):
@@ -357,6 +362,8 @@ class RuntimeBackend:
         self.positions = position_limit(self.info.config)
         self._embedder = None
         self._generator = None
+        self.threads = threads
+        self._head = None  # (headless session, SplitHead) once target_logits first runs; False: none
 
     @property
     def task(self) -> str:
@@ -385,6 +392,34 @@ class RuntimeBackend:
     def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self._generation().batch_logits(input_ids, attention_mask)
 
+    def target_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        """Logits [N, V] at (rows[i], positions[i]): onnxruntime runs the export's graph up to the final
+        hidden states and the LM head is applied in numpy at those positions only (edgeprune.runtime.lm_head);
+        a head that is not a plain float MatMul, or another runtime, takes the full logits."""
+        generation = self._generation()
+        split = self._split_head()
+        if split is None:
+            return generation.batch_logits(input_ids, attention_mask)[rows, positions]
+        session, split = split
+        hidden = generation.run_batch(session, np.asarray(input_ids, dtype=np.int64),
+                                      np.asarray(attention_mask, dtype=np.int64), split.hidden)
+        logits = hidden[rows, positions] @ split.weight
+        return logits + split.bias if split.bias is not None else logits
+
+    def _split_head(self):
+        if self._head is None:
+            self._head = False
+            if self.name == "onnxruntime":
+                from edgeprune.runtime.lm_head import load_hidden_session, split_lm_head
+
+                split = split_lm_head(self.session.path)
+                if split is not None:
+                    session = load_hidden_session(split, self.name, self.threads)
+                    # the weights now live in the session; keep only the head's numpy arrays
+                    self._head = (session, type(split)(None, split.hidden, split.weight, split.bias))
+        return self._head or None
+
     @property
     def max_positions(self) -> int | None:
         return self.info.config.get("max_position_embeddings")
@@ -400,6 +435,8 @@ class RuntimeBackend:
 
     def close(self) -> None:
         self.session.close()
+        if self._head:
+            self._head[0].close()
 
 
 def runtime_backend(model: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,

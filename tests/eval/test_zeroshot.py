@@ -271,3 +271,116 @@ def test_bench_reports_zero_shot_quality(exported, task_files, tmp_path):
     assert all(q["metric"] == "acc" and q["n"] == 6 and "acc_norm" in q for q in qualities)
     assert qualities[0]["value"] == qualities[1]["value"] > 0
     assert report["comparisons"][0]["quality_ratio"] == pytest.approx(1.0)
+
+
+# --- the LM head at the scored positions only (target_logits) -----------------------------------------------
+def _padded_batch(seed: int = 0, rows: int = 4, vocab: int = 128):
+    """A right-padded batch of uneven rows, and every (row, position) of its real tokens."""
+    rng = np.random.default_rng(seed)
+    lengths = [9, 7, 4, 1][:rows]
+    ids = np.zeros((rows, max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(7, vocab, n)
+        mask[row, :n] = 1
+    at_rows = np.concatenate([np.full(n, row) for row, n in enumerate(lengths)])
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    order = rng.permutation(len(at_rows))  # any order, as a caller may ask
+    return ids, mask, at_rows[order], positions[order]
+
+
+class _FullLogitsOnly:
+    """A backend without target_logits: the scorer's full-logits path."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.batch_logits = backend.batch_logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_target_logits_equal_full_logits_torch_and_onnxruntime(family, exported, tiny_models):
+    from edgeprune.eval.backends import TorchBackend
+    from edgeprune.core.loading import load_model
+    from edgeprune.runtime.pipelines import RuntimeBackend
+
+    source, export_dir = exported(family, "text-generation")
+    ids, mask, rows, positions = _padded_batch()
+    torch_backend = TorchBackend(load_model(source, task="text-generation"))
+    assert torch_backend._head_split() is not None  # the fast path is what is tested
+    ort_backend = RuntimeBackend(export_dir, "onnxruntime", threads=1)
+    try:
+        for backend in (torch_backend, ort_backend):
+            full = backend.batch_logits(ids, mask)[rows, positions]
+            fast = backend.target_logits(ids, mask, rows, positions)
+            assert fast.shape == full.shape
+            np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5)
+        assert ort_backend._head and ort_backend._head[0] is not ort_backend.session  # the headless graph ran
+        assert "logits" not in {o.name for o in ort_backend._head[0].outputs}
+    finally:
+        ort_backend.close()
+
+
+@pytest.mark.parametrize("task", zeroshot.ZERO_SHOT_TASKS)
+def test_scores_through_target_logits_equal_the_full_logits_path(task, exported, task_files):
+    from edgeprune.runtime.pipelines import RuntimeBackend
+
+    _, export_dir = exported("llama", "text-generation")
+    backend = RuntimeBackend(export_dir, "onnxruntime", threads=1)
+    try:
+        items = zeroshot.read_items(task, task_files[task])
+        requests = zeroshot.item_requests(backend, items, backend.max_positions)
+        fast = zeroshot.score_requests(backend, requests, batch_size=8)
+        full = zeroshot.score_requests(_FullLogitsOnly(backend), requests, batch_size=8)
+    finally:
+        backend.close()
+    assert [g for _, g in fast] == [g for _, g in full]
+    np.testing.assert_allclose([s for s, _ in fast], [s for s, _ in full], rtol=1e-6, atol=1e-5)
+
+
+def _linear_head_model(path: Path, head: str):
+    """A two-node graph: hidden = Relu(x), logits = hidden @ W (+ b), in the forms torch.onnx writes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 10)).astype(np.float32)
+    bias = rng.standard_normal(10).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["input_ids_f"], ["hidden"])]
+    inits = []
+    if head == "transpose":  # W stored as [V, H] (a tied embedding) behind a Transpose
+        inits.append(numpy_helper.from_array(weight.T.copy(), "embed"))
+        nodes += [helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["hidden", "embed_t"], ["logits"])]
+    elif head == "bias":
+        inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
+        nodes += [helper.make_node("MatMul", ["hidden", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["logits"])]
+    else:  # a scaled head: not a plain MatMul, so it must not be split
+        inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.float32([2.0]), "scale")]
+        nodes += [helper.make_node("MatMul", ["hidden", "w"], ["mm"]),
+                  helper.make_node("Mul", ["mm", "scale"], ["logits"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input_ids_f", TensorProto.FLOAT, [2, 3, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return weight, bias
+
+
+@pytest.mark.parametrize("head", ["transpose", "bias", "scaled"])
+def test_split_lm_head_forms(head, tmp_path):
+    import onnxruntime as ort
+
+    from edgeprune.runtime.lm_head import save_split, split_lm_head
+
+    weight, bias = _linear_head_model(tmp_path / "m.onnx", head)
+    split = split_lm_head(tmp_path / "m.onnx")
+    if head == "scaled":
+        assert split is None
+        return
+    x = np.random.default_rng(2).standard_normal((2, 3, 6)).astype(np.float32)
+    full = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], {"input_ids_f": x})[0]
+    path = save_split(split, tmp_path)
+    hidden = ort.InferenceSession(str(path)).run([split.hidden], {"input_ids_f": x})[0]
+    logits = hidden @ split.weight + (split.bias if split.bias is not None else 0)
+    np.testing.assert_allclose(logits, full, rtol=1e-6, atol=1e-6)
+    assert (split.bias is not None) == (head == "bias")
+    assert [n.op_type for n in split.model.graph.node] == ["Relu"]  # the head's nodes and weight are gone
+    assert not list(split.model.graph.initializer)

@@ -27,6 +27,7 @@ def test_dense_smollm2_agrees_with_lm_eval_within_half_a_point(tmp_path):
     model_dir = tmp_path / "smollm2-hf"
     save_hf.main(["smollm2-135m", str(model_dir)])
     result = lm_eval_crosscheck.compare(str(model_dir), limit=LIMIT)
+    print("\n" + lm_eval_crosscheck.format_table(result))  # the numbers docs/zero-shot.md quotes (pytest -s)
     for row in result["rows"]:
         assert row["n"] == LIMIT
         assert abs(row["diff_points"]) <= 0.5, row  # accuracy points, or % of perplexity

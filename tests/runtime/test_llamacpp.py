@@ -142,3 +142,26 @@ def test_bench_worker_times_prefill_and_kv_decode(tiny_gguf, llamacpp_runtime):
         assert len(decode["prefill_latencies"]) == 2 and [len(s) for s in decode["step_latencies"]] == [4, 4]
     finally:
         worker.session.close()
+
+
+@pytest.mark.llamacpp
+def test_target_logits_equal_full_logits(tiny_gguf, llamacpp_runtime):
+    """The zero-shot scorer's fast path: the output head at the scored positions only, same numbers."""
+    from edgeprune.runtime.llamacpp_adapter import LlamaCppBackend
+
+    backend = LlamaCppBackend(tiny_gguf["even"], threads=1)
+    try:
+        rng = np.random.default_rng(0)
+        lengths = [11, 6, 1]
+        ids = np.zeros((3, 11), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, n in enumerate(lengths):
+            ids[row, :n] = rng.integers(3, 259, n)
+            mask[row, :n] = 1
+        rows = np.array([0, 0, 1, 2, 1, 0])
+        positions = np.array([10, 3, 5, 0, 4, 9])
+        full = backend.batch_logits(ids, mask)[rows, positions]
+        fast = backend.target_logits(ids, mask, rows, positions)
+        np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-4)
+    finally:
+        backend.session.close()
