@@ -303,6 +303,19 @@ def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str,
             "max_abs_vs_onnxruntime": max_abs}
 
 
+def _to_deepsparse_int8(path: Path) -> dict[str, Any]:
+    """Rewrite the static QDQ file at ``path`` into MatMulInteger form in place (exporters/deepsparse_int8.py)."""
+    import onnx
+
+    from edgeprune.exporters.deepsparse_int8 import qdq_to_matmulinteger
+
+    model = onnx.load(str(path))
+    info = qdq_to_matmulinteger(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return info
+
+
 def deepsparse_ready(model) -> list[str]:
     """Why an ONNX model would be refused by DeepSparse 1.8 (empty list: acceptable)."""
     from edgeprune.exporters.sparse import opset_of
@@ -330,7 +343,8 @@ def deepsparse_ready(model) -> list[str]:
 
 
 # Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
-DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
+# MatMulInteger fed by a static QuantizeLinear (the --target deepsparse int8-static form) compiles.
+DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear",)
 # Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
 # seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
 DEEPSPARSE_WIDTH_MULTIPLE = 4
@@ -454,27 +468,6 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
     return ctx, parent, meta
 
 
-def _source_is_decoder(source: str | Path) -> bool:
-    """Whether a source is a decoder, from what is on disk (config.json or a GGUF file); False if unknown."""
-    from edgeprune.models import ALIASES
-
-    path = Path(source)
-    if str(source) in ALIASES:
-        return str(source) != "minilm"
-    if path.suffix == ".gguf":
-        return True
-    config_path = (path.parent if path.is_file() else path) / "config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (OSError, ValueError):
-        return False
-    manifest = read_manifest(config_path.parent) if is_artifact(config_path.parent) else {}
-    if manifest.get("task"):
-        return manifest["task"] == "text-generation"
-    archs = " ".join(config.get("architectures") or [])
-    return "ForCausalLM" in archs or "LMHead" in archs
-
-
 def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
            allow_pickle: bool = False, progress: bool = True) -> Path:
     """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
@@ -492,9 +485,6 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    if config.target == "deepsparse" and config.with_past and _source_is_decoder(source):
-        raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
-                             "a KV cache cannot run on it; add --no-past, or use onnxruntime")
     if config.calib:
         from edgeprune.data_sources import resolve_data
         from edgeprune.eval.data import read_sentences
@@ -578,6 +568,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
                     raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
                 batches = _calibration_batches(ctx, config.calib, names, config)
                 steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
+                if config.target == "deepsparse":  # DeepSparse 1.8 aborts on the QDQ form; give it SparseML's form
+                    steps["quantize"]["deepsparse_form"] = _to_deepsparse_int8(quantized)
                 steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
                                                     "samples_used": calib_sentences}
             timings["quantize_s"] = round(time.perf_counter() - step, 3)
@@ -616,14 +608,9 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
         roles: dict[str, str | None] = {"onnxruntime": DEFAULT_ONNX, "deepsparse": None}
 
-        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies. A decoder
-        # with a KV cache never gets a DeepSparse file: the runtime refuses to generate with one.
-        kv_decoder = ctx.decoder and bool(meta["with_past"])
-        if kv_decoder:
-            if config.target == "deepsparse":
-                raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder "
-                                     "with a KV cache cannot run on it; add --no-past, or use onnxruntime")
-        elif not deepsparse_ready(final):
+        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies. KV-cache
+        # decoders too: the runtime decodes them with a fixed-capacity cache (runtime/pipelines.py).
+        if not deepsparse_ready(final):
             roles["deepsparse"] = DEFAULT_ONNX
         elif config.target == "deepsparse":
             dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
