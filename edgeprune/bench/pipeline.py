@@ -77,7 +77,11 @@ def default_recipe() -> PipelineConfig:
         structured,
         {"name": "structured-50-int8", "reuse": "structured-50", "export": {"quantize": "int8-dynamic"}},
         *([{"name": "distilled-50", "recipe": str(DISTILL_RECIPE)},
-           {"name": "distilled-50-int8", "reuse": "distilled-50", "export": {"quantize": "int8-dynamic"}}]
+           {"name": "distilled-50-int8", "reuse": "distilled-50", "export": {"quantize": "int8-dynamic"}},
+           # DeepSparse's INT8 form (MatMulInteger; it aborts on QDQ and dynamic INT8): an export of the
+           # distilled artifact only, no extra training
+           {"name": "distilled-50-ds-int8", "reuse": "distilled-50", "requires_runtime": "deepsparse",
+            "export": {"target": "deepsparse", "quantize": "int8-static", "calib": "stsb:train"}}]
           if DISTILL_RECIPE.is_file() else []),
         dict({"recipe": str(UNSTRUCTURED_RECIPE)} if UNSTRUCTURED_RECIPE.is_file()
              else {"compress": {"sparsity": {"fraction": 0.9, "scope": "global"}}},

@@ -148,6 +148,16 @@ def test_default_pipeline_builds_the_distilled_variant_in_fp32_and_int8():
     assert config.data == "stsb:dev"
 
 
+def test_default_pipeline_has_a_deepsparse_int8_variant_from_the_distilled_artifact():
+    from edgeprune.bench.pipeline import default_recipe, variant_configs
+
+    config = default_recipe()
+    variant = {v.name: v for v in config.variants}["distilled-50-ds-int8"]
+    assert variant.reuse == "distilled-50" and variant.requires_runtime == "deepsparse"
+    _, export_config = variant_configs(config)["distilled-50-ds-int8"]
+    assert (export_config.target, export_config.quantize, export_config.calib) == ("deepsparse", "int8-static", "stsb:train")
+
+
 def test_unreachable_data_fails_before_any_work(tmp_path, monkeypatch, capsys):
     import time
 
