@@ -294,8 +294,9 @@ def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str,
         except subprocess.TimeoutExpired:
             raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
         if result.returncode != 0:
-            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
-            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
+            from edgeprune.runtime.deepsparse_adapter import crash_reason
+
+            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {crash_reason(result.stderr or 'no error output')[:300]}")
         with np.load(Path(tmp) / "out.npz") as out:
             got = [out[f"arr_{i}"] for i in range(len(out.files))]
     max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)

@@ -111,6 +111,14 @@ def install(force: bool = False, progress: bool = True) -> dict:
             "seconds": round(time.perf_counter() - started, 1), "already_installed": False}
 
 
+def crash_reason(stderr: str) -> str:
+    """The line of a DeepSparse crash report that says what failed: its ``Assertion at ...`` line when there
+    is one (the report ends with a support e-mail address, which says nothing), else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    assertion = next((ln for ln in lines if ln.startswith("Assertion at ")), None)
+    return f"DeepSparse 1.8 aborted: {assertion}" if assertion else (lines[-1] if lines else "no message")
+
+
 class DeepSparseSession:
     """A model loaded in a DeepSparse worker process; see ``edgeprune.runtime.base.Session``.
 
@@ -140,8 +148,7 @@ class DeepSparseSession:
 
     def _stderr_tail(self) -> str:
         self._stderr.seek(0)
-        lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else "no message"
+        return crash_reason(self._stderr.read().decode(errors="replace"))
 
     def _call(self, request: dict) -> dict:
         if self._proc is None:
