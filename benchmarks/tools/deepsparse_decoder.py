@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check", action="store_true", help="greedy tokens vs onnxruntime (dense) first")
+    ap.add_argument("--only-input-len", type=int, help="compile one engine (this input length, --capacity) and stop")
     ap.add_argument("--json")
     args = ap.parse_args()
     import deepsparse
@@ -137,6 +138,12 @@ def main():
             dims = v.type.tensor_type.shape.dim
             layout.append((dims[1].dim_value, dims[3].dim_value))
     tmp = tempfile.mkdtemp(prefix="ds-decoder-")
+    if args.only_input_len:
+        started = time.perf_counter()
+        deepsparse.Engine(static_copy(model, layout, args.only_input_len, args.capacity, os.path.join(tmp, "m.onnx")),
+                          batch_size=1, num_cores=args.threads)
+        print(f"compiled input {args.only_input_len}, capacity {args.capacity} in {time.perf_counter() - started:.1f} s")
+        return
     variants, result = {}, {"model": args.model, "deepsparse": deepsparse.__version__, "threads": args.threads,
                             "prompt": args.prompt, "capacity": args.capacity, "steps": args.steps, "variants": {}}
     for fraction in (float(x) for x in args.sparsity.split(",")):
