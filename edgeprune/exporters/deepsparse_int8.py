@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 UINT8_ZERO_POINT = 128
 

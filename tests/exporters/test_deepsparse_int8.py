@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeprune.artifacts import read_manifest
+from edgeprune.core.artifacts import read_manifest
 from edgeprune.exporters.api import ExportConfig, export
-from edgeprune.exporters.validate import ort_session, run_session
+from edgeprune.core.onnxio import ort_session, run_session
 from tests.tiny import sample_texts
 
 
@@ -21,7 +21,7 @@ def _int8_export(tiny_models, tmp_path, name="e"):
 
 
 def test_int8_static_for_deepsparse_is_matmulinteger(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("edgeprune.exporters.api.deepsparse_python", lambda: None)  # compiled in the test below
+    monkeypatch.setattr("edgeprune.runtime.deepsparse_adapter.deepsparse_python", lambda: None)  # compiled in the test below
     out = _int8_export(tiny_models, tmp_path)
     manifest = read_manifest(out)
     form = manifest["steps"]["quantize"]["deepsparse_form"]

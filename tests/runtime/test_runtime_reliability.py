@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def error_lines(err):
@@ -72,8 +72,8 @@ def test_positions_are_checked_up_front_and_generation_keeps_its_text(exported, 
 def test_report_numbers_come_from_the_export_itself(exported, tmp_path):
     """Item 25: params and FLOPs are the same without transformers and without the parent artifact."""
     from edgeprune.bench.metrics import analytic_flops, model_size
-    from edgeprune.compress.surgery import analytic_flops as torch_flops
-    from edgeprune.models import load_model
+    from edgeprune.core.anatomy import analytic_flops as torch_flops
+    from edgeprune.core.loading import load_model
 
     source, export = exported("bert", "feature-extraction")
     loaded = load_model(source)
@@ -111,8 +111,9 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
     from onnx import TensorProto, helper
 
     from edgeprune.exporters import api
+    from edgeprune.runtime import deepsparse_adapter
 
-    monkeypatch.setattr(api, "deepsparse_python", lambda: None)  # compiled in test_runtime.py
+    monkeypatch.setattr(deepsparse_adapter, "deepsparse_python", lambda: None)  # compiled in test_runtime.py
     assert main(["export", str(tiny_models("gpt2")), "-o", str(tmp_path / "d"), "--target", "deepsparse"]) == 0
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["files_by_role"]["deepsparse"] == "model.onnx"
     capsys.readouterr()
@@ -123,7 +124,7 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
                               [helper.make_tensor_value_info("q", TensorProto.UINT8, [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert any("DynamicQuantizeLinear" in p for p in api.deepsparse_ready(model))
+    assert any("DynamicQuantizeLinear" in p for p in deepsparse_adapter.deepsparse_ready(model))
     _, decoder = exported("llama", "text-generation")
     assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] == "model.onnx"
     assert main(["export", str(tiny_models("bert")), "-o", str(tmp_path / "e"), "--target", "deepsparse"]) == 0
