@@ -263,12 +263,14 @@ def test_fixed_capacity_cache_generates_like_the_dynamic_cache(exported):
 
 
 @pytest.mark.deepsparse
-def test_deepsparse_kv_generation_equals_onnxruntime(exported, deepsparse_runtime):
+def test_deepsparse_kv_generation_fails_in_one_line_naming_the_assertion(exported, deepsparse_runtime):
+    """DeepSparse 1.8 aborts compiling the optimum Llama KV-cache graph at its own fixed-capacity cache shapes
+    (measured on this tiny Llama and on SmolLM2-135M, benchmarks/RESULTS.md); the user gets one line."""
     _, export = exported("llama", "text-generation")
     pipeline = build_pipeline(export, "deepsparse")
     try:
-        ids = pipeline.tokenizer.encode("the man plays the guitar")
-        expected = build_pipeline(export, "onnxruntime").generate_ids(ids, 12, stop_on_eos=False)
-        assert pipeline.fixed_capacity and pipeline.generate_ids(ids, 12, stop_on_eos=False) == expected
+        assert pipeline.fixed_capacity
+        with pytest.raises(EdgePruneError, match=r"^the DeepSparse worker died .*Assertion at src/lib/engine/execution/graph\.cpp:925$"):
+            pipeline.generate_ids(pipeline.tokenizer.encode("the man plays the guitar"), 4, stop_on_eos=False)
     finally:
         pipeline.session.close()
