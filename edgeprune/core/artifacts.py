@@ -270,10 +270,6 @@ def onnx_model_path(export_dir: str | os.PathLike, runtime: str = "onnxruntime")
         roles = manifest.get("files_by_role", {})
         if runtime in roles:
             if not roles[runtime]:
-                if runtime == "deepsparse" and manifest.get("with_past"):
-                    raise EdgePruneError(f"{export_dir}: a KV-cache decoder has no DeepSparse file (DeepSparse 1.8 "
-                                         "compiles one engine per shape): run decoders with --runtime onnxruntime, "
-                                         "or re-export with --no-past --target deepsparse")
                 raise EdgePruneError(f"{export_dir}: no ONNX file for {runtime} in this export "
                                      f"(re-export with --target {runtime})")
             return export_dir / roles[runtime]

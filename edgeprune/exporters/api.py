@@ -472,6 +472,19 @@ def _optimize_step(run: _Run) -> None:
     run.gate(run.current, "optimized")
 
 
+def _to_deepsparse_int8(path: Path) -> dict[str, Any]:
+    """Rewrite the static QDQ file at ``path`` into MatMulInteger form in place (exporters/deepsparse_int8.py)."""
+    import onnx
+
+    from edgeprune.exporters.deepsparse_int8 import qdq_to_matmulinteger
+
+    model = onnx.load(str(path))
+    info = qdq_to_matmulinteger(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return info
+
+
 def _quantize_step(run: _Run) -> None:
     config, ctx = run.config, run.ctx
     if config.quantize == "none":
@@ -496,6 +509,8 @@ def _quantize_step(run: _Run) -> None:
                 raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
             batches = _calibration_batches(ctx, config.calib, names, config)
             run.steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
+            if config.target == "deepsparse":  # DeepSparse 1.8 aborts on the QDQ form; give it SparseML's form
+                run.steps["quantize"]["deepsparse_form"] = _to_deepsparse_int8(quantized)
             run.steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
                                                     "samples_used": run.calib_sentences}
     label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"

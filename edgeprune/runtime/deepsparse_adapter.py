@@ -112,6 +112,14 @@ def install(force: bool = False, progress: bool = True) -> dict:
             "seconds": round(time.perf_counter() - started, 1), "already_installed": False}
 
 
+def crash_reason(stderr: str) -> str:
+    """The line of a DeepSparse crash report that says what failed: its ``Assertion at ...`` line when there
+    is one (the report ends with a support e-mail address, which says nothing), else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    assertion = next((ln for ln in lines if ln.startswith("Assertion at ")), None)
+    return f"DeepSparse 1.8 aborted: {assertion}" if assertion else (lines[-1] if lines else "no message")
+
+
 class DeepSparseSession:
     """A model loaded in a DeepSparse worker process; see ``edgeprune.runtime.base.Session``.
 
@@ -141,8 +149,7 @@ class DeepSparseSession:
 
     def _stderr_tail(self) -> str:
         self._stderr.seek(0)
-        lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else "no message"
+        return crash_reason(self._stderr.read().decode(errors="replace"))
 
     def _call(self, request: dict) -> dict:
         if self._proc is None:
@@ -207,7 +214,8 @@ class DeepSparseSession:
 DEEPSPARSE_MAX_IR = 9
 DEEPSPARSE_MAX_OPSET = 17
 # Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
-DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
+# MatMulInteger fed by a static QuantizeLinear (the --target deepsparse int8-static form) compiles.
+DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear",)
 # Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
 # seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
 DEEPSPARSE_WIDTH_MULTIPLE = 4
@@ -275,8 +283,7 @@ def deepsparse_check(path: Path, feeds: dict[str, np.ndarray], timeout: int = 90
         except subprocess.TimeoutExpired:
             raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
         if result.returncode != 0:
-            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
-            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
+            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {crash_reason(result.stderr or 'no error output')[:300]}")
         with np.load(Path(tmp) / "out.npz") as out:
             got = [out[f"arr_{i}"] for i in range(len(out.files))]
     max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)
@@ -325,7 +332,7 @@ def _odd_matmul_widths(model) -> list[int]:
 @register_runtime("deepsparse")
 class DeepSparseRuntime:
     name = "deepsparse"
-    target = ExportTarget("deepsparse", display="DeepSparse 1.8", in_process=False, kv_cache=False,
+    target = ExportTarget("deepsparse", display="DeepSparse 1.8", in_process=False, kv_cache=True,
                           max_opset=DEEPSPARSE_MAX_OPSET, max_ir=DEEPSPARSE_MAX_IR,
                           config_problems=export_config_problems, ready=deepsparse_ready,
                           check=lambda path, feeds: deepsparse_check(path, feeds),

@@ -183,10 +183,9 @@ class GenerationPipeline:
             raise EdgePruneError("the model has no 'logits' output; is it a text-generation export?")
         self.past_inputs = sorted((i for i in session.inputs if _PAST.match(i.name)),
                                   key=lambda i: (int(_PAST.match(i.name).group(1)), i.name))
-        if self.past_inputs and getattr(session, "static_shapes", False):
-            # Every decode step has a new past length, which DeepSparse would compile a new engine for.
-            raise EdgePruneError("KV-cache generation needs dynamic shapes; DeepSparse 1.8 compiles one engine per "
-                                 "shape, so run decoders with --runtime onnxruntime")
+        # Static-shape runtimes (DeepSparse) decode with a fixed-capacity cache (FixedCapacityCache), so only
+        # two shapes occur: the padded prompt and the one-token step.
+        self.fixed_capacity = bool(self.past_inputs) and getattr(session, "static_shapes", False)
         self.present_for = {}
         for info_ in self.past_inputs:
             present = present_name(info_.name)
@@ -249,8 +248,11 @@ class GenerationPipeline:
         past = dict(self.empty_past)
         past_len = 0
         pending = sequence
+        cache = FixedCapacityCache(self, len(prompt_ids), max_new_tokens) if self.fixed_capacity else None
         for _ in range(max_new_tokens):
-            if self.past_inputs:
+            if cache is not None:
+                logits = cache.step(pending)
+            elif self.past_inputs:
                 logits, past = self._step(pending, past, past_len)
                 past_len += len(pending)
             else:  # no cache in this export: recompute the whole sequence each step
@@ -298,6 +300,49 @@ class GenerationPipeline:
                  "position_ids": np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)}
         feeds.update({name: np.repeat(empty, rows, axis=0) for name, empty in self.empty_past.items()})
         return session.run({k: v for k, v in feeds.items() if k in names}, [output])[output]
+
+
+class FixedCapacityCache:
+    """KV-cache decoding with static shapes, in DeepSparse's own layout (deepsparse.transformers
+    ``DecoderKVCache`` / ``NLDecoderEngine``): the cache always holds ``capacity - input length`` slots, real
+    entries right-aligned, and ``attention_mask`` (length ``capacity``) masks the empty ones. The prompt runs
+    once, left-padded to a multiple of 16 tokens; then every step feeds one token with a ``capacity - 1`` slot
+    cache and drops the oldest slot of ``present`` (always an empty one: the capacity covers prompt plus
+    generated tokens, rounded up to a multiple of 64). So a generation needs two engine shapes, not one per
+    step. Padded slots are masked keys; their own outputs are never read."""
+
+    CAPACITY_BUCKET = 64
+
+    def __init__(self, pipeline: GenerationPipeline, prompt_len: int, max_new_tokens: int):
+        self.pipeline = pipeline
+        self.prompt_slots = -(-prompt_len // STATIC_SHAPE_BUCKET) * STATIC_SHAPE_BUCKET
+        needed = max(prompt_len + max_new_tokens, self.prompt_slots + 1)
+        self.capacity = -(-needed // self.CAPACITY_BUCKET) * self.CAPACITY_BUCKET
+        self.cache = {name: np.zeros(empty.shape[:2] + (self.capacity - self.prompt_slots,) + empty.shape[3:],
+                                     empty.dtype) for name, empty in pipeline.empty_past.items()}
+        self.real = 0  # tokens in the cache after the current step
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Logits of the last of ``ids`` (the whole prompt first, then one token per call)."""
+        slots = self.prompt_slots if self.real == 0 else 1
+        count = len(ids)
+        if count > slots or self.real + count >= self.capacity + 1:
+            raise EdgePruneError(f"fixed-capacity KV cache: {count} tokens do not fit ({self.real} of "
+                                 f"{self.capacity} slots used)")
+        input_ids = np.zeros((1, slots), np.int64)
+        input_ids[0, slots - count:] = ids
+        positions = np.zeros((1, slots), np.int64)
+        positions[0, slots - count:] = np.arange(self.real, self.real + count)
+        self.real += count
+        mask = np.zeros((1, self.capacity), np.int64)
+        mask[0, self.capacity - self.real:] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **self.cache}
+        session = self.pipeline.session
+        names = {i.name for i in session.inputs}
+        out = session.run({k: v for k, v in feeds.items() if k in names}, self.pipeline.output_names)
+        keep = self.capacity - 1  # the next call feeds one token
+        self.cache = {name: out[present][:, :, -keep:] for name, present in self.pipeline.present_for.items()}
+        return out["logits"][0, -1]
 
 
 class StatefulGenerationPipeline(GenerationPipeline):

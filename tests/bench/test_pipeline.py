@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from edgeprune.pipeline import PipelineConfig, choose, pareto_front, run_pipeline, sweep_pipeline, SweepConfig
 from edgeprune.bench.report import validate
 from edgeprune.core.errors import EdgePruneError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _sts_file(path, n=24):
@@ -172,6 +175,16 @@ def test_best_by_kind_shows_fp32_int8_and_each_further_runtime():
     assert best["onnxruntime fp32"]["speedup_rounds_median"] == pytest.approx(9.1 / 4.5)
     assert best_by_kind([r for r in rows if r["model"] != "kd-int8"], precisions)["onnxruntime int8"] is None
     assert best_by_kind([], precisions) == {}
+
+
+def test_deepsparse_int8_pipeline_exports_the_distilled_artifact_only():
+    from edgeprune.pipeline import PipelineConfig, variant_configs
+
+    config = PipelineConfig.from_file(REPO / "benchmarks" / "pipelines" / "minilm-deepsparse-int8.yaml")
+    variant = {v.name: v for v in config.variants}["distilled-60-ds-int8"]
+    assert variant.reuse == "distilled-60" and variant.requires_runtime == "deepsparse"
+    _, export_config = variant_configs(config)["distilled-60-ds-int8"]
+    assert (export_config.target, export_config.quantize, export_config.calib) == ("deepsparse", "int8-static", "stsb:train")
 
 
 def test_unreachable_data_fails_before_any_work(tmp_path, monkeypatch, capsys):

@@ -106,15 +106,17 @@ def test_artifact_without_the_head_is_refused(tiny_models, tmp_path, capsys):
 
 
 def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, monkeypatch):
-    """Item 12: a KV decoder cannot target DeepSparse; int8-dynamic is not DeepSparse-capable; a missing
-    DeepSparse is said on stderr, not only in the manifest."""
+    """Item 12: a KV decoder gets a DeepSparse file (fixed-capacity cache decoding); int8-dynamic is not
+    DeepSparse-capable; a missing DeepSparse is said on stderr, not only in the manifest."""
     from onnx import TensorProto, helper
 
     from edgeprune.exporters import api
     from edgeprune.runtime import deepsparse_adapter
 
-    assert main(["export", str(tiny_models("gpt2")), "-o", str(tmp_path / "d"), "--target", "deepsparse"]) == 2
-    assert "--no-past" in capsys.readouterr().err
+    monkeypatch.setattr(deepsparse_adapter, "deepsparse_python", lambda: None)  # compiled in test_runtime.py
+    assert main(["export", str(tiny_models("gpt2")), "-o", str(tmp_path / "d"), "--target", "deepsparse"]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["files_by_role"]["deepsparse"] == "model.onnx"
+    capsys.readouterr()
     with pytest.raises(EdgePruneError, match="int8-static"):
         api.ExportConfig(target="deepsparse", quantize="int8-dynamic")
     graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "g",
@@ -124,7 +126,17 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
     model.ir_version = 8
     assert any("DynamicQuantizeLinear" in p for p in deepsparse_adapter.deepsparse_ready(model))
     _, decoder = exported("llama", "text-generation")
-    assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] is None
-    monkeypatch.setattr(deepsparse_adapter, "deepsparse_python", lambda: None)
+    assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] == "model.onnx"
     assert main(["export", str(tiny_models("bert")), "-o", str(tmp_path / "e"), "--target", "deepsparse"]) == 0
     assert "warning: model.onnx was not compile-checked with DeepSparse" in capsys.readouterr().err
+
+
+def test_deepsparse_crash_reason_names_the_assertion():
+    from edgeprune.runtime.deepsparse_adapter import crash_reason
+
+    report = ("DeepSparse, Copyright ...\nArch: x86_64\n\nAssertion at src/lib/engine/execution/graph.cpp:925\n\n"
+              "Backtrace:\n 0# wand::detail::assert_fail(...)\nPlease email a copy of this stack trace and any "
+              "additional information to: support@neuralmagic.com\n")
+    assert crash_reason(report) == "DeepSparse 1.8 aborted: Assertion at src/lib/engine/execution/graph.cpp:925"
+    assert crash_reason("ValueError: bad input\n") == "ValueError: bad input"
+    assert crash_reason("") == "no message"
