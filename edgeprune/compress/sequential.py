@@ -13,7 +13,8 @@ The model skeleton lives on the meta device; weights are read lazily one tensor 
   model's inputs to the dense block's outputs (what ``--reconstruct`` does in memory), run the cached
   inputs through the pruned block, write its tensors into the output shards, free it.
 
-At most one decoder block is materialised at a time (plus, during calibration, the embedding table).
+At most one decoder block is materialised at a time (plus, during calibration and at the very end, the
+embedding table).
 Criteria that need gradients of the whole model (fisher, taylor, movement) and allocators that need their
 interaction blocks (joint, --rearrange) are refused; sparsity and fine-tuning run in memory on the artifact.
 """
@@ -106,14 +107,45 @@ def should_run_sequential(model, config) -> bool:
     return True
 
 
-def _read_config(source):
+def _read_config(source, gguf_parsed: dict | None = None):
+    """The checkpoint's config. For a GGUF, from ``gguf_parsed`` (``_parse_gguf``) when given: transformers'
+    own AutoConfig / AutoTokenizer each parse the whole GGUF metadata again (minutes and ~150 MB each)."""
     import transformers
 
-    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
     try:
-        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False, **kwargs)
+        if source.kind == "gguf":
+            parsed = gguf_parsed if gguf_parsed is not None else _parse_gguf(source)
+            return transformers.AutoConfig.for_model(**parsed["config"])
+        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise EdgePruneError(f"{source.path}: cannot read model config ({str(exc).splitlines()[0]})") from None
+
+
+def _parse_gguf(source) -> dict:
+    """One parse of a GGUF file's metadata (config, tokenizer) with transformers' own parser."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(source.path, return_tensors=False)
+    except (OSError, ValueError) as exc:
+        raise EdgePruneError(f"{source.path}: cannot read the GGUF metadata ({str(exc).splitlines()[0]})") from None
+
+
+def _load_tokenizer(source, hf_config, gguf_parsed: dict | None):
+    """What ``AutoTokenizer.from_pretrained`` gives (tests compare them), built for a GGUF from the metadata
+    parsed once for the config."""
+    import transformers
+
+    if source.kind != "gguf":
+        return transformers.AutoTokenizer.from_pretrained(source.directory)
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    backend, extra = convert_gguf_tokenizer(gguf_parsed["config"]["model_type"], gguf_parsed["tokenizer"])
+    classes = TOKENIZER_MAPPING[type(hf_config)] if type(hf_config) in TOKENIZER_MAPPING else (None, None)
+    cls = classes[1] or transformers.PreTrainedTokenizerFast
+    return cls(tokenizer_object=backend, name_or_path=str(source.directory),
+               **gguf_parsed["tokenizer_config"], **extra)
 
 
 class ShardWriter:
@@ -205,14 +237,13 @@ def _stream(calls, outputs):
 @torch.no_grad()
 def _capture_inputs(skeleton, adapter, weights, calib, dtype):
     """The first block's inputs for every calibration batch: the embeddings are materialised for this
-    only (and returned for writing), the rest of the skeleton stays on the meta device."""
+    only, the rest of the skeleton stays on the meta device."""
     from edgeprune.compress.reconstruct import capture_layer_inputs
 
     embed = skeleton.get_input_embeddings()
-    table = weights.get("model.embed_tokens.weight", dtype)
-    _set_module_tensor(embed, "weight", table)
+    _set_module_tensor(embed, "weight", weights.get("model.embed_tokens.weight", dtype))
     try:
-        return capture_layer_inputs(skeleton, adapter, calib), table
+        return capture_layer_inputs(skeleton, adapter, calib)
     finally:
         embed.to("meta")
         weights.close()
@@ -316,7 +347,8 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
                              f"or a .gguf file), not a {source.kind} source: {source.path}")
     if Path(source.path).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")
-    hf_config = _read_config(source)
+    gguf_parsed = _parse_gguf(source) if source.kind == "gguf" else None  # the only parse of its metadata
+    hf_config = _read_config(source, gguf_parsed)
     release_memory()  # parsing GGUF metadata leaves ~150 MB of garbage behind
     check_supported(config, hf_config.model_type)
     adapter = get_adapter(hf_config)
@@ -335,8 +367,8 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
         with init_empty_weights():
             skeleton = model_cls.from_config(hf_config, dtype=run_dtype)
     skeleton.eval()
-    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    tokenizer = _load_tokenizer(source, hf_config, gguf_parsed)
+    del gguf_parsed
     prepare_tokenizer(tokenizer)
     release_memory()
     dense_parameters = weights.numel()
@@ -347,7 +379,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     step = time.perf_counter()
     score_inputs = s.importance == "flap"  # magnitude scores need no activations
-    inputs, _ = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else ([], None)
+    inputs = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else []
     heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
     del inputs
     timings["score_pass_s"] = round(time.perf_counter() - step, 3)
@@ -362,14 +394,18 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     with staged_output(out, overwrite) as tmp:
         step = time.perf_counter()
         writer = ShardWriter(tmp, SHARD_BYTES)
-        inputs, table = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else (
-            [], weights.get("model.embed_tokens.weight", run_dtype))
-        writer.add("model.embed_tokens.weight", table)
-        del table
+        inputs = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else []
         report = _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstruct_cfg, progress)
         del inputs
-        for name in weights.names():  # final norm, and the LM head unless tied to the embeddings
-            if not name.startswith(LAYER_PREFIX) and name != "model.embed_tokens.weight":
+        release_memory()
+        # the embedding table (and the rest) last, once no block or activation is resident any more; the
+        # blocks' buffered tensors go to disk first unless they fit in one shard with it (a small model stays
+        # one file; a table over SHARD_BYTES is written as soon as it is added)
+        table = skeleton.get_input_embeddings().weight
+        if writer.pending_bytes + table.numel() * run_dtype.itemsize > SHARD_BYTES:
+            writer.flush()
+        for name in weights.names():  # embeddings, final norm, and the LM head unless tied to the embeddings
+            if not name.startswith(LAYER_PREFIX):
                 if name == "lm_head.weight" and hf_config.tie_word_embeddings:
                     continue
                 writer.add(name, weights.get(name, run_dtype))
