@@ -129,7 +129,9 @@ def _read_config(source, gguf_parsed: dict | None = None):
     try:
         if source.kind == "gguf":
             parsed = gguf_parsed if gguf_parsed is not None else _parse_gguf(source)
-            return transformers.AutoConfig.for_model(**parsed["config"])
+            config = transformers.AutoConfig.for_model(**parsed["config"])
+            config._name_or_path = str(source.directory)  # as AutoConfig.from_pretrained records it
+            return config
         return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise EdgePruneError(f"{source.path}: cannot read model config ({str(exc).splitlines()[0]})") from None
