@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 import torch
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 INDEX_FILE = "model.safetensors.index.json"
 DEQUANTIZE_CHUNK_BYTES = 8 * 2**20  # float32 rows dequantized per step (bounds dequantize's temporaries)
@@ -134,7 +134,7 @@ class GGUFWeights(LazyWeights):
     def __init__(self, path: str | Path, skeleton) -> None:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-        from edgeprune.exporters.gguf_export import read_gguf_metadata
+        from edgeprune.core.ggufio import read_gguf_metadata
 
         super().__init__()
         self.path = Path(path)
@@ -235,7 +235,7 @@ def release_memory() -> None:
 
 
 def open_weights(source, skeleton) -> LazyWeights:
-    """Lazy weights of a resolved model source (``edgeprune.models.ModelSource``) for a meta ``skeleton``."""
+    """Lazy weights of a resolved model source (``edgeprune.core.loading.ModelSource``) for a meta ``skeleton``."""
     if source.kind == "gguf":
         return GGUFWeights(source.path, skeleton)
     return SafetensorsWeights(source.path, prefix=skeleton.base_model_prefix + ".")
@@ -247,7 +247,7 @@ def checkpoint_numel(source) -> int | None:
         if source.kind == "gguf":
             import math
 
-            from edgeprune.exporters.gguf_export import read_gguf_metadata
+            from edgeprune.core.ggufio import read_gguf_metadata
 
             return sum(math.prod(dims) for _, dims, _ in read_gguf_metadata(source.path, tensors=True)[1])
         if source.kind == "local":

@@ -12,7 +12,7 @@ import pytest
 
 from edgeprune.bench import executors
 from edgeprune.bench.executors import ExecutorConfig, _receive, _remote_build, check_address
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def _sweep_recipe(tmp_path, model):
@@ -129,7 +129,7 @@ def test_local_executor_runs_in_order_with_dependencies(tmp_path):
 def test_ray_sweep_equals_serial_sweep(tiny_models, tmp_path):
     """Same variants, qualities and choice whether built here one by one or as tasks of a local Ray."""
     pytest.importorskip("ray", reason="pip install 'edgeprune[ray]'")
-    from edgeprune.bench.pipeline import SweepConfig, run_sweep
+    from edgeprune.pipeline import SweepConfig, run_sweep
 
     config = SweepConfig.from_file(_sweep_recipe(tmp_path, tiny_models("bert")))
     # a latency bound every variant meets: the choice is the best quality, which timing noise cannot flip

@@ -15,7 +15,7 @@ import torch
 
 from edgeprune.compress.api import CalibrationConfig, CompressConfig, ReconstructConfig, compress
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from tests.tiny import make_tiny, sample_texts
 
 
@@ -221,7 +221,7 @@ def test_gguf_reader_on_smollm2_equals_transformers():
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from edgeprune.compress.lazy_weights import GGUFWeights
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     path = smollm2_path()
     if not path.is_file():
@@ -241,7 +241,7 @@ def test_smollm2_tokenizer_from_one_parse_equals_autotokenizer():
     import transformers
 
     from edgeprune.compress import sequential
-    from edgeprune.models import resolve, smollm2_path
+    from edgeprune.core.loading import resolve, smollm2_path
 
     path = smollm2_path()
     if not path.is_file():
@@ -274,7 +274,7 @@ def test_gguf_metadata_parsed_once_equals_transformers(tiny_models, tmp_path, mo
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     from edgeprune.compress import sequential
-    from edgeprune.models import resolve
+    from edgeprune.core.loading import resolve
 
     models, calib = tiny_models
     path = tmp_path / "tiny.gguf"
