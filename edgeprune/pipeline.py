@@ -208,52 +208,72 @@ def _describe(best: dict) -> str:
 
 def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None] = print,
                    recipe_dir: Path | None = None, configs: dict[str, tuple[Any, Any]] | None = None,
-                   ) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+                   executor=None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Compress and export every variant under ``work``. Returns [(name, export dir)] and timings/notes.
-    ``configs``: the variants' configs from ``variant_configs`` when the caller already built them."""
-    from edgeprune.compress.api import compress
-    from edgeprune.exporters.api import export
+    ``configs``: the variants' configs from ``variant_configs`` when the caller already built them;
+    ``executor``: an ``executors.ExecutorConfig`` (default: here, one after the other)."""
+    from edgeprune.bench.executors import ExecutorConfig, run_builds
 
     configs = configs if configs is not None else variant_configs(config, recipe_dir)
-    built: list[tuple[str, Path]] = []
-    compressed: dict[str, str] = {}
     notes: dict[str, Any] = {}
+    names: list[str] = []
     for variant in config.variants:
         if variant.requires_runtime and not _runtime_available(variant.requires_runtime):
             notes[variant.name] = {"skipped": f"needs runtime {variant.requires_runtime}, which is not available"}
             log(f"skipping {variant.name}: runtime {variant.requires_runtime} not available")
-            continue
+        else:
+            names.append(variant.name)
+    variants = {v.name: v for v in config.variants}
+    depends = {name: (variants[name].reuse if variants[name].reuse in names else None) for name in names}
+    build = _VariantBuild(config.model, {name: (variants[name], *configs[name]) for name in names}, log)
+    results = run_builds(names, depends, build, work, executor or ExecutorConfig(), log)
+    built = [(name, Path(results[name].pop("export"))) for name in names]
+    notes.update(results)
+    return built, {name: notes[name] for name in variants if name in notes}
+
+
+class _VariantBuild:
+    """compress -> export of one variant (a picklable callable, so a Ray task can run it on any host)."""
+
+    def __init__(self, model: str, specs: dict[str, tuple[Any, Any, Any]], log: Callable[[str], None]) -> None:
+        self.model, self.specs, self.log = model, specs, log
+
+    def __call__(self, name: str, work: Path, reused: dict | None) -> dict:
+        from edgeprune.compress.api import compress
+        from edgeprune.exporters.api import export
+
+        variant, cfg, export_cfg = self.specs[name]
         started = time.perf_counter()
-        source = config.model
-        cfg, export_cfg = configs[variant.name]
+        source = self.model
         if variant.reuse:
             # Quantizing (or re-targeting) an earlier variant starts from its validated fp32 export, which
             # skips a second PyTorch -> ONNX export; the exporter checks the result against that file. Fusion
             # starts from the model: that export's shape folding hides the attention pattern from the fuser.
-            reused = None if export_cfg.optimize else dict(built).get(variant.reuse)
-            source = str(reused) if reused is not None else compressed.get(variant.reuse, config.model)
+            if reused is None:
+                source = self.model
+            else:
+                source = reused["source"] if export_cfg.optimize else reused["export"]
         elif cfg is not None:
-            out = work / "compressed" / variant.name
-            log(f"[{variant.name}] compress {config.model}")
-            compress(config.model, out, cfg)
+            out = Path(work) / "compressed" / name
+            self.log(f"[{name}] compress {self.model}")
+            compress(self.model, out, cfg)
             source = str(out)
-        compressed[variant.name] = source
         compress_s = time.perf_counter() - started
-        export_dir = work / "exports" / variant.name
-        log(f"[{variant.name}] export {source} ({dict(variant.export) or 'fp32'})")
+        export_dir = Path(work) / "exports" / name
+        self.log(f"[{name}] export {source} ({dict(variant.export) or 'fp32'})")
         step = time.perf_counter()
         export(source, export_dir, export_cfg)
-        notes[variant.name] = {"compress_s": round(compress_s, 1), "export_s": round(time.perf_counter() - step, 1),
-                               "source": source}
-        built.append((variant.name, export_dir))
-    return built, notes
+        return {"compress_s": round(compress_s, 1), "export_s": round(time.perf_counter() - step, 1),
+                "source": source, "export": str(export_dir)}
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = False, threads: int | None = None,
                  log: Callable[[str], None] = print, recipe_dir: Path | None = None,
-                 finish: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
+                 finish: Callable[[Path, dict], None] | None = None, executor=None) -> dict[str, Any]:
     """compress -> export -> bench; everything lands in ``out`` (atomically), the table is printed.
-    ``finish(staging_dir, summary)`` adds files (e.g. the sweep's choice) before the output is renamed."""
+    ``finish(staging_dir, summary)`` adds files (e.g. the sweep's choice) before the output is renamed.
+    ``executor`` (``executors.ExecutorConfig``): where the variants are built; they are timed here."""
+    from edgeprune.bench.executors import ExecutorConfig, executor_summary, preflight
     from edgeprune.core.artifacts import check_output_dir, staged_output, write_manifest
     from edgeprune.bench.api import bench
     from edgeprune.bench.report import markdown
@@ -267,9 +287,11 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
     bench_cfg = config.bench.replace(task=config.task, data=data, eval_limit=config.eval_limit, runtimes=runtimes,
                                      **({"threads": threads} if threads is not None else {}))
     configs = variant_configs(config, recipe_dir)  # every variant valid before the first is built
+    executor = executor or ExecutorConfig()
+    preflight(executor)  # Ray missing or its cluster unreachable: one line now, before any output exists
     started = time.perf_counter()
     with staged_output(out, overwrite) as tmp:
-        built, notes = build_variants(config, tmp, log, recipe_dir, configs)
+        built, notes = build_variants(config, tmp, log, recipe_dir, configs, executor)
         if len(built) < 2:
             raise EdgePruneError("the pipeline needs the dense variant and at least one candidate to compare")
         report = bench(str(built[0][1]), [str(p) for _, p in built[1:]], tmp / "report", bench_cfg,
@@ -277,7 +299,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
         summary = {"output": str(out), "report": str(Path(out) / "report" / "report.json"), "variants": notes,
                    "seconds": round(time.perf_counter() - started, 1), "comparisons": report["comparisons"],
                    "best_tradeoff": best_tradeoff(report["comparisons"]),
-                   "best_by_kind": best_by_kind(report["comparisons"], variant_precisions(config))}
+                   "best_by_kind": best_by_kind(report["comparisons"], variant_precisions(config)),
+                   "executor": executor_summary(executor, {k: v for k, v in notes.items() if "host" in v})}
         (tmp / "pipeline.yaml").write_text(config.to_yaml())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
         if finish is not None:
@@ -293,6 +316,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
               + _describe(best))
     elif config.task:
         print(f"best trade-off: no variant reaches {BEST_TRADEOFF_MIN_QUALITY:.0%} of dense quality")
+    hosts = summary["executor"]
+    if executor.kind != "local":
+        built_on = ", ".join(f"{name} on {host}" for name, host in hosts["built_on"].items())
+        print(f"built by {executor.kind}: {built_on}; all timed on {hosts['timed_on']} ({hosts['timing']})")
     print(f"pipeline finished in {summary['seconds']:.0f}s; report: {summary['report']}")
     return summary
 
@@ -379,7 +406,7 @@ def choose(points: list[dict], min_quality: float | None, max_latency_ms: float 
 
 def run_sweep(config: SweepConfig, out: str | Path, min_quality: float | None = None,
               max_latency_ms: float | None = None, overwrite: bool = False, threads: int | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, executor=None) -> dict[str, Any]:
     if min_quality is not None and not 0 < min_quality <= 1.5:
         raise EdgePruneError("--min-quality is a fraction of dense quality, e.g. 0.98")
     if max_latency_ms is not None and not max_latency_ms > 0:
@@ -413,7 +440,9 @@ def run_sweep(config: SweepConfig, out: str | Path, min_quality: float | None = 
                 result["chosen"] = dict(chosen, path=str(Path(out) / "chosen"))
         (tmp / "sweep.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
 
-    run_pipeline(pipeline, out, overwrite=overwrite, threads=threads, log=log, finish=finish)
+    summary = run_pipeline(pipeline, out, overwrite=overwrite, threads=threads, log=log, finish=finish,
+                           executor=executor)
+    result["executor"] = summary["executor"]
     chosen = result.get("chosen")
     if "budget" in result and chosen is None:
         print("no variant meets the budget")

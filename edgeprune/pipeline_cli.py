@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from edgeprune.bench.executors import add_arguments as add_executor_arguments
+from edgeprune.bench.executors import from_arguments as executor_from_arguments
+
 
 def register(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -15,6 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="override the recipe's benchmark threads")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_executor_arguments(p)
     p.set_defaults(func=run_pipeline)
 
     p = subparsers.add_parser("sweep", formatter_class=fmt,
@@ -26,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_executor_arguments(p)
     p.set_defaults(func=run_sweep)
 
 
@@ -35,9 +40,10 @@ def run_pipeline(args) -> int:
 
     from pathlib import Path
 
+    executor = executor_from_arguments(args)
     config = PipelineConfig.from_file(args.recipe) if args.recipe else default_recipe()
     result = run(config, args.output, overwrite=args.overwrite, threads=args.threads,
-                 recipe_dir=Path(args.recipe).resolve().parent if args.recipe else None)
+                 recipe_dir=Path(args.recipe).resolve().parent if args.recipe else None, executor=executor)
     if args.json:
         print_json_last(result)
     return 0
@@ -47,9 +53,10 @@ def run_sweep(args) -> int:
     from edgeprune.pipeline import SweepConfig, default_sweep, run_sweep as run
     from edgeprune.core.console import print_json_last
 
+    executor = executor_from_arguments(args)
     config = SweepConfig.from_file(args.recipe) if args.recipe else default_sweep()
     result = run(config, args.output, min_quality=args.min_quality, max_latency_ms=args.max_latency_ms,
-                 overwrite=args.overwrite, threads=args.threads)
+                 overwrite=args.overwrite, threads=args.threads, executor=executor)
     if args.json:
         print_json_last(result)
     if "budget" in result and result["chosen"] is None:  # a budget nothing met is not a success

@@ -140,6 +140,68 @@ def plot(path: Path, points: list[dict], dense: dict) -> None:
     os.replace(tmp, path)
 
 
+class StudyPoint:
+    """One point of the study (build, then evaluate its quality) for ``--executor ray``: a picklable callable
+    that a Ray task runs on any host (``edgeprune.bench.executors.run_builds``). No latency is measured, so
+    evaluating inside the task adds no timing noise."""
+
+    def __init__(self, args, specs: dict[str, tuple[str, float, int]]) -> None:
+        self.args, self.specs = args, specs  # name -> (method, fraction, distillation steps)
+
+    def __call__(self, name: str, work: Path, reused: dict | None) -> dict:
+        import torch
+
+        method, fraction, distill_steps = self.specs[name]
+        torch.manual_seed(self.args.seed)
+        torch.set_num_threads(self.args.threads)
+        started = time.perf_counter()
+        model, target = self.args.model, Path(work) / "compressed" / name
+        if method == "unstructured":  # iterative: starts from the previous level's model
+            unstructured_point(reused["model"] if reused else self.args.model, target, fraction, self.args)
+            if reused and not self.args.keep_models:
+                shutil.rmtree(reused["model"], ignore_errors=True)
+            model = str(target)
+        elif method != "dense":
+            structured_point(target, fraction, self.args, distill_steps)
+            model = str(target)
+        build_s = time.perf_counter() - started
+        step = time.perf_counter()
+        scores = evaluate_point(model, self.args, self.args.data)
+        finetune = {"dense": "-", "unstructured": f"{self.args.finetune_steps} steps LM",
+                    "structured": "none (post-training)",
+                    "structured+distill": f"{distill_steps} steps distillation"}[method]
+        return {"method": method, "fraction": fraction, "finetune": finetune, "scores": scores,
+                "build_s": round(build_s, 1), "eval_s": round(time.perf_counter() - step, 1),
+                "load_average": list(os.getloadavg()), "model": model}
+
+
+def study_with_executor(args, levels: list[float], methods: list[str], out: Path, executor) -> list[dict]:
+    """Every point as a task of ``executor`` (the unstructured levels in a chain, the rest independent)."""
+    from edgeprune.bench.executors import run_builds
+
+    specs: dict[str, tuple[str, float, int]] = {"dense": ("dense", 0.0, 0)}
+    depends: dict[str, str | None] = {"dense": None}
+    previous = None
+    for level in levels if "unstructured" in methods else []:
+        name = f"unstructured-{round(level * 100)}"
+        specs[name], depends[name], previous = ("unstructured", level, 0), previous, name
+    for level in levels if "structured" in methods else []:
+        specs[f"structured-{round(level * 100)}"] = ("structured", level, 0)
+    if "structured" in methods and args.distill_steps:
+        specs[f"structured-{round(args.distill_level * 100)}-distilled"] = ("structured+distill", args.distill_level,
+                                                                           args.distill_steps)
+    results = run_builds(list(specs), depends, StudyPoint(args, specs), out / "models", executor)
+    points = []
+    for name, result in results.items():
+        point = {k: v for k, v in result.items() if k not in ("model", "task_s")}
+        points.append(point)
+        with open(out / "points.jsonl", "a") as f:
+            f.write(json.dumps(point) + "\n")
+        if name != "dense" and not args.keep_models:
+            shutil.rmtree(result["model"], ignore_errors=True)
+    return points
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output")
@@ -164,7 +226,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-models", action="store_true", help="keep every pruned checkpoint (0.5 GB each)")
+    from edgeprune.bench.executors import add_arguments, from_arguments, preflight
+
+    add_arguments(parser)  # --executor ray [--address ADDR]: every point (build + quality) a Ray task
     args = parser.parse_args(argv)
+    try:
+        executor = from_arguments(args)
+        preflight(executor)
+    except Exception as exc:  # EdgePruneError: Ray missing or its cluster unreachable
+        parser.exit(2, f"edgeprune: error: {exc}\n")
 
     import torch
 
@@ -210,7 +280,12 @@ def main(argv=None) -> int:
             flush=True)
 
     (out / "points.jsonl").unlink(missing_ok=True)
-    record("dense", 0.0, args.model, "-", 0.0)
+    if executor.kind != "local":
+        points = study_with_executor(args, levels, methods, out, executor)
+        methods = []  # built and evaluated by the executor's tasks
+        machine["built_on"] = {p["method"] + f"-{p['fraction']:.0%}": p.get("host") for p in points}
+    else:
+        record("dense", 0.0, args.model, "-", 0.0)
     if "unstructured" in methods:
         source = args.model
         for level in levels:

@@ -406,6 +406,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
         "usable_cpus": affinity,
         "threads": config.threads,
         "platform": platform.platform(),
+        "host": platform.node(),  # the host that timed every model (pipelines may build them elsewhere)
         "machine": platform.machine(),
         "python": platform.python_version(),
         "libraries": library_versions(),

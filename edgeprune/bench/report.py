@@ -119,7 +119,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# edgeprune benchmark",
         "",
-        f"{report['created']} · {env['cpu_model']} · {env['logical_cpus']} logical CPUs · threads "
+        f"{report['created']} · {'timed on ' + env['host'] + ' · ' if env.get('host') else ''}"
+        f"{env['cpu_model']} · {env['logical_cpus']} logical CPUs · threads "
         f"{env['threads'] or 'runtime default'} · flags {' '.join(env['cpu_flags']) or 'n/a'}",
         f"Interleaved: {cfg['rounds']} rounds per shape, models rotated each round, {cfg['warmup']} warm-up calls; "
         f"energy: **{energy['method']}** ({energy.get('model') or energy.get('source')}).",

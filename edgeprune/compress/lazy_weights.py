@@ -18,6 +18,7 @@ import torch
 from edgeprune.core.errors import EdgePruneError
 
 INDEX_FILE = "model.safetensors.index.json"
+DEQUANTIZE_CHUNK_BYTES = 8 * 2**20  # float32 rows dequantized per step (bounds dequantize's temporaries)
 
 
 class LazyWeights:
@@ -131,28 +132,26 @@ class GGUFWeights(LazyWeights):
     float32) when it is asked for."""
 
     def __init__(self, path: str | Path, skeleton) -> None:
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                              get_gguf_hf_weights_map, read_field)
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        from edgeprune.core.ggufio import read_gguf_metadata
 
         super().__init__()
         self.path = Path(path)
-        reader = GGUFReader(str(self.path))
-        architecture = read_field(reader, "general.architecture")[0]
+        # the direct header parse (seconds, a few MB), not gguf.GGUFReader (minutes and ~150 MB of numpy views
+        # for a 49k-token vocabulary); the config and tokenizer were parsed once already
+        fields, infos = read_gguf_metadata(self.path, tensors=True, offsets=True)
+        architecture = fields["general.architecture"][0]
         config = skeleton.config
         # transformers hands its processor the head counts it parsed from the metadata (None when absent,
         # which skips the Q/K permutation); the skeleton's config was parsed from the same fields
-        has_kv = f"{architecture}.attention.head_count_kv" in reader.fields
+        has_kv = f"{architecture}.attention.head_count_kv" in fields
         processor_config = {"num_attention_heads": config.num_attention_heads,
                             "num_key_value_heads": config.num_key_value_heads if has_kv else None}
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
         name_map = get_gguf_hf_weights_map(skeleton)
-        self._tensors = {name_map[t.name]: _TensorInfo(t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes),
-                                                       t.data.dtype, tuple(t.data.shape), int(t.n_elements))
-                         for t in reader.tensors if t.name in name_map}
-        # the reader's parsed metadata (tokenizer arrays: ~100k objects) is garbage from here on
-        del reader
-        release_memory()
+        self._tensors = {name_map[name]: _tensor_info(name, dims, kind, offset)
+                         for name, dims, kind, offset in infos if name in name_map}
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -163,13 +162,24 @@ class GGUFWeights(LazyWeights):
 
         info = self._tensors[name]
         # a plain file read, not the reader's memory map: mapped pages once touched stay resident (and
-        # count in RSS) until the whole file is unmapped
+        # count in RSS) until the whole file is unmapped. Matrices are dequantized a few MB of rows at a
+        # time into their float32 result: dequantize's temporaries for a whole 49k-row embedding table
+        # would be twice the table
         with open(self.path, "rb") as handle:
             handle.seek(info.offset)
-            raw = np.frombuffer(handle.read(info.n_bytes), dtype=info.dtype).reshape(info.shape)
-        weights = dequantize(raw, info.kind)
+            if len(info.shape) != 2:
+                raw = np.frombuffer(handle.read(info.n_bytes), dtype=info.dtype).reshape(info.shape)
+                weights = np.array(dequantize(raw, info.kind), dtype=np.float32)
+            else:
+                weights = np.empty(info.logical_shape, dtype=np.float32)
+                rows, row_bytes = info.shape[0], info.shape[1] * info.dtype.itemsize
+                step = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * info.logical_shape[1]))
+                for start in range(0, rows, step):
+                    count = min(step, rows - start)
+                    raw = np.frombuffer(handle.read(count * row_bytes), dtype=info.dtype).reshape(count, -1)
+                    weights[start:start + count] = dequantize(raw, info.kind)
         weights = self._processor.process(weights=weights, name=info.gguf_name).weights
-        return torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
+        return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
 
     def stored_dtype(self) -> torch.dtype:
         return torch.float32  # quantized blocks dequantize to float32
@@ -178,14 +188,38 @@ class GGUFWeights(LazyWeights):
         return sum(t.n_elements for t in self._tensors.values())
 
 
+# numpy item types of unquantized ggml tensors; quantized ones are read as rows of bytes
+_PLAIN_TYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32",
+                "I64": "int64"}
+
+
+def _tensor_info(name: str, dims: tuple[int, ...], kind: int, offset: int) -> "_TensorInfo":
+    """What gguf.GGUFReader would give for this tensor: its bytes' size, numpy dtype and shape."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
+
+    kind = GGMLQuantizationType(kind)
+    n_elements = int(np.prod(dims)) if dims else 1
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    shape = tuple(int(d) for d in reversed(dims))  # of the stored items (bytes for quantized types)
+    if kind.name in _PLAIN_TYPES:
+        dtype = np.dtype(_PLAIN_TYPES[kind.name])
+    else:
+        dtype, shape = np.dtype(np.uint8), tuple(quant_shape_to_byte_shape(shape, kind))
+    logical = tuple(int(d) for d in reversed(dims))
+    return _TensorInfo(name, kind, int(offset), n_elements * type_size // block_size, dtype, shape, n_elements,
+                       logical)
+
+
 class _TensorInfo(NamedTuple):
     gguf_name: str
     kind: object  # gguf.GGMLQuantizationType
     offset: int
     n_bytes: int
     dtype: object  # numpy dtype of the stored blocks
-    shape: tuple
+    shape: tuple  # numpy shape of the stored items
     n_elements: int
+    logical_shape: tuple  # numpy shape of the dequantized tensor
 
 
 def release_memory() -> None:
@@ -211,11 +245,11 @@ def checkpoint_numel(source) -> int | None:
     """Parameter count from the checkpoint's headers only (no tensor data read); None when unknown."""
     try:
         if source.kind == "gguf":
-            from gguf import GGUFReader
+            import math
 
-            total = sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
-            release_memory()
-            return total
+            from edgeprune.core.ggufio import read_gguf_metadata
+
+            return sum(math.prod(dims) for _, dims, _ in read_gguf_metadata(source.path, tensors=True)[1])
         if source.kind == "local":
             return SafetensorsWeights(source.path).numel()
     except (EdgePruneError, OSError, ValueError):

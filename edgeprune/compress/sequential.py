@@ -13,7 +13,8 @@ The model skeleton lives on the meta device; weights are read lazily one tensor 
   model's inputs to the dense block's outputs (what ``--reconstruct`` does in memory), run the cached
   inputs through the pruned block, write its tensors into the output shards, free it.
 
-At most one decoder block is materialised at a time (plus, during calibration, the embedding table).
+At most one decoder block is materialised at a time (plus, during calibration and at the very end, the
+embedding table).
 Criteria that need gradients of the whole model (fisher, taylor, movement) and allocators that need their
 interaction blocks (joint, --rearrange) are refused; sparsity and fine-tuning run in memory on the artifact.
 """
@@ -65,16 +66,30 @@ def check_supported(config, model_type: str | None = None) -> None:
                              "artifact afterwards (edgeprune compress OUT ...) or drop --sequential")
 
 
-def compute_dtype(requested: str | None, stored: torch.dtype) -> torch.dtype:
+def native_bf16() -> bool:
+    """True where this CPU has bf16 matrix instructions. Without them torch emulates bf16 matmuls: measured
+    0.3 vs 3.7 GFLOP/s for float32 on this project's 2-core AMD EPYC (AVX2 only), a 12x slowdown."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def compute_dtype(requested: str | None, stored: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype): the output keeps ``--dtype`` (default: the checkpoint's bf16 or fp32);
+    bf16 is also computed in bf16 only where the CPU has native bf16 matmuls, else in float32 (a block at a
+    time, so the float32 copy is one block's worth)."""
     if requested is not None and requested not in DTYPES:
         raise EdgePruneError(f"--dtype must be one of {', '.join(DTYPES)} (got {requested!r})")
-    dtype = DTYPES[requested] if requested else (stored if stored in (torch.bfloat16, torch.float32) else torch.float32)
-    if dtype == torch.bfloat16:
-        try:  # bf16 matmuls where this CPU build has them; float32 otherwise
-            torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
-        except RuntimeError:
-            return torch.float32
-    return dtype
+    output = DTYPES[requested] if requested else (stored if stored in (torch.bfloat16, torch.float32) else torch.float32)
+    if output == torch.bfloat16 and not native_bf16():
+        return torch.float32, output
+    return output, output
 
 
 def should_run_sequential(model, config) -> bool:
@@ -106,22 +121,55 @@ def should_run_sequential(model, config) -> bool:
     return True
 
 
-def _read_config(source):
+def _read_config(source, gguf_parsed: dict | None = None):
+    """The checkpoint's config. For a GGUF, from ``gguf_parsed`` (``_parse_gguf``) when given: transformers'
+    own AutoConfig / AutoTokenizer each parse the whole GGUF metadata again (minutes and ~150 MB each)."""
     import transformers
 
-    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
     try:
-        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False, **kwargs)
+        if source.kind == "gguf":
+            parsed = gguf_parsed if gguf_parsed is not None else _parse_gguf(source)
+            config = transformers.AutoConfig.for_model(**parsed["config"])
+            config._name_or_path = str(source.directory)  # as AutoConfig.from_pretrained records it
+            return config
+        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise EdgePruneError(f"{source.path}: cannot read model config ({str(exc).splitlines()[0]})") from None
+
+
+def _parse_gguf(source) -> dict:
+    """One parse of a GGUF file's metadata (config, tokenizer) with transformers' own parser."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(source.path, return_tensors=False)
+    except (OSError, ValueError) as exc:
+        raise EdgePruneError(f"{source.path}: cannot read the GGUF metadata ({str(exc).splitlines()[0]})") from None
+
+
+def _load_tokenizer(source, hf_config, gguf_parsed: dict | None):
+    """What ``AutoTokenizer.from_pretrained`` gives (tests compare them), built for a GGUF from the metadata
+    parsed once for the config."""
+    import transformers
+
+    if source.kind != "gguf":
+        return transformers.AutoTokenizer.from_pretrained(source.directory)
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    backend, extra = convert_gguf_tokenizer(gguf_parsed["config"]["model_type"], gguf_parsed["tokenizer"])
+    classes = TOKENIZER_MAPPING[type(hf_config)] if type(hf_config) in TOKENIZER_MAPPING else (None, None)
+    cls = classes[1] or transformers.PreTrainedTokenizerFast
+    return cls(tokenizer_object=backend, name_or_path=str(source.directory),
+               **gguf_parsed["tokenizer_config"], **extra)
 
 
 class ShardWriter:
     """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of about ``shard_bytes`` each, plus
     the index. A failed write (disk full) raises one EdgePruneError line; the caller's staging dir goes."""
 
-    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
-        self.directory, self.shard_bytes = Path(directory), shard_bytes
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
+        self.directory, self.shard_bytes, self.dtype = Path(directory), shard_bytes, dtype  # dtype: of floats written
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.parts: list[tuple[Path, list[str]]] = []
@@ -129,7 +177,10 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach()
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        tensor = tensor.contiguous()
         self.pending[name] = tensor
         self.pending_bytes += tensor.numel() * tensor.element_size()
         self.numel += tensor.numel()
@@ -205,14 +256,13 @@ def _stream(calls, outputs):
 @torch.no_grad()
 def _capture_inputs(skeleton, adapter, weights, calib, dtype):
     """The first block's inputs for every calibration batch: the embeddings are materialised for this
-    only (and returned for writing), the rest of the skeleton stays on the meta device."""
+    only, the rest of the skeleton stays on the meta device."""
     from edgeprune.compress.reconstruct import capture_layer_inputs
 
     embed = skeleton.get_input_embeddings()
-    table = weights.get("model.embed_tokens.weight", dtype)
-    _set_module_tensor(embed, "weight", table)
+    _set_module_tensor(embed, "weight", weights.get("model.embed_tokens.weight", dtype))
     try:
-        return capture_layer_inputs(skeleton, adapter, calib), table
+        return capture_layer_inputs(skeleton, adapter, calib)
     finally:
         embed.to("meta")
         weights.close()
@@ -316,7 +366,8 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
                              f"or a .gguf file), not a {source.kind} source: {source.path}")
     if Path(source.path).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the model directory")
-    hf_config = _read_config(source)
+    gguf_parsed = _parse_gguf(source) if source.kind == "gguf" else None  # the only parse of its metadata
+    hf_config = _read_config(source, gguf_parsed)
     release_memory()  # parsing GGUF metadata leaves ~150 MB of garbage behind
     check_supported(config, hf_config.model_type)
     adapter = get_adapter(hf_config)
@@ -330,13 +381,13 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     with init_empty_weights():  # parameters on the meta device; the rotary buffers stay real (float32)
         skeleton = model_cls.from_config(hf_config)
     weights = open_weights(source, skeleton)
-    run_dtype = compute_dtype(dtype, weights.stored_dtype())
+    run_dtype, out_dtype = compute_dtype(dtype, weights.stored_dtype())
     if run_dtype != torch.float32:
         with init_empty_weights():
             skeleton = model_cls.from_config(hf_config, dtype=run_dtype)
     skeleton.eval()
-    kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    tokenizer = _load_tokenizer(source, hf_config, gguf_parsed)
+    del gguf_parsed
     prepare_tokenizer(tokenizer)
     release_memory()
     dense_parameters = weights.numel()
@@ -347,7 +398,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     step = time.perf_counter()
     score_inputs = s.importance == "flap"  # magnitude scores need no activations
-    inputs, _ = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else ([], None)
+    inputs = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else []
     heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
     del inputs
     timings["score_pass_s"] = round(time.perf_counter() - step, 3)
@@ -361,23 +412,27 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
         raise EdgePruneError("--reconstruct needs calibration data: pass --calib PATH")
     with staged_output(out, overwrite) as tmp:
         step = time.perf_counter()
-        writer = ShardWriter(tmp, SHARD_BYTES)
-        inputs, table = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else (
-            [], weights.get("model.embed_tokens.weight", run_dtype))
-        writer.add("model.embed_tokens.weight", table)
-        del table
+        writer = ShardWriter(tmp, SHARD_BYTES, out_dtype)
+        inputs = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if reconstruct_cfg else []
         report = _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstruct_cfg, progress)
         del inputs
-        for name in weights.names():  # final norm, and the LM head unless tied to the embeddings
-            if not name.startswith(LAYER_PREFIX) and name != "model.embed_tokens.weight":
+        release_memory()
+        # the embedding table (and the rest) last, once no block or activation is resident any more; the
+        # blocks' buffered tensors go to disk first unless they fit in one shard with it (a small model stays
+        # one file; a table over SHARD_BYTES is written as soon as it is added)
+        table = skeleton.get_input_embeddings().weight
+        if writer.pending_bytes + table.numel() * out_dtype.itemsize > SHARD_BYTES:
+            writer.flush()
+        for name in weights.names():  # embeddings, final norm, and the LM head unless tied to the embeddings
+            if not name.startswith(LAYER_PREFIX):
                 if name == "lm_head.weight" and hf_config.tie_word_embeddings:
                     continue
-                writer.add(name, weights.get(name, run_dtype))
+                writer.add(name, weights.get(name, out_dtype))
         writer.finish()
         timings["write_pass_s"] = round(time.perf_counter() - step, 3)
         timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)
         record_shapes(skeleton, plan.shapes)
-        skeleton.config.dtype = run_dtype
+        skeleton.config.dtype = out_dtype
         skeleton.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -389,7 +444,8 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
         write_manifest(tmp, "compress", recipe, {"model": source.to_dict()}, task=task,
                        auto_class=TASK_CLASSES[task], model_type=hf_config.model_type, parameters=writer.numel,
                        layer_shapes=[sh.to_dict() for sh in plan.shapes], dense_parameters=dense_parameters,
-                       timings=timings, sequential={"dtype": str(run_dtype).replace("torch.", ""),
+                       timings=timings, sequential={"dtype": str(out_dtype).replace("torch.", ""),
+                                                    "compute_dtype": str(run_dtype).replace("torch.", ""),
                                                     "max_resident_blocks": loader.max_resident,
                                                     "calibration_batches": len(calib)}, **extra)
     return out

@@ -170,9 +170,10 @@ def source_gguf(loaded) -> Path | None:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def read_gguf_metadata(path: Path, tensors: bool = False):
+def read_gguf_metadata(path: Path, tensors: bool = False, offsets: bool = False):
     """Every key of a GGUF file's header as {key: (value, value type, array element type)}; with
-    ``tensors``, also [(name, shape in ggml order, ggml type id)] of its tensor infos.
+    ``tensors``, also [(name, shape in ggml order, ggml type id)] of its tensor infos (with ``offsets``,
+    each also with its data's absolute byte offset in the file).
 
     A direct parse of the (little-endian, v2/v3) key-value section: gguf.GGUFReader maps every string of a
     50k-token vocabulary to its own numpy array, which takes minutes on a busy 2-core machine."""
@@ -216,8 +217,12 @@ def read_gguf_metadata(path: Path, tensors: bool = False):
             name = string(handle)
             (dims,) = struct.unpack("<I", handle.read(4))
             shape = struct.unpack(f"<{dims}Q", handle.read(8 * dims))
-            ggml_type, _offset = struct.unpack("<IQ", handle.read(12))
-            infos.append((name, tuple(shape), ggml_type))
+            ggml_type, offset = struct.unpack("<IQ", handle.read(12))
+            infos.append((name, tuple(shape), ggml_type, offset) if offsets else (name, tuple(shape), ggml_type))
+        if offsets:  # tensor offsets count from the aligned end of the header
+            alignment = int(fields.get("general.alignment", (32,))[0])
+            start = -(-handle.tell() // alignment) * alignment
+            infos = [(name, shape, ggml_type, start + offset) for name, shape, ggml_type, offset in infos]
     return fields, infos
 
 

@@ -157,6 +157,18 @@ def write_tiny_gguf(directory: Path, path: Path, quantize: bool) -> dict:
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
+    # a llama (SentencePiece-style) tokenizer over the tiny vocabulary, as llama.cpp's converter writes one
+    from tests.tiny import SPECIALS, WORDS
+
+    tokens = SPECIALS + list(WORDS)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_bos_token_id(tokens.index("<s>"))
+    writer.add_eos_token_id(tokens.index("</s>"))
+    writer.add_unk_token_id(tokens.index("[UNK]"))
+    writer.add_pad_token_id(tokens.index("[PAD]"))
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     for name, value in state.items():
@@ -224,27 +236,67 @@ def test_gguf_reader_on_smollm2_equals_transformers():
         assert torch.equal(lazy.get(name), tensor.float()), name
 
 
+@pytest.mark.slow
+def test_smollm2_tokenizer_from_one_parse_equals_autotokenizer():
+    import transformers
+
+    from edgeprune.compress import sequential
+    from edgeprune.core.loading import resolve, smollm2_path
+
+    path = smollm2_path()
+    if not path.is_file():
+        pytest.skip("run `edgeprune models fetch smollm2-135m` first")
+    source = resolve("smollm2-135m")
+    parsed = sequential._parse_gguf(source)
+    tokenizer = sequential._load_tokenizer(source, sequential._read_config(source, parsed), parsed)
+    reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "The quick brown fox, 1,234 émigrés and <|im_start|>user\nHello!<|im_end|>"
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert tokenizer.get_vocab() == reference.get_vocab() and tokenizer.eos_token == reference.eos_token
+
+
 def test_sequential_from_gguf_equals_in_memory(tiny_models, tmp_path):
     models, calib = tiny_models
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(models["llama"], path, quantize=True)
     config = _config(calib, "magnitude", reconstruct=False)
-    # the tokenizer comes from the GGUF; this tiny file has none, so give both paths the HF one
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(models["llama"])
-    original = transformers.AutoTokenizer.from_pretrained
-
-    def from_pretrained(location, *args, **kwargs):
-        return tokenizer if kwargs.get("gguf_file") else original(location, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
-        mem = compress(path, tmp_path / "mem", config, sequential=False)
-        seq = compress(path, tmp_path / "seq", config, sequential=True)
+    mem = compress(path, tmp_path / "mem", config, sequential=False)
+    seq = compress(path, tmp_path / "seq", config, sequential=True)
     assert json.loads((seq / "plan.json").read_text())["layers"] == json.loads((mem / "plan.json").read_text())["layers"]
     ids = torch.randint(7, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits(seq, ids), _logits(mem, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_gguf_metadata_parsed_once_equals_transformers(tiny_models, tmp_path, monkeypatch):
+    """The config and tokenizer built from one parse of the GGUF metadata equal AutoConfig's and
+    AutoTokenizer's (which parse it again each), and the sequential path parses it exactly once."""
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from edgeprune.compress import sequential
+    from edgeprune.core.loading import resolve
+
+    models, calib = tiny_models
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(models["llama"], path, quantize=False)
+    source = resolve(str(path))
+    parsed = sequential._parse_gguf(source)
+    config = sequential._read_config(source, parsed)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert config.to_dict() == theirs.to_dict()
+    tokenizer = sequential._load_tokenizer(source, config, parsed)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert type(tokenizer) is type(reference)
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    assert tokenizer.all_special_tokens == reference.all_special_tokens
+    text = "the dog runs in the park . a small cat sits"
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+
+    calls = []
+    original = gguf_utils.load_gguf_checkpoint
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", lambda *a, **k: calls.append(a) or original(*a, **k))
+    compress(path, tmp_path / "seq", _config(calib, "magnitude", reconstruct=False), sequential=True)
+    assert len(calls) == 1
 
 
 # --- bad input ------------------------------------------------------------------------------------------
