@@ -79,7 +79,8 @@ def main() -> None:
     chunks = [middle[i * step:i * step + args.chunk_tokens] for i in range(args.chunks)]
 
     files = {Path(p).name if Path(p).name != "model.gguf" else Path(p).parent.name: Path(p) for p in args.gguf}
-    tmp = Path(tempfile.mkdtemp(prefix="gguf-quality-"))
+    scratch = tempfile.TemporaryDirectory(prefix="gguf-quality-")  # the written types are removed at exit
+    tmp = Path(scratch.name)
     for qtype in [t for t in args.write_types.split(",") if t]:
         path = tmp / f"edgeprune-{qtype}.gguf"
         export_loaded(loaded, path, qtype, progress=False)
