@@ -11,12 +11,12 @@ supported, not refused). After export, past inputs whose real layout differs fro
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.logs import quiet_logs
 
 # edgeprune task -> optimum task (decoders with KV cache get "-with-past").
 OPTIMUM_TASKS = {
@@ -95,8 +95,7 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
     onnx_config = _onnx_config(loaded.model, optimum_task, layout if decoder and with_past else None,
                                [loaded.tokenizer])
     # optimum and torch.onnx are chatty (tracer warnings); failures still raise.
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with quiet_logs("optimum"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             onnx_export_from_model(
