@@ -61,11 +61,11 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from edgeprune.eval.data import read_corpus
+    from edgeprune.core.datasets import read_corpus
     from edgeprune.exporters.decoder_gate import greedy_path
     from edgeprune.exporters.gguf_api import torch_logits
-    from edgeprune.exporters.gguf_export import export_loaded
-    from edgeprune.models import load_model
+    from edgeprune.core.ggufio import export_loaded
+    from edgeprune.core.loading import load_model
     from edgeprune.runtime.base import get_runtime
 
     started = time.perf_counter()
