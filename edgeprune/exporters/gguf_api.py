@@ -20,11 +20,15 @@ from edgeprune.core.artifacts import staged_output, write_manifest
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_loaded
 
-# (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type. Measured on
-# SmolLM2-135M (docs/llamacpp.md): f16 1.000, q8_0 1.002, q4_0 about 1.06 on the gate tokens; the bounds
-# leave room for other models without accepting a broken file (a wrong permutation gives ratios > 10).
+# (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type, on the gate's
+# tokens. Measured on SmolLM2-135M (docs/llamacpp.md, "GGUF gate tolerances"): q4_0 ratio 1.141, greedy
+# agreement 0.969 -- and llama.cpp's own Q4_0 of the same source scores the same perplexity to 4 decimals, so
+# that is the format's cost, which the old 1.15 bound passed with under 1 % to spare. 4-bit bounds are 1.25:
+# room for other texts and models, still far below what a broken file gives (a wrong Q/K permutation or head
+# layout: ratios > 10). The 8/16/32-bit and 5-bit bounds are not yet measured on a real model (tiny random
+# Llamas in the tests: f32/f16/q8_0 pass with greedy agreement >= 0.9).
 GATE = {"f32": (1.005, 0.9), "f16": (1.01, 0.9), "bf16": (1.02, 0.85), "q8_0": (1.02, 0.85),
-        "q5_1": (1.08, 0.7), "q5_0": (1.08, 0.7), "q4_1": (1.15, 0.6), "q4_0": (1.15, 0.6)}
+        "q5_1": (1.08, 0.7), "q5_0": (1.08, 0.7), "q4_1": (1.25, 0.6), "q4_0": (1.25, 0.6)}
 GATE_TOKENS = 1024
 GATE_WINDOW = 512
 LOGITS_TOKENS = 64

@@ -109,15 +109,19 @@ class LlamaCppSession:
     static_shapes = False
     stateful_decoder = True
 
-    def __init__(self, path: Path, threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512):
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
+                 flash_attn: bool = True):
         llama_cpp = llama_cpp_module()
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.flash_attn = path, threads, flash_attn
         self._lib = llama_cpp
         def open_context(ctx: int):
-            # verbose=False routes llama.cpp's log lines away from stdout (they would corrupt the bench protocol)
+            # verbose=False routes llama.cpp's log lines away from stdout (they would corrupt the bench protocol).
+            # flash_attn: llama.cpp's own tools default to "auto", which the CPU backend resolves to on;
+            # llama-cpp-python's bool can only say on or off, and off (its default) decodes SmolLM2 ~15 %
+            # slower than llama-bench and makes decode speed depend on n_ctx (the V cache is then transposed).
             return llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=min(n_batch, ctx),
                                    n_ubatch=min(n_batch, ctx), n_threads=threads, n_threads_batch=threads,
-                                   logits_all=False, verbose=False)
+                                   flash_attn=flash_attn, logits_all=False, verbose=False)
 
         try:
             self.llm = open_context(n_ctx or DEFAULT_CONTEXT)
@@ -275,7 +279,8 @@ class LlamaCppSession:
         return prefill, step_times, checksum
 
     def build_flags(self) -> dict:
-        return build_flags()
+        return {**build_flags(), "context": {"n_ctx": self.n_ctx, "n_batch": self.llm.n_batch,
+                                             "threads": self.threads, "flash_attn": self.flash_attn}}
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -300,7 +305,8 @@ class LlamaCppRuntime:
     def load(self, model_path: str, threads: int | None = None, **options) -> LlamaCppSession:
         path = gguf_file(model_path)  # checks the file before paying for the import
         llama_cpp_module()
-        return LlamaCppSession(path, threads=threads, n_ctx=options.get("n_ctx"))
+        return LlamaCppSession(path, threads=threads, n_ctx=options.get("n_ctx"),
+                               flash_attn=options.get("flash_attn", True))
 
 
 class LlamaCppBackend:

@@ -162,12 +162,30 @@ def _build_tools(build: Path, log: Path, jobs: int, say) -> list[str]:
     except EdgePruneError as exc:
         say(f"tools not built: {exc}")
     bin_dir = install_dir() / "bin"
+    # the tools link llama.cpp's common library and one lib<tool>-impl.so each, built only with them
+    for path in (build / "bin").glob("lib*.so*"):
+        if not (bin_dir / path.name).exists():
+            shutil.copy2(path, bin_dir / path.name, follow_symlinks=False)
     built = []
     for tool in TOOLS:
         if (build / "bin" / tool).is_file():
             shutil.copy2(build / "bin" / tool, bin_dir / tool)
-            built.append(tool)
+            problem = _tool_starts(bin_dir / tool)
+            if problem:
+                say(f"{tool} was built but does not start: {problem}")
+            else:
+                built.append(tool)
     return built
+
+
+def _tool_starts(tool: Path) -> str:
+    """'' if the copied tool finds its shared libraries (``--help`` runs), else the loader's message."""
+    try:
+        done = subprocess.run([str(tool), "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    missing = [line for line in done.stderr.splitlines() if "error while loading shared libraries" in line]
+    return missing[0].strip() if missing else ""
 
 
 def _assemble(staging: Path, src: Path, build: Path, log: Path) -> None:
@@ -236,7 +254,9 @@ def install(force: bool = False, progress: bool = True, jobs: int | None = None,
     target = install_dir()
     if target.is_dir() and not force:
         info = read_build_info(target)
-        if info.get("self_test", {}).get("ok") and (not tools or set(info.get("tools", [])) == set(TOOLS)):
+        tools_ok = set(info.get("tools", [])) == set(TOOLS) and not any(
+            _tool_starts(target / "bin" / tool) for tool in TOOLS)  # earlier installs copied them without their libraries
+        if info.get("self_test", {}).get("ok") and (not tools or tools_ok):
             return {**info, "already_installed": True}
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:

@@ -64,6 +64,20 @@ def test_failing_build_names_its_log_and_installs_nothing(tmp_path, monkeypatch)
     assert "nope" in (tmp_path / "cache" / "llamacpp" / "build-native.log").read_text()
 
 
+def test_tool_check_reports_missing_shared_libraries(tmp_path):
+    from edgeprune.runtime.llamacpp_install import _tool_starts
+
+    fine, broken = tmp_path / "fine", tmp_path / "broken"
+    fine.write_text("#!/bin/sh\necho usage\n")
+    # what the dynamic loader prints when a tool was copied without its lib<tool>-impl.so
+    broken.write_text("#!/bin/sh\necho 'llama-bench: error while loading shared libraries: libllama-bench-impl.so: "
+                      "cannot open shared object file' >&2\nexit 127\n")
+    for tool in (fine, broken):
+        tool.chmod(0o755)
+    assert _tool_starts(fine) == ""
+    assert "libllama-bench-impl.so" in _tool_starts(broken)
+
+
 def test_portable_flags_follow_the_cpu_and_turn_amx_off(monkeypatch):
     from edgeprune.runtime import llamacpp_install
 
@@ -136,6 +150,10 @@ def test_bench_worker_times_prefill_and_kv_decode(tiny_gguf, llamacpp_runtime):
     info = worker.load({"model": str(tiny_gguf["uneven"]), "runtime": "llamacpp", "threads": 1})
     try:
         assert info["decoder"] and info["build"] is not None
+        # the context settings decode speed depends on are in every report (flash attention as llama.cpp's tools)
+        session = worker.session
+        assert info["build"]["context"] == {"n_ctx": session.n_ctx, "n_batch": session.llm.n_batch, "threads": 1,
+                                            "flash_attn": True}
         forward = worker.time({"batch": 1, "seq": 16, "iterations": 2, "warmup": 1})
         assert len(forward["latencies"]) == 2 and all(t > 0 for t in forward["latencies"])
         decode = worker.decode({"batch": 1, "seq": 16, "new_tokens": 4, "iterations": 2, "warmup": 1})
