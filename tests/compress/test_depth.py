@@ -177,7 +177,7 @@ def test_fraction_removes_the_least_important_blocks(deep, calib_file, criterion
     if criterion == "ppl-iterative":
         assert len(block["steps"]) == 2 and sorted(block["order"]) == depth["drop_blocks"]
         first = block["steps"][0]["scores"]
-        assert block["order"][0] == min(first, key=lambda k: (first[k], int(k)))
+        assert block["order"][0] == int(min(first, key=lambda k: (first[k], int(k))))
     else:
         scores = {int(k): v for k, v in block["scores"].items()}
         assert depth["drop_blocks"] == sorted(sorted(scores, key=lambda i: (scores[i], i))[:2])
