@@ -25,6 +25,7 @@ SPARSITY_FINETUNE_FLAGS = {
     "lr": ("finetune", "learning_rate"), "max_steps": ("finetune", "max_steps"),
     "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
     "calib": ("calibration", "path"), "calib_samples": ("calibration", "samples"),
+    "calib_length": ("calibration", "max_length"),
     "reconstruct": ("reconstruct", "enabled"), "reconstruct_mode": ("reconstruct", "mode"),
     "reconstruct_damping": ("reconstruct", "damping"),
 }
@@ -84,6 +85,7 @@ def register(subparsers) -> None:
     p.add_argument("--calib", metavar="DATA", help="calibration data: a built-in key (stsb:train; `edgeprune data "
                    "list`), STS tsv, text file, datasets name or data file; turns on the measured-best settings")
     p.add_argument("--calib-samples", type=int, help="calibration texts (or token windows for decoders)")
+    p.add_argument("--calib-length", type=int, help="calibration tokens per text (decoders: per window); default 128")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit kept output projections layer by layer by least squares (needs --calib; default: "
                    "on with --calib and no recipe)")
