@@ -139,7 +139,7 @@ def config_from_args(args):
     from edgeprune.compress.api import CompressConfig
 
     if args.recipe:
-        from edgeprune.recipe_catalog import resolve_recipe
+        from edgeprune.core.recipe_catalog import resolve_recipe
 
         base = CompressConfig.from_file(resolve_recipe(args.recipe)).to_dict()
     else:
@@ -185,8 +185,8 @@ def warn_known_harmful(model: str, config) -> None:
 
 
 def run_compress(args) -> int:
-    from edgeprune.artifacts import read_manifest
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.artifacts import read_manifest
+    from edgeprune.core.console import print_json_last
     from edgeprune.compress.api import compress
 
     config = config_from_args(args)

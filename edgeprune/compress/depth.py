@@ -17,16 +17,16 @@ renumbered contiguously (``layer_idx``), so an attention-free layer takes no KV-
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.arch.sublayers import first_tensor, bypass_sublayers, bypassed, renumber_attention
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 DEPTH_IMPORTANCE = ("bi", "ppl", "ppl-iterative", "taylor")
 UNITS = ("block", "attention", "ffn")
@@ -114,113 +114,6 @@ class DepthPlan:
                    tuple(data.get("drop_ffn", ())), data.get("meta", {}))
 
 
-# --- stand-ins for removed sublayers ---------------------------------------------------------------------
-class _Removed(nn.Module):
-    """Parameter-free module in place of a removed sublayer's part (marked for inspection)."""
-
-    edgeprune_removed = True
-
-
-class _Identity(_Removed):
-    def forward(self, x, *args, **kwargs):
-        return x
-
-
-class _Zero(_Removed):
-    """An FFN whose output, added to the residual, changes nothing."""
-
-    def forward(self, x, *args, **kwargs):
-        return torch.zeros_like(x)
-
-
-def _first_tensor(args, kwargs) -> torch.Tensor:
-    if args:
-        return args[0]
-    for key in ("hidden_states", "query", "x"):
-        if key in kwargs:
-            return kwargs[key]
-    raise TypeError("removed attention called without hidden states")
-
-
-class _ZeroAttention(_Removed):
-    """Attention returning (zeros, no weights): pre-LN blocks add it to the residual (llama, gpt2) or
-    (DistilBERT) add it before a LayerNorm that is removed too."""
-
-    def forward(self, *args, **kwargs):
-        return torch.zeros_like(_first_tensor(args, kwargs)), None
-
-
-class _PassAttention(_Removed):
-    """BERT's attention module includes its residual add and LayerNorm: removed, it passes its input on."""
-
-    def forward(self, *args, **kwargs):
-        return (_first_tensor(args, kwargs),)
-
-
-class _PassResidual(_Removed):
-    """BERT's FFN output module: LayerNorm(dense(h) + residual) -> residual."""
-
-    def forward(self, hidden_states, input_tensor):
-        return input_tensor
-
-
-BYPASS: dict[str, Callable[[], nn.Module]] = {
-    "identity": _Identity, "zero": _Zero, "zero_attention": _ZeroAttention, "pass_attention": _PassAttention,
-    "pass_residual": _PassResidual,
-}
-
-
-def is_removed(module: nn.Module) -> bool:
-    return bool(getattr(module, "edgeprune_removed", False))
-
-
-def bypass_sublayers(adapter, layer: nn.Module, attention: bool = False, ffn: bool = False) -> list:
-    """Replace a block's attention and/or FFN children by their no-op stand-ins; returns what to restore."""
-    saved = []
-    for wanted, spec in ((attention, adapter.attention_bypass), (ffn, adapter.ffn_bypass)):
-        if not wanted:
-            continue
-        for name, kind in spec.items():
-            saved.append((layer, name, getattr(layer, name)))
-            setattr(layer, name, BYPASS[kind]())
-    return saved
-
-
-def restore(saved: list) -> None:
-    for layer, name, module in reversed(saved):
-        setattr(layer, name, module)
-
-
-@contextlib.contextmanager
-def bypassed(adapter, model, blocks: Sequence[int] = (), attention: Sequence[int] = (), ffn: Sequence[int] = ()):
-    """Temporarily remove blocks / sublayers (for scoring): the model computes as if they were gone."""
-    layers = adapter.layers(model)
-    saved = []
-    try:
-        for i in blocks:
-            saved += bypass_sublayers(adapter, layers[i], attention=True, ffn=True)
-        for i in attention:
-            saved += bypass_sublayers(adapter, layers[i], attention=True)
-        for i in ffn:
-            saved += bypass_sublayers(adapter, layers[i], ffn=True)
-        yield
-    finally:
-        restore(saved)
-
-
-def renumber_attention(adapter, model, shapes) -> None:
-    """Attention layers get contiguous ``layer_idx`` (KV-cache slots) in block order; attention-free blocks
-    take none, so the first cache slot (which generation reads the past length from) is always filled."""
-    slot = 0
-    for layer, shape in zip(adapter.layers(model), shapes):
-        if not shape.heads:
-            continue
-        for module in layer.modules():
-            if hasattr(module, "layer_idx") and not is_removed(module):
-                module.layer_idx = slot
-        slot += 1
-
-
 def _blocks_owner(adapter, model) -> tuple[nn.Module, str]:
     owner = model.base_model
     *path, name = adapter.blocks_path.split(".")
@@ -287,7 +180,7 @@ def block_influence(model, adapter, calib) -> dict[str, torch.Tensor]:
 
     def keep(kind, index):
         def pre_hook(module, args, kwargs):
-            seen[kind][index] = _first_tensor(args, kwargs).detach()
+            seen[kind][index] = first_tensor(args, kwargs).detach()
         def post_hook(module, args, kwargs, output):
             seen[kind][index] = _hidden_of(output).detach()
         return pre_hook, post_hook
@@ -482,8 +375,8 @@ def plan_depth(model, adapter, cfg: DepthConfig, calib=None, seed: int = 0) -> D
 def apply_depth(model, adapter, plan: DepthPlan) -> None:
     """Remove the plan's sublayers and blocks in place; record the kept shapes and, in the config, which of
     the source's blocks remain (``edgeprune_depth``, composed over repeated compressions)."""
-    from edgeprune.compress.adapters.base import LayerShape
-    from edgeprune.compress.surgery import record_shapes
+    from edgeprune.core.anatomy import record_shapes
+    from edgeprune.core.arch.base import LayerShape
 
     layers = adapter.layers(model)
     if len(layers) != plan.dense_layers:

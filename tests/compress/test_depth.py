@@ -14,8 +14,8 @@ import edgeprune
 from edgeprune.cli import main
 from edgeprune.compress.api import CompressConfig, StructuredConfig, compress
 from edgeprune.compress.depth import DepthConfig, block_influence, calibration_loss
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import FAMILIES, make_tiny, sample_texts
 
 DECODERS = ("gpt2", "llama", "qwen2")
@@ -121,7 +121,7 @@ def test_blocks_and_sublayers_removed_reload_and_match_reference(deep, family, t
         ref = _encoder_reference(deep(family), family, IDS, (1,), (2,), (3,))
     assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
     # the analytic count (what reports and FLOPs use) agrees with the real one
-    from edgeprune.compress.surgery import analytic_parameter_count, parameter_count
+    from edgeprune.core.anatomy import analytic_parameter_count, parameter_count
 
     dense_loaded = load_model(deep(family))
     full = analytic_parameter_count(dense_loaded.adapter, dense_loaded.model.config, parameter_count(dense),
@@ -154,7 +154,7 @@ def test_width_and_depth_in_one_plan(deep, calib_file, tmp_path):
                          depth=DepthConfig(drop_layers=(3,), drop_ffn=(1,)))
     out = compress(deep("llama"), tmp_path / "wd", cfg)
     loaded = edgeprune.load(out)
-    plan = PrunePlan.load(out / "plan.json")
+    plan = PrunePlan.from_dict(json.loads((out / "plan.json").read_text()))
     assert plan.depth.drop_blocks == (3,) and plan.depth.drop_ffn == (1,)
     shapes = loaded.adapter.shapes(loaded.model.config)
     assert [s.kv_heads for s in shapes] == [1, 1, 1, 1] and shapes[1].ffn == 0 and shapes[0].ffn == 36

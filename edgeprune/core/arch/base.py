@@ -93,16 +93,14 @@ def _sliced(tensor: torch.Tensor, spec: ParamSlice, keeps: dict[str, Sequence[in
 class ArchAdapter:
     """Base class. Subclasses set the class attributes and implement the ``*_slices`` hooks."""
 
-    family: str = ""
     model_types: tuple[str, ...] = ()
     is_decoder: bool = False
-    auto_class: str = "AutoModel"
     # Declarative block anatomy for analytic parameter and FLOP counts (independent of the modules).
     ffn_matrices: int = 2  # fc1+fc2, or gate+up+down = 3
     norm_vectors_per_block: int = 4  # two LayerNorms with weight and bias; two RMSNorms have 2
     # Depth pruning (edgeprune/compress/depth.py): the block's children that make up its attention and its
     # FFN sublayer, each with the stand-in that makes the sublayer a no-op on the residual stream
-    # ("identity", "zero", "zero_attention", "pass_attention", "pass_residual"; see depth.BYPASS), and
+    # ("identity", "zero", "zero_attention", "pass_attention", "pass_residual"; see sublayers.BYPASS), and
     # where the residual stream between the two sublayers can be read: (child, "input" | "output").
     attention_bypass: dict[str, str] = {}
     ffn_bypass: dict[str, str] = {}
@@ -286,7 +284,7 @@ class ArchAdapter:
         """Give a freshly built dense model the stored per-layer shapes (values are loaded afterwards). A
         depth-pruned config already builds only the kept blocks; sublayers stored with 0 heads or FFN width
         0 are replaced by their no-op stand-ins."""
-        from edgeprune.compress.depth import bypass_sublayers, renumber_attention
+        from edgeprune.core.arch.sublayers import bypass_sublayers, renumber_attention
 
         dense = self.dense_shapes(model.config)
         for index, (current, target) in enumerate(zip(dense, shapes)):
