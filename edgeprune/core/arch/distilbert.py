@@ -10,6 +10,10 @@ from edgeprune.core.arch.bert import linear_slices
 @register
 class DistilBertAdapter(ArchAdapter):
     model_types = ("distilbert",)
+    attention_bypass = {"attention": "zero_attention", "sa_layer_norm": "identity"}
+    ffn_bypass = {"ffn": "zero", "output_layer_norm": "identity"}
+    mid_residual = ("sa_layer_norm", "output")
+    blocks_path = "transformer.layer"
 
     def layers(self, model):
         return list(model.base_model.transformer.layer)
