@@ -17,25 +17,25 @@ WORDS = VOCAB_WORDS[: VOCAB_SIZE - len(SPECIALS)]
 FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2")
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, layers: int = 2):
     import transformers
 
     common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=128)
     if family in ("bert", "roberta"):
         cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
         extra = {"pad_token_id": 0} if family == "bert" else {"pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 6}
-        return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        return cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common, **extra)
     if family == "distilbert":
-        return transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, dropout=0.0,
+        return transformers.DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=48, dropout=0.0,
                                              attention_dropout=0.0, pad_token_id=0, **common)
     if family == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=128,
+        return transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_inner=48, n_positions=128,
                                        vocab_size=VOCAB_SIZE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                        bos_token_id=5, eos_token_id=6, pad_token_id=0)
     if family in ("llama", "qwen2"):
         cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
-        return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        return cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=2,
                    head_dim=8, intermediate_size=48, rms_norm_eps=1e-6, tie_word_embeddings=True,
                    bos_token_id=5, eos_token_id=6, pad_token_id=0, **common)
     raise ValueError(family)
@@ -62,13 +62,13 @@ def tiny_tokenizer(family: str):
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def make_tiny(family: str, directory: str | Path, seed: int = 0, task: str | None = None) -> Path:
+def make_tiny(family: str, directory: str | Path, seed: int = 0, task: str | None = None, layers: int = 2) -> Path:
     """Build and save a tiny random model of ``family`` (decoders as causal LMs) into ``directory``."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = tiny_config(family)
+    config = tiny_config(family, layers)
     decoder = family in ("gpt2", "llama", "qwen2")
     cls_name = {"sequence-classification": "AutoModelForSequenceClassification"}.get(
         task, "AutoModelForCausalLM" if decoder else "AutoModel")

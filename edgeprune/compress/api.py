@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeprune.artifacts import check_output_dir, staged_output
+from edgeprune.compress.depth import DepthConfig
 from edgeprune.compress.plan import StructuredConfig
 from edgeprune.configs import FrozenConfig
 from edgeprune.errors import EdgePruneError
@@ -149,6 +150,7 @@ class CompressConfig(FrozenConfig):
     """A compression recipe. Saved as ``recipe.yaml`` beside the output."""
 
     structured: StructuredConfig = field(default_factory=StructuredConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)  # blocks / sublayers removed (depth.py)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -162,7 +164,7 @@ def needs_calibration(config: CompressConfig) -> bool:
     from edgeprune.compress.importance import NEEDS_CALIBRATION
 
     structured = config.structured.active and config.structured.importance in NEEDS_CALIBRATION
-    return structured or (config.reconstruct.enabled and config.structured.active)
+    return structured or (config.reconstruct.enabled and config.structured.active) or config.depth.needs_calibration
 
 
 def structured_prune(loaded, cfg: StructuredConfig, calib=None):
@@ -245,6 +247,9 @@ def check_options(config: CompressConfig) -> None:
                              "dense teacher: add --distill")
     if sp.finetune_each_step and not ft.enabled:
         raise EdgePruneError("--finetune-each-step needs fine-tuning data (--finetune DATA)")
+    if config.depth.needs_calibration and config.calibration.path is None:
+        raise EdgePruneError("--layers/--attn-layers/--ffn-layers choose blocks by calibration data: pass --calib DATA "
+                             "(e.g. --calib wikitext2:valid), or name them with --drop-layers/--drop-attn/--drop-ffn")
     if config.reconstruct.enabled and not config.structured.active:
         raise EdgePruneError("--reconstruct re-fits layers after structured pruning: give --heads, --ffn or "
                              "--flops-budget too")
@@ -262,6 +267,10 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     from edgeprune.models import load_model
 
     config = config or CompressConfig()
+    if config.depth.active and sequential:
+        raise EdgePruneError("depth pruning (--layers, --drop-layers, --drop-attn, ...) runs in memory: drop --sequential")
+    if sequential is None and config.depth.active:
+        sequential = False
     if sequential or (sequential is None and seq.should_run_sequential(model, config)):
         return seq.compress_sequential(model, out, config, overwrite=overwrite, dtype=dtype)
     if dtype is not None:
@@ -284,6 +293,10 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     loaded = load_model(model, task=config.task, allow_pickle=allow_pickle)
     dense_parameters = parameter_count(loaded.model)
     timings = {"load_s": round(time.perf_counter() - started, 3)}
+    if config.depth.active:
+        from edgeprune.compress.depth import check_depth
+
+        check_depth(config.depth, loaded.adapter, loaded.model.config)  # before calibration and scoring
     # the dense model as loaded is the distillation teacher
     teacher = copy.deepcopy(loaded.model) if config.finetune.enabled and config.finetune.distill else None
     plan, calib, calibration_used = None, None, None
@@ -300,6 +313,13 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     reference = None  # dense model kept for layer-wise reconstruction targets
     if config.reconstruct.enabled and config.structured.active:
         reference = teacher if teacher is not None else copy.deepcopy(loaded.model)
+    depth_plan = None
+    if config.depth.active:  # scored on the model as loaded, applied after width pruning and reconstruction
+        from edgeprune.compress.depth import plan_depth
+
+        step = time.perf_counter()
+        depth_plan = plan_depth(loaded.model, loaded.adapter, config.depth, calib, seed=config.seed)
+        timings["depth_scoring_s"] = round(time.perf_counter() - step, 3)
     step = time.perf_counter()
     if config.structured.active:
         plan = structured_prune(loaded, config.structured, calib)
@@ -317,6 +337,14 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
                                                     rc.mode, rc.fit_bias)
         timings["reconstruct_s"] = round(time.perf_counter() - step, 3)
         reference = None
+    if depth_plan is not None:
+        from edgeprune.compress.depth import apply_depth
+        from edgeprune.compress.plan import PrunePlan
+
+        if plan is None:
+            plan = PrunePlan.identity(loaded.adapter.shapes(loaded.model.config))
+        apply_depth(loaded.model, loaded.adapter, depth_plan)
+        plan.depth = depth_plan
     extra, train_log = {}, []
     if config.sparsity.active or config.finetune.enabled:
         step = time.perf_counter()
@@ -324,6 +352,8 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
         timings["sparsity_finetune_s"] = round(time.perf_counter() - step, 3)
         teacher = None
     extra.update(recon_extra)
+    if depth_plan is not None:
+        extra["depth"] = {k: v for k, v in depth_plan.to_dict().items() if k != "meta"}
     if calibration_used:
         extra["calibration"] = calibration_used
     timings["compress_s"] = round(time.perf_counter() - started - timings["load_s"], 3)

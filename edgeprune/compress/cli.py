@@ -10,6 +10,12 @@ STRUCTURED_FLAGS = {
     "round_to": "round_to", "gqa_mode": "gqa_mode", "flops_budget": "flops_budget", "seq_len": "seq_len",
     "rearrange": "rearrange",
 }
+# Depth-pruning flags -> DepthConfig field (index lists are parsed from "i,j,...").
+DEPTH_FLAGS = {
+    "layers": "layers", "drop_layers": "drop_layers", "attn_layers": "attn_layers", "drop_attn": "drop_attn",
+    "ffn_layers": "ffn_layers", "drop_ffn": "drop_ffn", "depth_importance": "importance",
+    "sublayer_importance": "sublayer_importance",
+}
 # Sparsity and fine-tuning flags -> (recipe section, field).
 SPARSITY_FINETUNE_FLAGS = {
     "sparsity": ("sparsity", "fraction"), "pattern": ("sparsity", "pattern"), "scope": ("sparsity", "scope"),
@@ -46,6 +52,19 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
     p.add_argument("--rearrange", action="store_true", default=None,
                    help="after allocation, re-choose each layer's units by their joint Fisher cost (Kwon et al.)")
+    p.add_argument("--layers", type=float, help="depth pruning: fraction of transformer blocks to remove, in [0, 1), "
+                   "chosen by --depth-importance on --calib data")
+    p.add_argument("--drop-layers", type=index_list, metavar="I,J,...", help="depth pruning: remove these blocks (0-based)")
+    p.add_argument("--attn-layers", type=float, help="half-block pruning: fraction of blocks whose attention "
+                   "sublayer is removed (chosen by --sublayer-importance)")
+    p.add_argument("--drop-attn", type=index_list, metavar="I,J,...", help="remove the attention sublayer of these blocks")
+    p.add_argument("--ffn-layers", type=float, help="half-block pruning: fraction of blocks whose FFN sublayer is removed")
+    p.add_argument("--drop-ffn", type=index_list, metavar="I,J,...", help="remove the FFN sublayer of these blocks")
+    p.add_argument("--depth-importance", choices=["bi", "ppl", "ppl-iterative", "taylor"],
+                   help="block criterion: Block Influence (ShortGPT, default), calibration perplexity without "
+                   "the block (one-shot or iterative; Shortened LLaMA) or Taylor |g*w|")
+    p.add_argument("--sublayer-importance", choices=["bi", "ppl", "ppl-iterative", "taylor"],
+                   help="criterion for --attn-layers/--ffn-layers (default: --depth-importance)")
     p.add_argument("--sparsity", type=float, help="fraction of block weights to zero (unstructured, 4x4)")
     p.add_argument("--pattern", help="sparsity pattern: unstructured, N:M (e.g. 2:4; implies the fraction) or 4x4")
     p.add_argument("--scope", choices=["local", "global"], help="sparsity per tensor or one threshold across tensors")
@@ -106,6 +125,14 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_cost)
 
 
+def index_list(text: str) -> list[int]:
+    """"3,5,7" -> [3, 5, 7]; range and repetition checks happen against the model (depth.check_depth)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 3,5,7 (got {text!r})") from None
+
+
 def best_defaults(args) -> dict:
     """Recipe sections for a run without --recipe: the measured-best settings of the model's family when
     --calib (structured pruning) or --finetune is given, else the data-free defaults."""
@@ -141,6 +168,10 @@ def config_from_args(args):
         value = getattr(args, flag, None)
         if value is not None:
             base["structured"][field] = value
+    for flag, field in DEPTH_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            base.setdefault("depth", {})[field] = value
     for flag, (section, field) in SPARSITY_FINETUNE_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -189,6 +220,8 @@ def run_compress(args) -> int:
         summary["sparsity"] = manifest["sparsity"]["sparsity"]
     if "finetune" in manifest:
         summary["finetune"] = manifest["finetune"]
+    if "depth" in manifest:
+        summary["depth"] = manifest["depth"]
     print(f"wrote {out}: {manifest['parameters']:,} parameters "
           f"({manifest['parameters'] / manifest['dense_parameters']:.1%} of {manifest['dense_parameters']:,}), "
           f"compress {manifest['timings']['compress_s']:.1f}s")

@@ -79,6 +79,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def teacher_layers(student, teacher) -> list[int]:
+    """For each student block, the position of the teacher block it was kept from (identity unless depth
+    pruning removed blocks; ``edgeprune_depth`` records the source blocks each model keeps)."""
+    def source_blocks(model):
+        depth = getattr(model.config, "edgeprune_depth", None) or {}
+        return list(depth.get("kept_blocks") or range(model.config.num_hidden_layers))
+
+    position = {block: j for j, block in enumerate(source_blocks(teacher))}
+    return [position[block] for block in source_blocks(student)]
+
+
 def encoder_distill_loss(student, teacher, batch, cfg) -> torch.Tensor:
     hidden = cfg.hidden_weight > 0
     out = student(**batch, output_hidden_states=hidden)
@@ -90,10 +101,12 @@ def encoder_distill_loss(student, teacher, batch, cfg) -> torch.Tensor:
         loss = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
     else:
         loss = F.mse_loss(s, t)
-    if hidden:  # every layer's token states, real tokens only
+    if hidden:  # every layer's token states, real tokens only; a depth-pruned student's blocks match the
+        # teacher's blocks they were kept from
         m = mask.unsqueeze(-1).to(s.dtype)
+        teacher_states = [ref.hidden_states[1:][j] for j in teacher_layers(student, teacher)]
         per_layer = [((a - b).pow(2) * m).sum() / (m.sum() * a.shape[-1])
-                     for a, b in zip(out.hidden_states[1:], ref.hidden_states[1:])]
+                     for a, b in zip(out.hidden_states[1:], teacher_states)]
         loss = loss + cfg.hidden_weight * torch.stack(per_layer).mean()
     return loss
 

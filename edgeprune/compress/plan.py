@@ -59,26 +59,42 @@ class StructuredConfig(FrozenConfig):
 
 @dataclass
 class PrunePlan:
+    """Width (``layers``: what every dense layer keeps) and, optionally, depth (``depth``: blocks and
+    sublayers removed afterwards, by dense index; edgeprune/compress/depth.py)."""
+
     layers: list[LayerPlan]
     dense: list[LayerShape]
     meta: dict = field(default_factory=dict)
+    depth: "DepthPlan | None" = None
 
     @property
     def shapes(self) -> list[LayerShape]:
         return [layer.shape for layer in self.layers]
 
+    @classmethod
+    def identity(cls, dense: list[LayerShape]) -> "PrunePlan":
+        """A width plan that keeps everything (for a depth-only plan)."""
+        return cls([LayerPlan(tuple(range(s.heads)), tuple(range(s.kv_heads)), tuple(range(s.ffn))) for s in dense],
+                   list(dense), {"width": "none"})
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "meta": self.meta,
             "dense": [s.to_dict() for s in self.dense],
             "kept": [s.to_dict() for s in self.shapes],
             "layers": [layer.to_dict() for layer in self.layers],
         }
+        if self.depth is not None:
+            out["depth"] = self.depth.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
+        from edgeprune.compress.depth import DepthPlan
+
+        depth = DepthPlan.from_dict(data["depth"]) if data.get("depth") else None
         return cls([LayerPlan.from_dict(d) for d in data["layers"]], [LayerShape(**d) for d in data["dense"]],
-                   data.get("meta", {}))
+                   data.get("meta", {}), depth)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

@@ -97,28 +97,72 @@ def tensor_plan(model_config, shapes, qtype: str, tied: bool, has_bias: dict[str
     plans = [TensorPlan("token_embd.weight", "model.embed_tokens.weight", "")]
     for i, shape in enumerate(shapes):
         hf, blk = f"model.layers.{i}", f"blk.{i}"
-        plans += [TensorPlan(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight", ""),
-                  TensorPlan(f"{blk}.attn_q.weight", f"{hf}.self_attn.q_proj.weight", "", shape.heads),
-                  TensorPlan(f"{blk}.attn_k.weight", f"{hf}.self_attn.k_proj.weight", "", shape.kv_heads),
-                  TensorPlan(f"{blk}.attn_v.weight", f"{hf}.self_attn.v_proj.weight", ""),
-                  TensorPlan(f"{blk}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", "")]
-        if has_bias["qkv"]:
-            plans += [TensorPlan(f"{blk}.attn_q.bias", f"{hf}.self_attn.q_proj.bias", "", shape.heads),
-                      TensorPlan(f"{blk}.attn_k.bias", f"{hf}.self_attn.k_proj.bias", "", shape.kv_heads),
-                      TensorPlan(f"{blk}.attn_v.bias", f"{hf}.self_attn.v_proj.bias", "")]
-        if has_bias["out"]:
-            plans.append(TensorPlan(f"{blk}.attn_output.bias", f"{hf}.self_attn.o_proj.bias", ""))
-        plans += [TensorPlan(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", ""),
-                  TensorPlan(f"{blk}.ffn_gate.weight", f"{hf}.mlp.gate_proj.weight", ""),
-                  TensorPlan(f"{blk}.ffn_up.weight", f"{hf}.mlp.up_proj.weight", ""),
-                  TensorPlan(f"{blk}.ffn_down.weight", f"{hf}.mlp.down_proj.weight", "")]
-        if has_bias["ffn"]:
-            plans += [TensorPlan(f"{blk}.ffn_gate.bias", f"{hf}.mlp.gate_proj.bias", ""),
-                      TensorPlan(f"{blk}.ffn_up.bias", f"{hf}.mlp.up_proj.bias", ""),
-                      TensorPlan(f"{blk}.ffn_down.bias", f"{hf}.mlp.down_proj.bias", "")]
+        if shape.heads:  # an attention-free (depth-pruned) deci layer has no attention tensors
+            plans += _attention_tensors(hf, blk, shape, has_bias)
+        if shape.ffn:
+            plans += _ffn_tensors(hf, blk, has_bias)
+        else:
+            plans += _ffn_stub(blk)
     plans.append(TensorPlan("output_norm.weight", "model.norm.weight", ""))
     if not tied:
         plans.append(TensorPlan("output.weight", "lm_head.weight", ""))
+    return plans
+
+
+def _attention_tensors(hf: str, blk: str, shape, has_bias: dict[str, bool]) -> list[TensorPlan]:
+    plans = [TensorPlan(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight", ""),
+             TensorPlan(f"{blk}.attn_q.weight", f"{hf}.self_attn.q_proj.weight", "", shape.heads),
+             TensorPlan(f"{blk}.attn_k.weight", f"{hf}.self_attn.k_proj.weight", "", shape.kv_heads),
+             TensorPlan(f"{blk}.attn_v.weight", f"{hf}.self_attn.v_proj.weight", ""),
+             TensorPlan(f"{blk}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", "")]
+    if has_bias["qkv"]:
+        plans += [TensorPlan(f"{blk}.attn_q.bias", f"{hf}.self_attn.q_proj.bias", "", shape.heads),
+                  TensorPlan(f"{blk}.attn_k.bias", f"{hf}.self_attn.k_proj.bias", "", shape.kv_heads),
+                  TensorPlan(f"{blk}.attn_v.bias", f"{hf}.self_attn.v_proj.bias", "")]
+    if has_bias["out"]:
+        plans.append(TensorPlan(f"{blk}.attn_output.bias", f"{hf}.self_attn.o_proj.bias", ""))
+    return plans
+
+
+# An FFN-free (depth-pruned) layer is written with a one-neuron all-zero FFN, whose output is exactly zero:
+# llama.cpp's deci graph (src/models/deci.cpp) handles feed_forward_length 0 by `continue` before
+# `inpL = cur`, which discards the layer's attention output (and aborts when it is the last layer).
+FFN_STUB_WIDTH = 1
+SYNTHETIC = "edgeprune.synthetic."  # hf_name prefix of tensors the exporter makes up (value kind first)
+
+
+def _ffn_stub(blk: str) -> list[TensorPlan]:
+    return [TensorPlan(f"{blk}.ffn_norm.weight", f"{SYNTHETIC}ones.norm", ""),
+            TensorPlan(f"{blk}.ffn_gate.weight", f"{SYNTHETIC}zeros.in", ""),
+            TensorPlan(f"{blk}.ffn_up.weight", f"{SYNTHETIC}zeros.in", ""),
+            TensorPlan(f"{blk}.ffn_down.weight", f"{SYNTHETIC}zeros.out", "")]
+
+
+def _synthetic_shape(name: str, hidden: int) -> tuple[int, ...]:
+    return {"norm": (hidden,), "in": (FFN_STUB_WIDTH, hidden), "out": (hidden, FFN_STUB_WIDTH)}[name.split(".")[-1]]
+
+
+def _synthetic(name: str, hidden: int) -> np.ndarray:
+    fill = np.ones if name.startswith(f"{SYNTHETIC}ones") else np.zeros
+    return fill(_synthetic_shape(name, hidden), dtype=np.float32)
+
+
+def gguf_layer_shapes(shapes):
+    """The per-layer shapes as written: FFN-free layers carry the stub width (see FFN_STUB_WIDTH)."""
+    from edgeprune.compress.adapters.base import LayerShape
+
+    return [LayerShape(s.heads, s.kv_heads, s.ffn or FFN_STUB_WIDTH) for s in shapes]
+
+
+def _ffn_tensors(hf: str, blk: str, has_bias: dict[str, bool]) -> list[TensorPlan]:
+    plans = [TensorPlan(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", ""),
+             TensorPlan(f"{blk}.ffn_gate.weight", f"{hf}.mlp.gate_proj.weight", ""),
+             TensorPlan(f"{blk}.ffn_up.weight", f"{hf}.mlp.up_proj.weight", ""),
+             TensorPlan(f"{blk}.ffn_down.weight", f"{hf}.mlp.down_proj.weight", "")]
+    if has_bias["ffn"]:
+        plans += [TensorPlan(f"{blk}.ffn_gate.bias", f"{hf}.mlp.gate_proj.bias", ""),
+                  TensorPlan(f"{blk}.ffn_up.bias", f"{hf}.mlp.up_proj.bias", ""),
+                  TensorPlan(f"{blk}.ffn_down.bias", f"{hf}.mlp.down_proj.bias", "")]
     return plans
 
 
@@ -137,9 +181,14 @@ def check_model_for_gguf(model_config, shapes) -> str:
         raise EdgePruneError(f"GGUF export: Mistral sliding-window attention ({window} < "
                              f"{model_config.max_position_embeddings} positions) has no llama.cpp 'llama' equivalent")
     for i, s in enumerate(shapes):
-        if s.heads <= 0 or s.kv_heads <= 0 or s.ffn <= 0 or s.heads % s.kv_heads:
+        attention_free = s.heads == 0 and s.kv_heads == 0  # depth pruning removed the sublayer: deci expresses it
+        if not attention_free and (s.heads <= 0 or s.kv_heads <= 0 or s.heads % s.kv_heads) or s.ffn < 0:
             raise EdgePruneError(f"GGUF export: layer {i} has {s.heads} query heads, {s.kv_heads} KV heads and FFN "
                                  f"width {s.ffn}; llama.cpp needs at least one of each and whole KV groups")
+    if shapes and shapes[0].heads == 0:
+        raise EdgePruneError("GGUF export: block 0 has no attention, and llama.cpp reads the head size from block 0's "
+                             "head count (llama-model.cpp: `n_head() > 0`), so it could not load the file; keep block "
+                             "0's attention (remove a later block's)")
     uneven = len({(s.heads, s.kv_heads, s.ffn) for s in shapes}) > 1
     return "deci" if uneven else "llama"
 
@@ -332,17 +381,21 @@ def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: di
     from tqdm.auto import tqdm
 
     tied = "lm_head.weight" not in tensor_shapes
-    has_bias = {"qkv": "model.layers.0.self_attn.q_proj.bias" in tensor_shapes,
-                "out": "model.layers.0.self_attn.o_proj.bias" in tensor_shapes,
-                "ffn": "model.layers.0.mlp.gate_proj.bias" in tensor_shapes}
+    # any layer (the first one may have lost its attention or FFN to depth pruning)
+    has_bias = {key: any(name.startswith("model.layers.") and name.endswith(suffix) for name in tensor_shapes)
+                for key, suffix in (("qkv", ".self_attn.q_proj.bias"), ("out", ".self_attn.o_proj.bias"),
+                                    ("ffn", ".mlp.gate_proj.bias"))}
     plans = tensor_plan(model_config, shapes, qtype, tied, has_bias)
+    hidden = int(model_config.hidden_size)
+    tensor_shapes = dict(tensor_shapes, **{p.hf_name: _synthetic_shape(p.hf_name, hidden) for p in plans
+                                          if p.hf_name.startswith(SYNTHETIC)})
     missing = [p.hf_name for p in plans if p.hf_name not in tensor_shapes]
     if missing:
         raise EdgePruneError(f"GGUF export: the model has no {missing[0]} (not a standard Llama layout)")
     writer = gguf.GGUFWriter(str(path), arch)
     types: dict[str, int] = {}
     try:
-        _metadata(writer, arch, model_config, shapes, head_dim, vocab_size, qtype, name)
+        _metadata(writer, arch, model_config, gguf_layer_shapes(shapes), head_dim, vocab_size, qtype, name)
         for key, value, vtype, sub in tokenizer_items:
             writer.add_key_value(key, value, vtype, sub_type=sub)
         resolved = []
@@ -358,7 +411,7 @@ def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: di
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for plan, ttype in tqdm(resolved, desc=f"writing GGUF ({qtype})", disable=not progress, leave=False):
-            data = state(plan.hf_name)
+            data = _synthetic(plan.hf_name, hidden) if plan.hf_name.startswith(SYNTHETIC) else state(plan.hf_name)
             if plan.permute_heads:
                 data = permute_rope(data, plan.permute_heads)
             writer.write_tensor_data(_encode(data, ttype))

@@ -34,6 +34,18 @@ def kv_layout(loaded) -> list[dict[str, int]]:
     return [{"kv_heads": shape.kv_heads, "head_dim": head_dim} for shape in adapter.shapes(config)]
 
 
+def check_attention_everywhere(loaded) -> None:
+    """ONNX decoders get one past_key_values pair per block (optimum's layout, which the runtimes rely on):
+    a block whose attention depth pruning removed has none to give, so such a model is refused."""
+    from edgeprune.errors import EdgePruneError
+
+    free = [i for i, s in enumerate(loaded.adapter.shapes(loaded.model.config)) if s.heads == 0]
+    if free:
+        raise EdgePruneError(f"ONNX export: block(s) {','.join(map(str, free))} have no attention (half-block depth "
+                             "pruning), and the ONNX decoder layout needs a KV cache in every block; export with "
+                             "--target llamacpp (deci layers), or remove whole blocks (--drop-layers) instead")
+
+
 def ort_assumed_layout(config) -> tuple[int, int]:
     """(kv_heads, head_dim) that ORTModelForCausalLM builds its initial empty past tensors with."""
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
@@ -90,6 +102,8 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
     optimum_task = OPTIMUM_TASKS[task]
     decoder = task == "text-generation"
     layout = kv_layout(loaded) if decoder else None
+    if decoder:
+        check_attention_everywhere(loaded)
     if decoder and with_past:
         optimum_task += "-with-past"
     onnx_config = _onnx_config(loaded.model, optimum_task, layout if decoder and with_past else None,

@@ -100,6 +100,15 @@ class ArchAdapter:
     # Declarative block anatomy for analytic parameter and FLOP counts (independent of the modules).
     ffn_matrices: int = 2  # fc1+fc2, or gate+up+down = 3
     norm_vectors_per_block: int = 4  # two LayerNorms with weight and bias; two RMSNorms have 2
+    # Depth pruning (edgeprune/compress/depth.py): the block's children that make up its attention and its
+    # FFN sublayer, each with the stand-in that makes the sublayer a no-op on the residual stream
+    # ("identity", "zero", "zero_attention", "pass_attention", "pass_residual"; see depth.BYPASS), and
+    # where the residual stream between the two sublayers can be read: (child, "input" | "output").
+    attention_bypass: dict[str, str] = {}
+    ffn_bypass: dict[str, str] = {}
+    mid_residual: tuple[str, str] = ("", "")
+    # the attribute of ``model.base_model`` (dotted) that holds the blocks
+    blocks_path: str = "layers"
 
     def qkv_bias(self, config) -> bool:
         return True
@@ -111,17 +120,20 @@ class ArchAdapter:
         return True
 
     def block_params(self, config, shape: LayerShape) -> int:
+        """Parameters of one block; a sublayer removed by depth pruning (0 heads, or FFN width 0) takes its
+        norm and biases with it."""
         hidden, hd = self.hidden_size(config), self.head_dim(config)
         q_width, kv_width = shape.heads * hd, shape.kv_heads * hd
         params = hidden * (q_width + 2 * kv_width) + q_width * hidden
         if self.qkv_bias(config):
             params += q_width + 2 * kv_width
-        if self.out_bias(config):
+        if self.out_bias(config) and shape.heads:
             params += hidden
         params += self.ffn_matrices * hidden * shape.ffn
-        if self.ffn_bias(config):
+        if self.ffn_bias(config) and shape.ffn:
             params += (self.ffn_matrices - 1) * shape.ffn + hidden
-        return params + self.norm_vectors_per_block * hidden
+        sublayers = (shape.heads > 0) + (shape.ffn > 0)
+        return params + self.norm_vectors_per_block // 2 * sublayers * hidden
 
     def block_flops(self, config, shape: LayerShape, seq_len: int) -> int:
         """FLOPs (2 per multiply-add) of one block over a full sequence of ``seq_len`` tokens."""
@@ -236,8 +248,10 @@ class ArchAdapter:
                 spec.tensor.data.index_fill_(spec.dim, rows, 0.0)
 
     def unit_slices(self, model: nn.Module, index: int) -> tuple[list[ParamSlice], list[ParamSlice]]:
+        """A sublayer removed by depth pruning has no units: its slices are empty."""
         layer = self.layers(model)[index]
-        return self.attention_slices(layer), self.ffn_slices(layer)
+        shape = self.shapes(model.config)[index]
+        return (self.attention_slices(layer) if shape.heads else [], self.ffn_slices(layer) if shape.ffn else [])
 
     def unit_consumers(self, model: nn.Module, index: int) -> tuple[ParamSlice, ParamSlice]:
         """The "out" weight slices of layer ``index``: attention output projection, FFN down projection.
@@ -269,16 +283,24 @@ class ArchAdapter:
         return out
 
     def resize_to(self, model: nn.Module, shapes: Sequence[LayerShape]) -> None:
-        """Give a freshly built dense model the stored per-layer shapes (values are loaded afterwards)."""
+        """Give a freshly built dense model the stored per-layer shapes (values are loaded afterwards). A
+        depth-pruned config already builds only the kept blocks; sublayers stored with 0 heads or FFN width
+        0 are replaced by their no-op stand-ins."""
+        from edgeprune.compress.depth import bypass_sublayers, renumber_attention
+
         dense = self.dense_shapes(model.config)
         for index, (current, target) in enumerate(zip(dense, shapes)):
             if current == target:
                 continue
             group = self.group_size(current)
-            keep_kv = tuple(range(target.kv_heads))
-            per_group = target.heads // max(target.kv_heads, 1)
+            heads, kv = target.heads or current.heads, target.kv_heads or current.kv_heads
+            keep_kv = tuple(range(kv))
+            per_group = heads // max(kv, 1)
             keep_heads = tuple(g * group + j for g in keep_kv for j in range(per_group))
-            self.prune_layer(model, index, LayerPlan(keep_heads, keep_kv, tuple(range(target.ffn))), current)
+            self.prune_layer(model, index, LayerPlan(keep_heads, keep_kv, tuple(range(target.ffn or current.ffn))),
+                             current)
+            bypass_sublayers(self, self.layers(model)[index], attention=not target.heads, ffn=not target.ffn)
+        renumber_attention(self, model, shapes)
 
 
 def _sync_module_features(module: nn.Module) -> None:

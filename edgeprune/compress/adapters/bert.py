@@ -21,6 +21,11 @@ class BertAdapter(ArchAdapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     auto_class = "AutoModel"
+    # post-LN: the attention module includes its residual add and LayerNorm, so removing it passes its input on
+    attention_bypass = {"attention": "pass_attention"}
+    ffn_bypass = {"intermediate": "identity", "output": "pass_residual"}
+    mid_residual = ("attention", "output")
+    blocks_path = "encoder.layer"
 
     def layers(self, model):
         return list(model.base_model.encoder.layer)

@@ -12,6 +12,10 @@ class DistilBertAdapter(ArchAdapter):
     family = "distilbert"
     model_types = ("distilbert",)
     auto_class = "AutoModel"
+    attention_bypass = {"attention": "zero_attention", "sa_layer_norm": "identity"}
+    ffn_bypass = {"ffn": "zero", "output_layer_norm": "identity"}
+    mid_residual = ("sa_layer_norm", "output")
+    blocks_path = "transformer.layer"
 
     def layers(self, model):
         return list(model.base_model.transformer.layer)

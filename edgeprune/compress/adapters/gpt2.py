@@ -18,6 +18,10 @@ class GPT2Adapter(ArchAdapter):
     model_types = ("gpt2",)
     is_decoder = True
     auto_class = "AutoModelForCausalLM"
+    attention_bypass = {"ln_1": "identity", "attn": "zero_attention"}
+    ffn_bypass = {"ln_2": "identity", "mlp": "zero"}
+    mid_residual = ("ln_2", "input")
+    blocks_path = "h"
 
     def layers(self, model):
         return list(model.base_model.h)

@@ -19,6 +19,10 @@ class LlamaAdapter(ArchAdapter):
     auto_class = "AutoModelForCausalLM"
     ffn_matrices = 3
     norm_vectors_per_block = 2
+    attention_bypass = {"input_layernorm": "identity", "self_attn": "zero_attention"}
+    ffn_bypass = {"post_attention_layernorm": "identity", "mlp": "zero"}
+    mid_residual = ("post_attention_layernorm", "input")
+    blocks_path = "layers"
 
     def qkv_bias(self, config):
         return bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
