@@ -120,10 +120,13 @@ def _copied_fields(reader, arch: str) -> list[tuple]:
     return out
 
 
-def write_probe_ggufs(source: Path, outputs: dict[Path, Sequence[LayerShape]]) -> None:
+def write_probe_ggufs(source: Path, outputs: dict[Path, Sequence[LayerShape]],
+                      blocks: dict[Path, Sequence[int]] | None = None) -> None:
     """For each output, a ``deci`` GGUF with its layers (query heads, KV heads, FFN width per layer; 0 heads
-    = no attention sublayer) cut from the first layers / heads / neurons of the dense ``llama`` GGUF
-    ``source``. The weights are the dense ones sliced (the speed does not depend on their values)."""
+    = no attention sublayer) cut from the first heads / neurons of the dense ``llama`` GGUF ``source``'s
+    blocks ``blocks[out]`` (default: its first ones). The weights are the dense ones sliced, bit for bit:
+    probes only need the shapes; with whole blocks or whole sublayers removed (full widths kept) the file is
+    the depth-pruned model itself, quantized exactly as the dense file."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
@@ -157,14 +160,17 @@ def write_probe_ggufs(source: Path, outputs: dict[Path, Sequence[LayerShape]]) -
         for name, t in tensors.items():
             if not name.startswith("blk."):
                 writer.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        for i, (heads, kv, ffn) in enumerate(layers):
+        sources = list((blocks or {}).get(out) or range(len(layers)))
+        if len(sources) != len(layers) or len(set(sources)) != len(sources) or not all(0 <= b < count for b in sources):
+            raise EdgePruneError(f"{out.name}: source blocks {sources} do not name {len(layers)} distinct blocks of {count}")
+        for i, ((heads, kv, ffn), src) in enumerate(zip(layers, sources)):
             pick = {"attn_norm": (None, None), "attn_q": (heads * head_dim, None), "attn_k": (kv * head_dim, None),
                     "attn_v": (kv * head_dim, None), "attn_output": (None, heads * head_dim),
                     "ffn_norm": (None, None), "ffn_gate": (ffn, None), "ffn_up": (ffn, None), "ffn_down": (None, ffn)}
             for part, (rows, columns) in pick.items():
                 if (part.startswith("attn") and not heads) or (part.startswith("ffn") and not ffn):
                     continue  # deci: a layer with 0 heads (0 FFN width) has no such sublayer at all
-                t = tensors[f"blk.{i}.{part}.weight"]
+                t = tensors[f"blk.{src}.{part}.weight"]
                 data = np.asarray(t.data)
                 if rows is not None:
                     data = data[:rows]
@@ -175,6 +181,25 @@ def write_probe_ggufs(source: Path, outputs: dict[Path, Sequence[LayerShape]]) -
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def cut_gguf(source: Path, out: Path, drop_blocks: Sequence[int] = (), drop_attention: Sequence[int] = ()) -> Path:
+    """The dense llama GGUF ``source`` with whole blocks and attention sublayers removed (source block
+    indices), its remaining tensors copied unchanged: a depth-pruned model without re-quantizing. Written
+    as ``deci`` (llama.cpp reads per-layer head counts there; 0 = attention-free)."""
+    heads, kv, ffn, count = dense_layout(source)
+    drop, attn = set(drop_blocks), set(drop_attention)
+    if not drop.isdisjoint(attn) or not all(0 <= b < count for b in drop | attn) or len(drop) >= count:
+        raise EdgePruneError(f"cut {sorted(drop)} / attention {sorted(attn)}: blocks must be distinct, in 0..{count - 1}, "
+                             "and leave at least one block")
+    kept = [b for b in range(count) if b not in drop]
+    if kept[0] in attn:
+        raise EdgePruneError(f"block {kept[0]} is the first kept block: llama.cpp reads the head size from it, keep its attention")
+    layers = [(0, 0, ffn) if b in attn else (heads, kv, ffn) for b in kept]
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    write_probe_ggufs(source, {tmp: layers}, {tmp: kept})
+    os.replace(tmp, out)
+    return Path(out)
 
 
 def prepare_probes(source: Path, directory: Path | None = None) -> dict[str, tuple[Path, list[LayerShape]]]:
@@ -383,3 +408,54 @@ def gguf_layers(path: Path) -> list[LayerShape]:
 
     return list(zip(per_layer("attention.head_count"), per_layer("attention.head_count_kv"),
                     per_layer("feed_forward_length")))
+
+
+def plan_removals(cost: CostModel, dense: Sequence[LayerShape], block_scores: Sequence[float],
+                  attention_scores: Sequence[float] | None = None, decode_speedup: float | None = None,
+                  prefill_speedup: float | None = None, keep: Sequence[int] = ()) -> dict:
+    """Whole blocks and attention sublayers to remove, chosen greedily by importance lost per millisecond
+    of decode time the cost model says each saves (so a unit that is cheap in FLOPs but expensive in
+    per-layer overhead is priced as llama.cpp runs it), until the predicted speedups reach the targets.
+    ``block_scores`` / ``attention_scores``: importance per block (e.g. Block Influence; lower = safer to
+    remove); ``keep``: blocks never touched (default: the first and the last)."""
+    if decode_speedup is None and prefill_speedup is None:
+        raise EdgePruneError("plan_removals needs a decode or prefill speedup target")
+    n = len(dense)
+    protected = set(keep) if keep else {0, n - 1}
+    drop: set[int] = set()
+    attention: set[int] = set()
+
+    def layout() -> list[LayerShape]:
+        return [(0, 0, f) if i in attention else (h, k, f) for i, (h, k, f) in enumerate(dense) if i not in drop]
+
+    def reached() -> bool:
+        s = cost.speedup(layout(), dense)
+        return (decode_speedup is None or s["decode"] >= decode_speedup) and \
+            (prefill_speedup is None or s["prefill"] >= prefill_speedup)
+
+    base = cost.predict(dense)["decode_s"]
+    while not reached():
+        now = cost.predict(layout())["decode_s"]
+        options = []
+        for i in range(n):
+            if i in protected or i in drop:
+                continue
+            saved_block = now - cost.predict([(0, 0, f) if j in attention else (h, k, f)
+                                              for j, (h, k, f) in enumerate(dense) if j not in drop and j != i])["decode_s"]
+            lost = max(float(block_scores[i]) - (float(attention_scores[i]) if attention_scores is not None and i in attention else 0.0), 1e-9)
+            options.append((lost / max(saved_block, 1e-12), "block", i))
+            if attention_scores is not None and i not in attention and i != min(set(range(n)) - drop):
+                saved_attention = now - cost.predict([(0, 0, f) if (j in attention or j == i) else (h, k, f)
+                                                      for j, (h, k, f) in enumerate(dense) if j not in drop])["decode_s"]
+                options.append((max(float(attention_scores[i]), 1e-9) / max(saved_attention, 1e-12), "attention", i))
+        if not options:
+            raise EdgePruneError("the speedup target cannot be reached by removing blocks and attention sublayers "
+                                 f"(predicted {base / now:.2f}x at most)")
+        _, kind, i = min(options)
+        if kind == "block":
+            drop.add(i)
+            attention.discard(i)
+        else:
+            attention.add(i)
+    return {"drop_blocks": sorted(drop), "drop_attention": sorted(attention),
+            "predicted": cost.speedup(layout(), dense), "layers": layout()}

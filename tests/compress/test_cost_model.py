@@ -63,13 +63,14 @@ def test_cost_model_from_another_host_is_remeasured_or_refused(tmp_path, monkeyp
     assert not measured
     model, path, how = cm.load_or_measure(source, path=foreign)
     assert how == "re-measured" and measured == [1] and model.fingerprint == here
-    assert "measured on another host" in capsys.readouterr().err and "cpu" in capsys.readouterr().err or True
+    err = capsys.readouterr().err
+    assert "measured on another host" in err and "Another CPU" in err
     assert path != foreign and json.loads(foreign.read_text())["fingerprint"]["cpu"] == "Another CPU"  # kept
-    # this host's cache is used as it is
-    model2, path2, how2 = cm.load_or_measure(source)
-    assert how2 == "measured" and measured == [1, 1]
-    _, path3, how3 = cm.load_or_measure(source)
-    assert how3 == "cached" and path3 == path2 and measured == [1, 1]
+    # the new measurement went into this host's cache, which is then used as it is
+    _, path2, how2 = cm.load_or_measure(source)
+    assert how2 == "cached" and path2 == path and measured == [1]
+    _, _, how3 = cm.load_or_measure(source, remeasure=True)
+    assert how3 == "measured" and measured == [1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,48 @@ def test_probes_load_and_time_in_llamacpp(dense_gguf, llamacpp_runtime, tmp_path
     assert all(p["decode_s"] > 0 and p["prefill_s"] > 0 for p in model.probes)
     assert model.fingerprint == cm.host_fingerprint(1, __import__(
         "edgeprune.runtime.llamacpp_adapter", fromlist=["build_flags"]).build_flags())
+
+
+def test_cut_gguf_drops_blocks_and_attention_keeping_tensors_bit_identical(dense_gguf, tmp_path):
+    import gguf
+    import numpy as np
+
+    out = cm.cut_gguf(dense_gguf, tmp_path / "cut.gguf", drop_blocks=[0])
+    assert cm.gguf_layers(out) == [(4, 2, 128)]
+    src = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(dense_gguf)).tensors}
+    cut = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    assert np.array_equal(cut["blk.0.ffn_down.weight"], src["blk.1.ffn_down.weight"])  # block 1 became block 0
+    assert np.array_equal(cut["token_embd.weight"], src["token_embd.weight"])
+    out2 = cm.cut_gguf(dense_gguf, tmp_path / "attn.gguf", drop_attention=[1])
+    assert cm.gguf_layers(out2) == [(4, 2, 128), (0, 0, 128)]
+    assert "blk.1.attn_q.weight" not in {t.name for t in gguf.GGUFReader(str(out2)).tensors}
+    for bad in ({"drop_blocks": [0, 1]}, {"drop_blocks": [2]}, {"drop_attention": [0]},
+                {"drop_blocks": [1], "drop_attention": [1]}):
+        with pytest.raises(EdgePruneError):
+            cm.cut_gguf(dense_gguf, tmp_path / "bad.gguf", **bad)
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.tmp").exists()
+
+
+def test_suite_pareto_frontier():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "tools"))
+    from decoder_edge_suite import pareto
+
+    points = [(100, 0.30), (150, 0.20), (120, 0.25), (110, 0.10), (150, 0.15)]
+    assert pareto(points) == [0, 1, 2]
+
+
+def test_plan_removals_prices_units_by_the_cost_model():
+    model = fake_model({"cpu": "x"})
+    dense = [(9, 3, 1536)] * 30
+    blocks = [1.0] + [0.5] * 10 + [0.02 + 0.001 * i for i in range(9)] + [0.5] * 9 + [1.0]
+    plan = cm.plan_removals(model, dense, blocks, decode_speedup=1.3)
+    assert plan["predicted"]["decode"] >= 1.3
+    assert set(plan["drop_blocks"]) <= set(range(11, 20)) and 0 not in plan["drop_blocks"]
+    # attention sublayers that barely matter are taken before whole blocks that matter more
+    attention = [0.001] * 30
+    mixed = cm.plan_removals(model, dense, [0.5] * 30, attention, decode_speedup=1.05)
+    assert mixed["drop_attention"] and not mixed["drop_blocks"]
+    with pytest.raises(EdgePruneError, match="cannot be reached"):
+        cm.plan_removals(model, dense, blocks, decode_speedup=50)
