@@ -179,6 +179,10 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
 
     model, adapter = loaded.model, loaded.adapter
     shapes = adapter.shapes(model.config)
+    halved = [i for i, s in enumerate(shapes) if not s.heads or not s.ffn]
+    if halved:
+        raise EdgePruneError(f"width pruning: block(s) {','.join(map(str, halved))} of this model have no attention or "
+                             "no FFN (depth-pruned); prune width and depth in one compress call from the source model")
     budget_from_fractions = cfg.flops_budget is None and cfg.allocation in ALLOCATIONS_NEEDING_INTERACTIONS
     if budget_from_fractions:  # joint searches under a budget: --heads/--ffn say how much to keep
         cfg = cfg.replace(flops_budget=budget_for_fractions(shapes, cfg, adapter, model.config))

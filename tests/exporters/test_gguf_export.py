@@ -16,7 +16,7 @@ from edgeprune.models import load_model
 from tiny import make_tiny, sample_texts, uneven_plan
 
 
-def make_bpe_llama(directory: Path, seed: int = 0) -> Path:
+def make_bpe_llama(directory: Path, seed: int = 0, layers: int = 2) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer (the kind llama.cpp's gpt2 tokenizer reads)."""
     import torch
     import transformers
@@ -30,7 +30,7 @@ def make_bpe_llama(directory: Path, seed: int = 0) -> Path:
     tok.train_from_iterator(sample_texts(200, seed=seed), trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                       num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
                                       max_position_embeddings=128, tie_word_embeddings=True,
                                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
