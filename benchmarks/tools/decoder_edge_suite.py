@@ -128,33 +128,34 @@ def rows(suite: dict, out: Path) -> list[dict]:
         cost = CostModel.from_dict(json.loads(p.read_text())) if p.is_file() else None
     by_label = {m["label"]: m for m in report["models"]} if report else {}
     comparisons = {c["model"]: c for c in report["comparisons"]} if report else {}
-    dense_layers = None
-    if cost is not None:
-        from edgeprune.compress.cost_model import gguf_layers
+    from edgeprune.compress.cost_model import gguf_file_type, gguf_layers
 
-        dense_gguf = next(v["gguf"] for v in suite["variants"] if v["label"] == suite["dense"])
-        dense_layers = gguf_layers(Path(dense_gguf))
+    dense_gguf = next(v["gguf"] for v in suite["variants"] if v["label"] == suite["dense"])
+    dense_type = gguf_file_type(Path(dense_gguf)) if Path(dense_gguf).is_file() else None
+    dense_layers = gguf_layers(Path(dense_gguf)) if cost is not None else None
     table = []
     for v in suite["variants"]:
         row = dict(v)
         q = out / "quality" / f"{v['label']}.json"
         row["quality"] = json.loads(q.read_text()) if q.is_file() else {}
+        row["file_type"] = gguf_file_type(Path(v["gguf"])) if Path(v["gguf"]).is_file() else None
+        row["same_type_as_dense"] = row["file_type"] == dense_type
         m = by_label.get(v["label"])
         if m:
             run = m["runs"][0]
+            lat = (run.get("latency") or [{}])[0]
             dec = (run.get("decode") or [{}])[0]
             row.update(bytes=run["size"]["bytes"], peak_rss=run.get("memory", {}).get("peak_rss_bytes"),
                        prefill_tok_s=dec.get("prefill", {}).get("throughput_tok_s"),
                        decode_tok_s=dec.get("decode_tokens_s"),
-                       energy_j_per_token=(dec.get("energy_j_per_token") or dec.get("step", {}).get("energy_j")),
+                       energy_mj=(lat.get("energy_j_per_inference") or 0) * 1e3 or None,
                        prefill_speedup=comparisons.get(v["label"], {}).get("prefill_speedup"),
                        decode_speedup=comparisons.get(v["label"], {}).get("decode_speedup"),
                        decode_rounds=comparisons.get(v["label"], {}).get("decode_speedup_rounds"))
         elif Path(v["gguf"]).is_file():
             row["bytes"] = Path(v["gguf"]).stat().st_size
-        if cost is not None and Path(v["gguf"]).is_file():
-            from edgeprune.compress.cost_model import gguf_layers
-
+        if cost is not None and Path(v["gguf"]).is_file() and row["same_type_as_dense"]:
+            # the cost model was measured on the dense file's quantization: other types are not predicted
             try:
                 row["predicted"] = cost.speedup(gguf_layers(Path(v["gguf"])), dense_layers)
             except (KeyError, ValueError):
@@ -163,18 +164,14 @@ def rows(suite: dict, out: Path) -> list[dict]:
     return table
 
 
-def energy(run_decode: dict) -> float | None:
-    return None
-
-
 def cmd_report(suite: dict, out: Path, args) -> None:
     table = rows(suite, out)
     dense = next(r for r in table if r["label"] == suite["dense"])
     source = next((r for r in table if r.get("stage") == "source"), None)
     ref_q = (source or dense)["quality"]
     head = ("| variant | method | stage | file MB | prefill tok/s | decode tok/s | prefill / decode vs dense q4_0 "
-            "| predicted (cost model) | peak RSS MB | WikiText-2 ppl | LAMBADA acc | HellaSwag acc_norm | PIQA acc |")
-    lines = [head, "|" + " --- |" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+            "| predicted (cost model) | peak RSS MB | energy mJ/call (est.) | WikiText-2 ppl | LAMBADA acc | HellaSwag acc_norm | PIQA acc |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def fmt(x, spec):
         return format(x, spec) if isinstance(x, (int, float)) else "–"
@@ -187,7 +184,7 @@ def cmd_report(suite: dict, out: Path, args) -> None:
             fmt(r.get("prefill_tok_s"), ".0f"), fmt(r.get("decode_tok_s"), ".1f"),
             f"{fmt(r.get('prefill_speedup'), '.2f')}x / {fmt(r.get('decode_speedup'), '.2f')}x",
             f"{pred['prefill']:.2f}x / {pred['decode']:.2f}x" if pred else "–",
-            fmt((r.get("peak_rss") or 0) / 1e6 or None, ".0f"),
+            fmt((r.get("peak_rss") or 0) / 1e6 or None, ".0f"), fmt(r.get("energy_mj"), ".0f"),
             fmt(q.get("perplexity", {}).get("value"), ".2f"), fmt(q.get("lambada", {}).get("acc", q.get("lambada", {}).get("value")), ".4f"),
             fmt(q.get("hellaswag", {}).get("acc_norm"), ".4f"), fmt(q.get("piqa", {}).get("acc"), ".4f")]) + " |")
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else {}
@@ -200,7 +197,10 @@ def cmd_report(suite: dict, out: Path, args) -> None:
             f"llama.cpp on the same files: WikiText-2 valid perplexity on the first "
             f"{suite.get('quality', {}).get('ppl_tokens', 8192)} tokens (window 512, stride 256), zero-shot on "
             f"the first {suite.get('quality', {}).get('limit')} dev items of each task.", ""] + lines
-    text += ["", "Reference for quality retention: " + (source or dense)["label"] + "."]
+    text += ["", "Reference for quality retention: " + (source or dense)["label"] + " (the source model, evaluated "
+             "the same way). Predicted = the host's cost model (`edgeprune cost`), for files of the dense "
+             "reference's quantization only. Energy: the bench's estimate (process CPU time x 4 W per busy core) "
+             "per timed call (one 128-token forward returning every position's logits)."]
     targets = headline(table, dense, ref_q, suite)
     if targets:
         text += ["", "## Headline targets", ""] + targets
@@ -217,8 +217,8 @@ def headline(table: list[dict], dense: dict, ref_q: dict, suite: dict) -> list[s
     ppl_ref = ref_q.get("perplexity", {}).get("value")
     lam_ref = ref_q.get("lambada", {}).get("value")
     for r in table:
-        if r.get("method") in (None, "dense") or r.get("decode_speedup") is None:
-            continue
+        if r.get("method") in (None, "dense") or r.get("decode_speedup") is None or not r.get("same_type_as_dense"):
+            continue  # the targets are for a pruned file of the dense reference's type (q4_0)
         q = r["quality"]
         checks = [("q4_0 file <= 75 MB", (r.get("bytes") or 1e12) <= 75e6, f"{(r.get('bytes') or 0) / 1e6:.1f} MB"),
                   ("decode >= 1.3x dense q4_0", r["decode_speedup"] >= 1.3, f"{r['decode_speedup']:.2f}x"),

@@ -312,7 +312,7 @@ def time_sessions(paths: dict[str, Path], threads: int, prompt: int, new_tokens:
     sessions = {name: runtime.load(str(path), threads=threads, n_ctx=prompt + new_tokens + 8)
                 for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    ids = rng.integers(100, 20000, size=(1, prompt))
+    ids = rng.integers(3, 300, size=(1, prompt))  # any ids in every vocabulary: the content does not change the time
     names = list(sessions)
     samples = {n: {"prefill": [], "decode": []} for n in names}
     try:
@@ -391,6 +391,14 @@ def load_or_measure(source: Path, threads: int = 2, prompt: int = 128, path: Pat
     model = measure(source, threads=threads, prompt=prompt, progress=progress, **measure_options)
     save(model, path)
     return model, path, how
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """``general.file_type`` (llama.cpp's LLAMA_FTYPE: 2 = Q4_0, 7 = Q8_0, 3 = Q4_1), None when absent."""
+    import gguf
+
+    fld = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    return int(fld.parts[-1][0]) if fld is not None else None
 
 
 def gguf_layers(path: Path) -> list[LayerShape]:
