@@ -11,7 +11,7 @@ __all__ = ["__version__", "load", "compress"]
 
 def __getattr__(name):
     if name == "load":
-        from edgeprune.compress.artifact import load
+        from edgeprune.core.model_artifact import load
 
         return load
     if name == "compress":

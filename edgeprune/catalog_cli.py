@@ -15,9 +15,9 @@ def register(subparsers) -> None:
 
 
 def run_data(args) -> int:
-    from edgeprune.cli import print_json_last
-    from edgeprune.data_sources import SOURCES, describe_sources, where
-    from edgeprune.paths import data_dir
+    from edgeprune.core.console import print_json_last
+    from edgeprune.core.data_sources import SOURCES, describe_sources, where
+    from edgeprune.core.paths import data_dir
 
     rows = [dict(row, resolves=where(SOURCES[row["key"]])) for row in describe_sources()]
     print(f"mirror folder: {data_dir()} ($EDGEPRUNE_DATA, else shared/data beside the checkout or the cwd)")
@@ -30,8 +30,8 @@ def run_data(args) -> int:
 
 
 def run_recipes(args) -> int:
-    from edgeprune.cli import print_json_last
-    from edgeprune.recipe_catalog import list_recipes
+    from edgeprune.core.console import print_json_last
+    from edgeprune.core.recipe_catalog import list_recipes
 
     rows = list_recipes()
     for row in rows:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import contextlib
-import json
 import os
 import signal
 import sys
 import threading
 
 from edgeprune import __version__
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.console import print_json_last
+from edgeprune.core.errors import EdgePruneError
 
 # Modules exposing ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``.
 COMMAND_MODULES = (
@@ -22,13 +22,14 @@ COMMAND_MODULES = (
     "edgeprune.runtime.cli",
     "edgeprune.eval.cli",
     "edgeprune.bench.cli",
+    "edgeprune.pipeline_cli",
     "edgeprune.bench.fleet",
     "edgeprune.catalog_cli",
 )
 
 
 def _models_command(args) -> int:
-    from edgeprune import models
+    from edgeprune.core import loading as models
 
     if args.action == "list":
         for alias, description in models.ALIASES.items():
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verify_command(args) -> int:
-    from edgeprune.artifacts import read_manifest, verify_files
+    from edgeprune.core.artifacts import read_manifest, verify_files
 
     manifest = read_manifest(args.directory)
     problems = verify_files(args.directory, manifest)
@@ -104,12 +105,6 @@ def _sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def print_json_last(result: dict) -> None:
-    """Machine-readable result: one JSON object on the last stdout line."""
-    sys.stdout.flush()
-    print(json.dumps(result, sort_keys=False, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

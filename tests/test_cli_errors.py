@@ -284,10 +284,10 @@ def test_damaged_weights_and_mismatched_config_name_the_model(tiny_models, tmp_p
 @pytest.mark.parametrize("out", ["/proc/foo/out", "{tmp}/afile.txt/sub"])
 def test_unwritable_output_fails_before_loading(tiny_models, tmp_path, capsys, monkeypatch, out):
     """Items 19, 22: found before the model loads (it was found after compressing)."""
-    import edgeprune.models
+    import edgeprune.core.loading
 
     (tmp_path / "afile.txt").write_text("x")
-    monkeypatch.setattr(edgeprune.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(edgeprune.core.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run_cli(["compress", tiny_models("bert"), "-o", out.format(tmp=tmp_path), "--heads", "0.5"],
                            capsys)
     assert_one_line_error(code, err, "output")
@@ -306,9 +306,9 @@ def test_export_reads_calibration_before_exporting(tiny_models, tmp_path, capsys
 
 def test_pipeline_validates_every_variant_before_building(tiny_models, tmp_path, monkeypatch):
     """Item 22: the third variant's bad ratio is found before the first variant is compressed."""
-    from edgeprune.bench import pipeline
+    from edgeprune import pipeline
     from edgeprune.compress import api as compress_api
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     config = pipeline.PipelineConfig.from_dict({"model": str(tiny_models("bert")), "task": None, "variants": [
         {"name": "dense"}, {"name": "ok", "compress": {"structured": {"heads": 0.5}}},

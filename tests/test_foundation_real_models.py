@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeprune.data_sources import resolve_data
+from edgeprune.core.data_sources import resolve_data
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,9 @@ def test_minilm_prune_reload_eval(tmp_path):
 
 def test_smollm2_prune_reload_generate(tmp_path):
     from edgeprune.compress.api import CompressConfig, compress
-    from edgeprune.compress.artifact import load_artifact
+    from edgeprune.core.model_artifact import load_artifact
     from edgeprune.compress.plan import StructuredConfig
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     if not smollm2_path().is_file():
         pytest.skip("run `edgeprune models fetch smollm2-135m` first")

@@ -23,7 +23,7 @@ def test_sharded_checkpoint_loads_with_the_counted_parameters(tool, tiny_models,
     import torch
     import transformers
 
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_models("llama"))
     shape = tool.Shape(hidden=64, intermediate=96, layers=3, heads=4, kv_heads=2, vocab=len(tokenizer))

@@ -93,7 +93,7 @@ def sample_texts(n: int = 8, seed: int = 0) -> list[str]:
 
 def uneven_plan(loaded):
     """A valid plan whose layers keep different numbers of (KV) heads and FFN neurons."""
-    from edgeprune.compress.adapters.base import LayerPlan
+    from edgeprune.core.arch.base import LayerPlan
     from edgeprune.compress.plan import PrunePlan
 
     shapes = loaded.adapter.shapes(loaded.model.config)

@@ -39,10 +39,10 @@ def main(argv=None) -> int:
     from edgeprune.compress.api import CalibrationConfig
     from edgeprune.compress.calibration import load_calibration
     from edgeprune.compress.depth import bypassed, select
-    from edgeprune.data_sources import resolve_data_or_name
-    from edgeprune.eval.data import read_corpus
+    from edgeprune.core.data_sources import resolve_data_or_name
+    from edgeprune.core.datasets import read_corpus
     from edgeprune.eval.metrics import sliding_window_perplexity
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     torch.manual_seed(0)
     loaded = load_model(args.model)

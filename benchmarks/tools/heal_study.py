@@ -55,7 +55,7 @@ def drop_blocks(model, drop: list[int]) -> None:
 
 def evaluate(loaded, args, data) -> dict:
     from edgeprune.eval.api import EvalConfig, evaluate_backend
-    from edgeprune.eval.torch_backend import TorchBackend
+    from edgeprune.eval.backends import TorchBackend
 
     backend = TorchBackend(loaded, threads=args.threads)
     out = {}
@@ -100,8 +100,8 @@ def main() -> None:
 
     from edgeprune.compress.api import CompressConfig, FinetuneConfig
     from edgeprune.compress.finetune import finetune, lm_blocks
-    from edgeprune.data_sources import resolve_data
-    from edgeprune.models import load_model
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.core.loading import load_model
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

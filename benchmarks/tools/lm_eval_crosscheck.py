@@ -5,7 +5,7 @@
     python benchmarks/tools/lm_eval_crosscheck.py out/smollm2-hf --limit 300 --json
 
 lm-eval runs its ``hf`` model on the task configs in benchmarks/lm-eval/ (copies of lm-eval's lambada_openai,
-hellaswag and piqa that read the local jsonl that ``edgeprune.data_sources`` resolves); edgeprune runs the
+hellaswag and piqa that read the local jsonl that ``edgeprune.core.data_sources`` resolves); edgeprune runs the
 same directory through PyTorch. Both take the first ``--limit`` items.
 """
 

@@ -16,8 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("model")
     parser.add_argument("output")
     args = parser.parse_args(argv)
-    from edgeprune.artifacts import check_output_dir, staged_output
-    from edgeprune.models import load_model
+    from edgeprune.core.artifacts import check_output_dir, staged_output
+    from edgeprune.core.loading import load_model
 
     loaded = load_model(args.model, task="text-generation")
     check_output_dir(args.output, overwrite=False)

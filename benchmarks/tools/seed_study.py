@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from edgeprune.data_sources import resolve_data
+    from edgeprune.core.data_sources import resolve_data
     from edgeprune.eval.api import resolve_task_data
 
     torch.manual_seed(args.seed)

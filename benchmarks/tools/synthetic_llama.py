@@ -76,7 +76,7 @@ def load_tokenizer(spec: str | None):
     if spec:
         return transformers.AutoTokenizer.from_pretrained(spec)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     gguf = smollm2_path()
     return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -74,7 +74,7 @@ def main() -> None:
     import onnx
     from transformers import AutoTokenizer
 
-    from edgeprune.artifacts import read_manifest
+    from edgeprune.core.artifacts import read_manifest
     from edgeprune.exporters.decoder_gate import decoder_quality_gate
     from edgeprune.exporters.quantize import quantize_weight_only
     from edgeprune.exporters.validate import ort_logits_fn

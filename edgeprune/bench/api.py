@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeprune.bench.harness import (BenchConfig, BenchModel, agreement_vs_dense, environment, measure_quality,
                                      measure_runtime, prepare_models)
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def _latency_entry(entry: dict, energy_method: dict) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def _decode_entry(entry: dict) -> dict[str, Any]:
 def assemble(models: list[BenchModel], config: BenchConfig, raw_by_runtime: dict[str, dict], order: list[dict],
              quality: dict[str, Any], quality_runtime: str | None, env: dict, out_dir: Path) -> dict[str, Any]:
     from edgeprune.bench.energy import EnergyMeter, describe_method
-    from edgeprune.artifacts import onnx_model_path
+    from edgeprune.core.artifacts import onnx_model_path
     from edgeprune.bench.metrics import analytic_flops, model_size
 
     energy_method = describe_method(EnergyMeter.open(), config.watts_per_core)
@@ -162,9 +162,9 @@ def bench(dense: str, candidates: list[str], out: str | os.PathLike, config: Ben
           overwrite: bool = False, labels: list[str] | None = None, export_task: str | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Benchmark ``dense`` and ``candidates`` (export dirs, or sources exported here in fp32) into ``out``."""
-    from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
+    from edgeprune.core.artifacts import check_output_dir, staged_output, write_manifest
     from edgeprune.bench import report as report_mod
-    from edgeprune.data_sources import resolve_data
+    from edgeprune.core.data_sources import resolve_data
     from edgeprune.runtime.base import get_runtime
 
     from edgeprune.bench.harness import check_labels, check_sources

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 MERGED_SCHEMA_ID = "edgeprune.bench.fleet/1"
 # Settings that change what a latency or quality number means; the rest (rounds, warm-up) only its noise.
@@ -172,7 +172,7 @@ def plot(merged: dict, out_dir: Path) -> list[str]:
 
 def write_merged(report_paths: list[str], out: str | Path, names: list[str] | None = None,
                  overwrite: bool = False) -> Path:
-    from edgeprune.artifacts import check_output_dir, staged_output
+    from edgeprune.core.artifacts import check_output_dir, staged_output
 
     check_output_dir(out, overwrite)
     merged = merge([read_report(p) for p in report_paths], names)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class BenchModel:
 # --- preparing inputs ---------------------------------------------------------------------------------
 
 def is_export(path: Path) -> bool:
-    from edgeprune.artifacts import is_artifact, read_manifest
+    from edgeprune.core.artifacts import is_artifact, read_manifest
 
     path = Path(path)
     if path.is_file() and path.suffix in (".onnx", ".gguf"):
@@ -138,7 +138,7 @@ def model_config(source: str) -> tuple[dict, str] | None:
 
     path = Path(source).expanduser()
     if not path.exists():
-        from edgeprune.models import resolve
+        from edgeprune.core.loading import resolve
 
         resolved = resolve(source)
         if resolved.kind == "gguf" or resolved.kind == "hub":
@@ -158,7 +158,7 @@ def check_sources(sources: list[str], config: BenchConfig) -> None:
     """Before anything runs: every source exists, candidates are variants of the dense model (same
     architecture family and vocabulary; a BERT vs GPT-2 'speedup' means nothing), and every sequence length
     fits each model's position table."""
-    from edgeprune.models import resolve
+    from edgeprune.core.loading import resolve
     from edgeprune.runtime.pipelines import check_positions
 
     configs = []
@@ -380,8 +380,8 @@ def agreement_vs_dense(quality: dict[str, Any], dense_label: str, task: str | No
 def environment(config: BenchConfig) -> dict[str, Any]:
     import os
 
-    from edgeprune.artifacts import library_versions
-    from edgeprune.runtime.onnxruntime_adapter import default_session_settings
+    from edgeprune.core.artifacts import library_versions
+    from edgeprune.core.onnxio import default_session_settings
 
     cpu_model, flags = platform.processor() or "unknown", set()
     try:

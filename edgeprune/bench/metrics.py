@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeprune.artifacts import is_artifact, read_manifest
+from edgeprune.core.artifacts import is_artifact, read_manifest
 from edgeprune.exporters.sparse import gzip_size, weight_stats
 
 
@@ -74,7 +74,7 @@ def gguf_counts(path: Path) -> dict[str, int]:
     counted (that would mean dequantizing every tensor) and reported as the element count."""
     import math
 
-    from edgeprune.exporters.gguf_export import read_gguf_metadata
+    from edgeprune.core.ggufio import read_gguf_metadata
 
     elements = sum(math.prod(shape) for _, shape, _ in read_gguf_metadata(path, tensors=True)[1])
     return {"initializer_elements": elements, "nonzeros": elements}

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.bench.energy import EnergyMeter
-from edgeprune.bench.workers import IN_PROCESS_RUNTIMES, build_feeds, consume, is_decoder_session, present_to_past, timed_calls
+from edgeprune.core.onnxio import build_feeds, consume, has_past, present_to_past, timed_calls
+from edgeprune.runtime.base import get_runtime
 
 
 def _rss_bytes() -> int:
@@ -77,8 +78,6 @@ class Worker:
 
     # --- requests -------------------------------------------------------------------------------
     def load(self, msg):
-        from edgeprune.runtime.base import get_runtime
-
         self.model, self.runtime, self.threads = msg["model"], msg["runtime"], msg.get("threads")
         started = time.perf_counter()
         self.baseline_rss = _rss_bytes()
@@ -93,7 +92,7 @@ class Worker:
                 # KV-cache decode changes the past length every step; static-shape runtimes (DeepSparse)
                 # would compile an engine per step, so they only get prefill timings.
                 "decoder": getattr(self.session, "stateful_decoder", False) or (
-                    is_decoder_session(self.session.inputs) and not getattr(self.session, "static_shapes", False)),
+                    has_past(i.name for i in self.session.inputs) and not getattr(self.session, "static_shapes", False)),
                 "build": self.session.build_flags() if hasattr(self.session, "build_flags") else None,
                 "inputs": [[i.name, list(i.shape), i.dtype] for i in self.session.inputs],
                 "outputs": [[o.name, list(o.shape), o.dtype] for o in self.session.outputs],
@@ -115,7 +114,9 @@ class Worker:
         feeds = build_feeds(self.session.inputs, msg["batch"], msg["seq"], self.vocab_size, msg.get("seed", 0),
                             kv_layout=self.kv_layout)
         iterations, warmup = int(msg["iterations"]), int(msg.get("warmup", 0))
-        if self.runtime not in IN_PROCESS_RUNTIMES:
+        # Runtimes computing in this process are timed here on ``session.run`` (every output consumed); others
+        # (DeepSparse runs in its own venv process) by ``session.benchmark``, so the pipe is not measured.
+        if not get_runtime(self.runtime, require_available=False).target.in_process:
             # The model runs in another process: only the session's own in-process timing excludes IPC.
             def call():
                 times = self.session.benchmark(feeds, iterations, warmup)
@@ -213,7 +214,7 @@ class Worker:
 
     def _agreement_outputs(self, backend, config, data, n):
         """Outputs compared with dense: sentence embeddings (sts) or next-token logits on a window (ppl)."""
-        from edgeprune.eval.data import read_corpus, read_sts
+        from edgeprune.core.datasets import read_corpus, read_sts
 
         if config.task in ("lambada", "hellaswag", "piqa"):  # next-token logits on the first item's context
             from edgeprune.eval.zeroshot import read_items

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeprune.artifacts import check_output_dir, staged_output
+from edgeprune.core.artifacts import check_output_dir, staged_output
 from edgeprune.compress.depth import DepthConfig
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 
 SPARSITY_PATTERNS = ("unstructured", "N:M", "4x4")
@@ -173,8 +173,8 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     import functools
     import inspect
 
-    from edgeprune.compress.plan import (ALLOCATIONS_NEEDING_INTERACTIONS, budget_for_fractions, get_allocation,
-                                         rearrange_plan)
+    from edgeprune.compress.plan import (ALLOCATIONS_NEEDING_INTERACTIONS, budget_for_fractions, effective_allocation,
+                                         get_allocation, rearrange_plan)
     from edgeprune.compress.surgery import apply_plan
 
     model, adapter = loaded.model, loaded.adapter
@@ -188,7 +188,7 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
         cfg = cfg.replace(flops_budget=budget_for_fractions(shapes, cfg, adapter, model.config))
     importance = get_importance(cfg.importance)
     # a FLOPs budget is a global constraint: the per-layer "uniform" allocator cannot honour it
-    allocation = "flops_budget" if cfg.flops_budget is not None and cfg.allocation == "uniform" else cfg.allocation
+    allocation = effective_allocation(cfg)
     if cfg.rearrange or allocation in ALLOCATIONS_NEEDING_INTERACTIONS:
         if "interactions" not in inspect.signature(importance).parameters:
             what = "--rearrange" if cfg.rearrange else f"allocation {allocation!r}"
@@ -266,9 +266,9 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
     import torch
 
     from edgeprune.compress import sequential as seq
-    from edgeprune.compress.artifact import save_artifact
-    from edgeprune.compress.surgery import parameter_count
-    from edgeprune.models import load_model
+    from edgeprune.core.model_artifact import save_artifact
+    from edgeprune.core.anatomy import parameter_count
+    from edgeprune.core.loading import load_model
 
     config = config or CompressConfig()
     if config.depth.active and sequential:

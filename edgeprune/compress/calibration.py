@@ -1,6 +1,6 @@
 """Calibration data: a few hundred unlabeled texts, tokenized into batches for data-aware pruning.
 
-Sources: a built-in data key (``stsb:train``; edgeprune.data_sources), an STS-B tsv (both sentences of every pair), a plain text file (non-empty lines; for decoders,
+Sources: a built-in data key (``stsb:train``; edgeprune.core.data_sources), an STS-B tsv (both sentences of every pair), a plain text file (non-empty lines; for decoders,
 consecutive text is packed into ``max_length`` token windows), a local ``datasets`` data file
 (.json/.jsonl/.csv/.parquet/.arrow) or a ``datasets`` name (``name``, ``name:config`` or ``name:config:split``).
 Sampling is seeded, so the same recipe always sees the same texts.
@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "document", "question")
@@ -63,9 +63,9 @@ def looks_like_path(path: str | Path) -> bool:
 
 def load_texts(path: str | Path, what: str = "calibration data", flag: str = "--calib") -> list[str]:
     """All candidate calibration (or fine-tuning) texts of a source (before sampling)."""
-    from edgeprune.eval.data import read_sentences
+    from edgeprune.core.datasets import read_sentences
 
-    from edgeprune.data_sources import resolve_data_or_name
+    from edgeprune.core.data_sources import resolve_data_or_name
 
     if path is None:
         raise EdgePruneError(f"this importance/reconstruction needs {what}: pass {flag} PATH "
@@ -139,7 +139,7 @@ def load_calibration(loaded, cfg, seed: int = 0) -> list[dict]:
     """Tokenized calibration batches (dicts of tensors) for ``loaded`` per a ``CalibrationConfig``."""
     import torch
 
-    from edgeprune.data_sources import resolve_data_or_name
+    from edgeprune.core.data_sources import resolve_data_or_name
 
     path = resolve_data_or_name(cfg.path) if cfg.path is not None else None
     texts = load_texts(path)
@@ -155,10 +155,7 @@ def load_calibration(loaded, cfg, seed: int = 0) -> list[dict]:
 
 def _looks_like_sentences(path) -> bool:
     """STS pairs stay sentence-level even for decoders; everything else is packed for decoders."""
-    location = Path(str(path)).expanduser()
-    if not location.is_file():
-        return False
-    with open(location, encoding="utf-8", errors="replace") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    return first.count("\t") >= 6
+    from edgeprune.core.datasets import is_sts_file
+
+    return is_sts_file(path)
 

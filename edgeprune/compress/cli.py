@@ -159,7 +159,7 @@ def config_from_args(args):
     from edgeprune.compress.api import CompressConfig
 
     if args.recipe:
-        from edgeprune.recipe_catalog import resolve_recipe
+        from edgeprune.core.recipe_catalog import resolve_recipe
 
         base = CompressConfig.from_file(resolve_recipe(args.recipe)).to_dict()
     else:
@@ -205,8 +205,8 @@ def warn_known_harmful(model: str, config) -> None:
 
 
 def run_compress(args) -> int:
-    from edgeprune.artifacts import read_manifest
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.artifacts import read_manifest
+    from edgeprune.core.console import print_json_last
     from edgeprune.compress.api import compress
 
     config = config_from_args(args)
@@ -235,7 +235,7 @@ def run_cost(args) -> int:
     from pathlib import Path
 
     from edgeprune.compress import cost_model as cm
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     source = Path(args.model).expanduser()
     if not source.is_file():
@@ -265,7 +265,7 @@ def run_cost(args) -> int:
             predictions[f] = model.speedup(cm.gguf_layers(Path(f)), dense)
             print(f"{f}: predicted prefill {predictions[f]['prefill']:.2f}x, decode {predictions[f]['decode']:.2f}x")
     if args.json:
-        from edgeprune.cli import print_json_last
+        from edgeprune.core.console import print_json_last
 
         print_json_last({"cost_model": str(path), "how": how, "per_unit": units, "predictions": predictions})
     return 0

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 FEATURES = ("constant", "layers", "attention_layers", "query_heads", "ffn_neurons")
 FORMAT = 1
@@ -204,7 +204,7 @@ def cut_gguf(source: Path, out: Path, drop_blocks: Sequence[int] = (), drop_atte
 
 def prepare_probes(source: Path, directory: Path | None = None) -> dict[str, tuple[Path, list[LayerShape]]]:
     """The probe GGUFs of ``source`` (written once, kept in the cache beside the cost models)."""
-    from edgeprune.paths import cache_dir
+    from edgeprune.core.paths import cache_dir
 
     heads, kv, ffn, count = dense_layout(source)
     layouts = probe_layouts(heads, kv, ffn, count)
@@ -347,7 +347,7 @@ def measure(source: Path, threads: int = 2, prompt: int = 128, new_tokens: int =
 
 
 def cache_file(fingerprint: dict, source: Path, prompt: int) -> Path:
-    from edgeprune.paths import cache_dir
+    from edgeprune.core.paths import cache_dir
 
     tag = hashlib.sha256(f"{Path(source).resolve()}:{Path(source).stat().st_size}:{prompt}".encode()).hexdigest()[:10]
     return Path(cache_dir()) / "cost-models" / f"llamacpp-{fingerprint_key(fingerprint)}-{tag}.json"

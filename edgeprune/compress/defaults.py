@@ -49,8 +49,8 @@ FULL_RECONSTRUCT_ENCODER = ("--reconstruct-mode full re-fits whole weights and o
 def model_family(spec: str) -> str | None:
     """``encoder`` or ``decoder`` from the model's config, without loading weights; None when the config
     cannot be read here (loading the model then reports why)."""
-    from edgeprune.compress.adapters import get_adapter
-    from edgeprune.models import resolve
+    from edgeprune.core.arch import get_adapter
+    from edgeprune.core.loading import resolve
 
     source = resolve(spec)
     if source.kind == "gguf":

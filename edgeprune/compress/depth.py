@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 DEPTH_IMPORTANCE = ("bi", "ppl", "ppl-iterative", "taylor")
 UNITS = ("block", "attention", "ffn")
@@ -482,7 +482,7 @@ def plan_depth(model, adapter, cfg: DepthConfig, calib=None, seed: int = 0) -> D
 def apply_depth(model, adapter, plan: DepthPlan) -> None:
     """Remove the plan's sublayers and blocks in place; record the kept shapes and, in the config, which of
     the source's blocks remain (``edgeprune_depth``, composed over repeated compressions)."""
-    from edgeprune.compress.adapters.base import LayerShape
+    from edgeprune.core.arch.base import LayerShape
     from edgeprune.compress.surgery import record_shapes
 
     layers = adapter.layers(model)

@@ -17,19 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edgeprune.data_sources import resolve_data_or_name
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.data_sources import resolve_data_or_name
+from edgeprune.core.datasets import is_sts_file
+from edgeprune.core.errors import EdgePruneError
 
 LOG_FILE = "train_log.jsonl"
 
 
 # --- data ----------------------------------------------------------------------------------------
-def _is_sts(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    return first.count("\t") >= 6
-
-
 def read_texts(data: str) -> list[str]:
     """Training texts from the same sources as calibration: STS tsv (both sentences), a plain text file
     (one text per line), a local json/csv/parquet file or a ``datasets`` name."""
@@ -42,7 +37,7 @@ def check_data(data: str) -> None:
     """Before the model loads: a --finetune that names a file must exist (else the run would fail later with
     a reason about the data's format)."""
     from edgeprune.compress.calibration import looks_like_path
-    from edgeprune.paths import data_dir
+    from edgeprune.core.paths import data_dir
 
     from edgeprune.compress.teacher_data import TEACHER_DATA
 
@@ -54,7 +49,7 @@ def check_data(data: str) -> None:
     if not path.exists() and looks_like_path(data):
         raise EdgePruneError(f"fine-tuning data not found: {data} (--finetune; also looked in {data_dir()})")
     if path.is_file():
-        from edgeprune.eval.data import read_text
+        from edgeprune.core.datasets import read_text
 
         read_text(path)  # unreadable or not UTF-8: one line naming the file
 
@@ -62,10 +57,10 @@ def check_data(data: str) -> None:
 def lm_blocks(tokenizer, data: str, block: int, skip_tokens: int = 0) -> list[list[int]]:
     """Decoder data: the whole corpus tokenized, the first ``skip_tokens`` dropped (held out for
     evaluation), cut into blocks of ``block`` tokens."""
-    from edgeprune.eval.data import read_corpus
+    from edgeprune.core.datasets import read_corpus
 
     path = Path(resolve_data_or_name(data)).expanduser()
-    text = read_corpus(path) if path.is_file() and not _is_sts(path) else "\n".join(read_texts(data))
+    text = read_corpus(path) if path.is_file() and not is_sts_file(path) else "\n".join(read_texts(data))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
     blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
     if not blocks:
@@ -191,10 +186,10 @@ class _Batches:
             self.kind = "texts"
         else:
             path = Path(data).expanduser()
-            if not (path.is_file() and _is_sts(path)):
+            if not (path.is_file() and is_sts_file(path)):
                 raise EdgePruneError("encoder fine-tuning without --distill needs STS pairs with scores "
                                      "(an STS-B tsv); pass --distill to learn from the dense model on plain text")
-            from edgeprune.eval.data import read_sts
+            from edgeprune.core.datasets import read_sts
 
             self.items = read_sts(path)
             self.kind = "pairs"

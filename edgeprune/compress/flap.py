@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from edgeprune.compress.importance import _scores_from, register_importance
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 class ChannelMoments:

@@ -11,8 +11,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from edgeprune.compress.adapters.base import KV, Q, ArchAdapter, LayerShape, unit_sq_norms
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.arch.base import KV, Q, ArchAdapter, LayerShape, unit_sq_norms
+from edgeprune.core.errors import EdgePruneError
 
 
 @dataclass

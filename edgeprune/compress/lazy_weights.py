@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 import torch
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -201,7 +201,7 @@ def release_memory() -> None:
 
 
 def open_weights(source, skeleton) -> LazyWeights:
-    """Lazy weights of a resolved model source (``edgeprune.models.ModelSource``) for a meta ``skeleton``."""
+    """Lazy weights of a resolved model source (``edgeprune.core.loading.ModelSource``) for a meta ``skeleton``."""
     if source.kind == "gguf":
         return GGUFWeights(source.path, skeleton)
     return SafetensorsWeights(source.path, prefix=skeleton.base_model_prefix + ".")

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from edgeprune.compress.adapters.base import ArchAdapter, ParamSlice
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.arch.base import ArchAdapter, ParamSlice
+from edgeprune.core.errors import EdgePruneError
 
 
 class _Stop(Exception):

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 FAMILIES = ("llama", "mistral", "qwen2")
 IMPORTANCE = ("flap", "magnitude")  # forward-only / weight-only criteria that score one block at a time
@@ -83,7 +83,7 @@ def should_run_sequential(model, config) -> bool:
     import psutil
 
     from edgeprune.compress.lazy_weights import checkpoint_numel
-    from edgeprune.models import resolve
+    from edgeprune.core.loading import resolve
 
     try:
         source = resolve(model)
@@ -296,16 +296,16 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     import transformers
     from accelerate import init_empty_weights
 
-    from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
-    from edgeprune.compress.adapters import get_adapter
+    from edgeprune.core.artifacts import check_output_dir, staged_output, write_manifest
+    from edgeprune.core.arch import get_adapter
     from edgeprune.compress.api import needs_calibration
-    from edgeprune.compress.artifact import PLAN_FILE, RECIPE_FILE
+    from edgeprune.core.model_artifact import PLAN_FILE, RECIPE_FILE
     from edgeprune.compress.calibration import load_calibration, load_texts
     from edgeprune.compress.importance import Scores
     from edgeprune.compress.lazy_weights import open_weights, release_memory
-    from edgeprune.compress.plan import get_allocation
-    from edgeprune.compress.surgery import record_shapes
-    from edgeprune.models import TASK_CLASSES, prepare_tokenizer, resolve
+    from edgeprune.compress.plan import effective_allocation, get_allocation
+    from edgeprune.core.anatomy import record_shapes
+    from edgeprune.core.loading import TASK_CLASSES, prepare_tokenizer, resolve
 
     out = Path(out)
     check_output_dir(out, overwrite)
@@ -352,7 +352,7 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     del inputs
     timings["score_pass_s"] = round(time.perf_counter() - step, 3)
     scores = Scores(heads, kv_heads, neurons, comparable=False)
-    allocation = "flops_budget" if s.flops_budget is not None and s.allocation == "uniform" else s.allocation
+    allocation = effective_allocation(s)
     plan = get_allocation(allocation)(scores, adapter.dense_shapes(hf_config), s, adapter, hf_config)
     plan.meta.update({"importance": s.importance, "allocation": allocation, "gqa_mode": s.gqa_mode,
                       "sequential": True})

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 BLOCK = 4
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from edgeprune.compress.adapters.base import ArchAdapter, LayerShape
+from edgeprune.core.arch.base import ArchAdapter
 from edgeprune.compress.plan import PrunePlan
-
-
-def record_shapes(model: torch.nn.Module, shapes: list[LayerShape]) -> None:
-    model.config.edgeprune_layers = [s.to_dict() for s in shapes]
+from edgeprune.core.anatomy import record_shapes
 
 
 def apply_plan(model: torch.nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> torch.nn.Module:
@@ -26,24 +23,3 @@ def mask_plan(model: torch.nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> 
     for i, (lp, shape) in enumerate(zip(plan.layers, adapter.shapes(model.config))):
         adapter.mask_layer(model, i, lp, shape)
     return model
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def analytic_parameter_count(adapter: ArchAdapter, config, dense_total: int, shapes: list[LayerShape]) -> int:
-    """Dense total minus what the per-layer formula says the removed units held."""
-    dense_shapes = adapter.dense_shapes(config)
-    removed = sum(adapter.block_params(config, d) - adapter.block_params(config, s) for d, s in zip(dense_shapes, shapes))
-    return dense_total - removed
-
-
-def analytic_flops(adapter: ArchAdapter, config, shapes: list[LayerShape], seq_len: int) -> int:
-    return sum(adapter.block_flops(config, s, seq_len) for s in shapes)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 TEACHER_DATA = "teacher"  # the --finetune value that selects teacher-generated data
 CACHE_FORMAT = 1
@@ -35,7 +35,7 @@ def model_identity(model, source=None) -> str:
 
 
 def cache_path(identity: str, sequences: int, length: int, temperature: float, seed: int) -> Path:
-    from edgeprune.paths import cache_dir
+    from edgeprune.core.paths import cache_dir
 
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity, sequences, length, temperature, seed]).encode())
     return Path(cache_dir()) / "teacher-data" / f"{key.hexdigest()[:20]}.npy"

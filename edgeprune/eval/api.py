@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 
 TASKS = ("sts", "perplexity", "lambada", "hellaswag", "piqa")
 ZERO_SHOT = ("lambada", "hellaswag", "piqa")  # scored as lm-evaluation-harness does (edgeprune.eval.zeroshot)
@@ -46,7 +46,7 @@ class EvalConfig(FrozenConfig):
 
 
 def _is_export(model: str | Path) -> bool:
-    from edgeprune.artifacts import is_artifact, read_manifest
+    from edgeprune.core.artifacts import is_artifact, read_manifest
 
     path = Path(model)
     if path.is_file():
@@ -59,8 +59,8 @@ def require_lm_head(model: str | Path, task: str) -> None:
     it a randomly initialised head and score noise."""
     import transformers
 
-    from edgeprune.compress.adapters import get_adapter
-    from edgeprune.models import resolve
+    from edgeprune.core.arch import get_adapter
+    from edgeprune.core.loading import resolve
 
     source = resolve(model)
     kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
@@ -86,8 +86,8 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
     if runtime is None and _is_export(model):
         runtime = "onnxruntime"
     if runtime in (None, "pytorch", "torch"):
-        from edgeprune.eval.torch_backend import TorchBackend
-        from edgeprune.models import load_model
+        from edgeprune.eval.backends import TorchBackend
+        from edgeprune.core.loading import load_model
 
         if task in LM_TASKS:
             require_lm_head(model, task)
@@ -109,14 +109,14 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
 
 
 def resolve_task_data(task: str, data: str | Path | None) -> Path:
-    """``data`` (a file or a built-in key), else the task's dev set (edgeprune.data_sources.TASK_DEFAULT_DATA)."""
-    from edgeprune.data_sources import TASK_DEFAULT_DATA, resolve_data
+    """``data`` (a file or a built-in key), else the task's dev set (edgeprune.core.data_sources.TASK_DEFAULT_DATA)."""
+    from edgeprune.core.data_sources import TASK_DEFAULT_DATA, resolve_data
 
     return resolve_data(data if data is not None else TASK_DEFAULT_DATA[task])
 
 
 def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    from edgeprune.eval.data import read_corpus, read_sts
+    from edgeprune.core.datasets import read_corpus, read_sts
     from edgeprune.eval.metrics import sliding_window_perplexity, sts_spearman
 
     started = time.perf_counter()
@@ -150,7 +150,7 @@ def evaluate_backend(backend, data: str | Path, config: EvalConfig, progress: bo
 def evaluate(model: str | Path, data: str | Path | None, config: EvalConfig | None = None,
              runtime: str | None = None, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     config = config or EvalConfig()
-    from edgeprune.eval.data import read_text
+    from edgeprune.core.datasets import read_text
 
     data = resolve_task_data(config.task, data)
     if config.task in ZERO_SHOT:

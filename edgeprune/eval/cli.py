@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeprune.data_sources import TASK_DEFAULT_DATA as DEFAULT_DATA
+from edgeprune.core.data_sources import TASK_DEFAULT_DATA as DEFAULT_DATA
 
 
 def register(subparsers) -> None:
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from edgeprune.cli import print_json_last
-    from edgeprune.errors import check_minimums
+    from edgeprune.core.console import print_json_last
+    from edgeprune.core.errors import check_minimums
     from edgeprune.eval.api import EvalConfig, evaluate
 
     check_minimums(args, threads=1)

@@ -1,4 +1,4 @@
-"""Numpy-only metrics: Spearman correlation, mean-pooled embeddings, perplexity from logits, agreement."""
+"""Numpy-only metrics: Spearman correlation, perplexity from logits, agreement (pooling: ``core.onnxio``)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     rb -= rb.mean()
     denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / denom) if denom else 0.0
-
-
-def mean_pool_normalize(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Mean over real tokens, then L2-normalise: the sentence-transformers recipe for MiniLM."""
-    mask = attention_mask[..., None].astype(hidden.dtype)
-    summed = (hidden * mask).sum(axis=1)
-    counts = np.clip(mask.sum(axis=1), 1e-9, None)
-    pooled = summed / counts
-    norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-    return pooled / norms
 
 
 def sts_spearman(embed: Callable[[list[str]], np.ndarray], pairs, batch_size: int = 64,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 ZERO_SHOT_TASKS = ("lambada", "hellaswag", "piqa")
 # What each task reports first (``value``); the others are secondary metrics in the same result.
@@ -133,7 +133,7 @@ _BUILDERS: dict[str, Callable[[dict], Item]] = {"lambada": _lambada_item, "hella
 
 def read_items(task: str, path: str | Path, limit: int | None = None) -> list[Item]:
     """The first ``limit`` items of a task's jsonl file; one clear error for the first line that is not one."""
-    from edgeprune.eval.data import read_text
+    from edgeprune.core.datasets import read_text
 
     if task not in _BUILDERS:
         raise EdgePruneError(f"unknown zero-shot task {task!r}; choose from {', '.join(ZERO_SHOT_TASKS)}")

@@ -7,30 +7,27 @@ staged output, which replaces ``out`` when everything passed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from edgeprune.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
+from edgeprune.core.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, is_artifact, read_manifest,
                                  staged_output, write_manifest)
-from edgeprune.configs import FrozenConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.quantize import MODES as QUANT_MODES
 from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
+from edgeprune.runtime.base import export_targets, get_target
 
 TASKS = ("auto", "feature-extraction", "sequence-classification", "text-generation")
-TARGETS = ("onnxruntime", "deepsparse", "llamacpp")
 DENSE_FILE = "model_dense.onnx"
-# DeepSparse 1.8 reads ONNX IR <= 9 (onnx < 1.15) and opsets up to 17 (checked by compiling with it).
-DEEPSPARSE_MAX_IR = 9
-DEEPSPARSE_MAX_OPSET = 17
 SOURCE_ONNX_OPSETS = (11, 21)  # opsets this exporter re-processes when the source is already ONNX
 
 
@@ -67,15 +64,15 @@ class ExportConfig(FrozenConfig):
     seed: int = 0
 
     def __post_init__(self):
-        if self.target == "llamacpp" and self.quantize != "none":  # "none" means f16 there
-            from edgeprune.exporters.gguf_export import check_gguf_type
+        target = get_target(self.target)  # the runtime's own export target (an unknown name fails here)
+        if target.file_format == "gguf" and self.quantize != "none":  # "none" means f16 there
+            from edgeprune.core.ggufio import check_gguf_type
 
             check_gguf_type(self.quantize)
         checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})"),
-                  (self.target == "llamacpp" or self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
+                  (target.file_format == "gguf" or self.quantize in QUANT_MODES, f"--quantize must be one of {', '.join(QUANT_MODES)} (got {self.quantize!r})"),
                   (self.sparse_initializers in SPARSE_MODES,
                    f"--sparse-initializers must be one of {', '.join(SPARSE_MODES)} (got {self.sparse_initializers!r})"),
-                  (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})"),
                   (9 <= self.opset <= 21, f"--opset must be between 9 and 21 (got {self.opset})"),
                   (self.calib_samples >= 1 and self.calib_max_length >= 2, "calibration sizes must be positive"),
                   (self.atol > 0 and self.rtol > 0, "tolerances must be positive"),
@@ -88,25 +85,13 @@ class ExportConfig(FrozenConfig):
         for ok, message in checks:
             if not ok:
                 raise EdgePruneError(message)
-        if self.target == "deepsparse":
-            if self.opset > DEEPSPARSE_MAX_OPSET:
-                raise EdgePruneError(f"--target deepsparse: DeepSparse 1.8 supports ONNX opset <= {DEEPSPARSE_MAX_OPSET} "
-                                     f"(got --opset {self.opset})")
-            if self.optimize:
-                raise EdgePruneError("--target deepsparse cannot use --optimize: ORT fusion emits com.microsoft "
-                                     "operators DeepSparse does not run")
-            if self.quantize == "int8-dynamic":
-                raise EdgePruneError("--target deepsparse cannot use --quantize int8-dynamic: DeepSparse 1.8 cannot run "
-                                     "dynamic INT8 operators (MatMulInteger); use --quantize int8-static --calib PATH")
-        if self.quantize in WEIGHT_ONLY_BITS:
-            if self.target == "deepsparse":
-                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --target deepsparse: "
-                                     "DeepSparse does not run onnxruntime's MatMulNBits operator; use "
-                                     "--quantize int8-static or none for DeepSparse")
-            if self.sparse_initializers == "on":
-                raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --sparse-initializers on: "
-                                     "MatMulNBits stores packed integer blocks, not zeros; use --sparse-initializers "
-                                     "off or auto")
+        problems = target.config_problems(self)
+        if problems:
+            raise EdgePruneError(problems[0])
+        if self.quantize in WEIGHT_ONLY_BITS and self.sparse_initializers == "on":
+            raise EdgePruneError(f"--quantize {self.quantize} cannot be combined with --sparse-initializers on: "
+                                 "MatMulNBits stores packed integer blocks, not zeros; use --sparse-initializers "
+                                 "off or auto")
         if self.quantize == "int8-static" and not self.calib:
             raise EdgePruneError("--quantize int8-static needs calibration data: pass --calib PATH (STS tsv or text)")
 
@@ -118,7 +103,7 @@ def _onnx_source(source: str | Path) -> Path | None:
     if path.is_file() and path.suffix == ".onnx":
         return path
     if path.is_dir() and is_artifact(path) and read_manifest(path).get("stage") == "export":
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         return onnx_model_path(path, "onnxruntime")
     return None
@@ -142,8 +127,8 @@ def _max_positions(config: dict) -> int | None:
 
 def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
                          count: int | None = None):
-    from edgeprune.eval.data import read_sentences
-    from edgeprune.exporters.validate import text_feeds
+    from edgeprune.core.datasets import read_sentences
+    from edgeprune.core.onnxio import text_feeds
 
     count = count or config.calib_samples
     sentences = read_sentences(path, limit=offset + count)[offset:offset + count]
@@ -165,8 +150,8 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
     text file, or random token ids."""
     import numpy as np
 
-    from edgeprune.data_sources import resolve_data
-    from edgeprune.exporters.validate import random_feeds
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.core.onnxio import random_feeds
 
     if ctx.tokenizer is not None:
         if config.calib:
@@ -199,8 +184,8 @@ def _decoder_gate_tokens(ctx: _Context, config: ExportConfig) -> tuple[Any, str]
     --calib text, the end of the default text file, or (no tokenizer / no text) random token ids."""
     import numpy as np
 
-    from edgeprune.eval.data import read_corpus
-    from edgeprune.paths import data_dir
+    from edgeprune.core.datasets import read_corpus
+    from edgeprune.core.paths import data_dir
 
     if ctx.tokenizer is not None:
         if config.calib:
@@ -244,115 +229,63 @@ def _decoder_gate(candidate: Path, reference: Path, ctx: _Context, config: Expor
     return report
 
 
-# --- DeepSparse ------------------------------------------------------------------------------------------------
-def deepsparse_python() -> str | None:
-    """The DeepSparse interpreter the runtime would use ($EDGEPRUNE_DEEPSPARSE_PYTHON or the installed venv)."""
-    from edgeprune.runtime.deepsparse_adapter import worker_python
-
-    python = worker_python()
-    return str(python) if python.is_file() else None
+# --- runtime targets ---------------------------------------------------------------------------------------
+def _kv_refusal(target) -> str:
+    return (f"--target {target.name}: {target.display} compiles one engine per shape, so a decoder with a KV cache "
+            "cannot run on it; add --no-past, or use onnxruntime")
 
 
-_DS_SCRIPT = r"""
-import json, sys
-import numpy as np
-from deepsparse import compile_model
-path, feeds_path, out_path = sys.argv[1:4]
-feeds = np.load(feeds_path)
-names = json.loads(sys.argv[4])
-inputs = [feeds[n] for n in names]
-engine = compile_model(path, batch_size=inputs[0].shape[0], input_shapes=[list(x.shape) for x in inputs])
-outputs = engine.run(inputs)
-np.savez(out_path, *outputs)
-"""
+def _target_file(target, selected: bool, final, current: Path, tmp: Path, kv_decoder: bool, quantization: str,
+                 variants: list) -> str | None:
+    """The file a runtime loads from this export (its manifest role): the onnxruntime file when the runtime
+    accepts it, else (only for the selected --target) a dense copy it accepts; None when it gets none."""
+    import onnx
+
+    from edgeprune.exporters.sparse import variant_record
+    from edgeprune.exporters.validate import check_onnx_file
+
+    if kv_decoder and not target.kv_cache:  # the runtime refuses to generate with a KV-cache decoder
+        if selected:
+            raise EdgePruneError(_kv_refusal(target))
+        return None
+    if target.ready is None or not target.ready(final):
+        return DEFAULT_ONNX
+    if not selected:
+        return None
+    dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
+    if target.max_ir is not None:
+        dense_copy.ir_version = min(dense_copy.ir_version, target.max_ir)
+    problems = target.ready(dense_copy)
+    if problems:
+        raise EdgePruneError(f"cannot make a {target.display} file: {'; '.join(problems)}")
+    onnx.save(dense_copy, str(tmp / DENSE_FILE))
+    check_onnx_file(tmp / DENSE_FILE)
+    variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, target.name))
+    return DENSE_FILE
 
 
-def deepsparse_check(path: Path, ctx: _Context, timeout: int = 900) -> dict[str, Any]:
-    """Compile ``path`` with DeepSparse in its own interpreter and compare one inference with onnxruntime."""
+def _target_check(target, path: Path, ctx: _Context) -> dict[str, Any]:
+    """The runtime's export-time compile check on one static shape; says so when it could not run."""
     import numpy as np
 
-    from edgeprune.exporters.validate import ort_session, random_feeds, run_session
+    from edgeprune.core.onnxio import ort_session, random_feeds
 
-    python = deepsparse_python()
-    if python is None:
-        return {"checked": False, "reason": "no DeepSparse environment (set EDGEPRUNE_DEEPSPARSE_PYTHON)"}
-    session = ort_session(path)
-    names = [i.name for i in session.get_inputs()]
-    # Decoders: one prefill step with a short past; DeepSparse compiles static shapes.
+    names = [i.name for i in ort_session(path).get_inputs()]
+    # Decoders: one prefill step with a short past (static-shape runtimes compile one shape).
     feeds = random_feeds(names, 1, 16, 4 if ctx.decoder else 0, ctx.vocab_size, ctx.layout,
                          np.random.default_rng(5), ctx.type_vocab)
-    expected = run_session(session, feeds)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-ds-") as tmp:
-        np.savez(Path(tmp) / "feeds.npz", **feeds)
-        # A copy: DeepSparse rewrites the input shapes of the file it compiles, in place.
-        shutil.copy2(path, Path(tmp) / "model.onnx")
-        cmd = [python, "-c", _DS_SCRIPT, str(Path(tmp) / "model.onnx"), str(Path(tmp) / "feeds.npz"), str(Path(tmp) / "out.npz"),
-               json.dumps(names)]
-        started = time.perf_counter()
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
-        if result.returncode != 0:
-            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
-            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
-        with np.load(Path(tmp) / "out.npz") as out:
-            got = [out[f"arr_{i}"] for i in range(len(out.files))]
-    max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)
-    return {"checked": True, "python": python, "compile_and_run_s": round(time.perf_counter() - started, 2),
-            "max_abs_vs_onnxruntime": max_abs}
-
-
-def deepsparse_ready(model) -> list[str]:
-    """Why an ONNX model would be refused by DeepSparse 1.8 (empty list: acceptable)."""
-    from edgeprune.exporters.sparse import opset_of
-
-    problems = []
-    if model.graph.sparse_initializer:
-        problems.append("it holds sparse initializers")
-    if model.ir_version > DEEPSPARSE_MAX_IR:
-        problems.append(f"IR version {model.ir_version} > {DEEPSPARSE_MAX_IR}")
-    if opset_of(model) > DEEPSPARSE_MAX_OPSET:
-        problems.append(f"opset {opset_of(model)} > {DEEPSPARSE_MAX_OPSET}")
-    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if domains:
-        problems.append(f"it uses non-standard operator domains {domains}")
-    dynamic = sorted({n.op_type for n in model.graph.node if n.op_type in DEEPSPARSE_UNSUPPORTED_OPS})
-    if dynamic:
-        problems.append(f"it uses dynamic INT8 operators {dynamic}, which DeepSparse 1.8 crashes on "
-                        "(use --quantize int8-static)")
-    odd = _odd_matmul_widths(model)
-    if odd:
-        problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
-                        "compiler aborts on them at sequence lengths above 64; compress with "
-                        f"--round-to {DEEPSPARSE_WIDTH_MULTIPLE})")
-    return problems
-
-
-# Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
-DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
-# Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
-# seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
-DEEPSPARSE_WIDTH_MULTIPLE = 4
-
-
-def _odd_matmul_widths(model) -> list[int]:
-    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    odd = set()
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "MatMulInteger"):
-            for name in node.input[:2]:
-                dims = shapes.get(name, ())
-                if len(dims) == 2:
-                    odd.update(d for d in dims if d % DEEPSPARSE_WIDTH_MULTIPLE)
-    return sorted(odd)
+    report = target.check(path, feeds)
+    if not report["checked"]:  # said on every run, not only in the manifest
+        print(f"edgeprune: warning: {path.name} was not compile-checked with {target.display}: "
+              f"{report['reason']} ({target.install_hint})", file=sys.stderr, flush=True)
+    return report
 
 
 # --- pipeline -----------------------------------------------------------------------------------------------
 def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, allow_pickle: bool):
     from edgeprune.exporters.onnx_export import ONNX_FILE, export_with_optimum
     from edgeprune.exporters.validate import torch_reference
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     started = time.perf_counter()
     loaded = load_model(source, task=None if config.task == "auto" else config.task, allow_pickle=allow_pickle)
@@ -375,7 +308,7 @@ def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, all
 def _model_stats(loaded) -> dict[str, Any]:
     """Parameters and block-FLOPs coefficients, recorded in the export so reports read them from the export
     itself (not from a parent artifact that may be absent, nor from transformers, which a device lacks)."""
-    from edgeprune.compress.surgery import analytic_flops, parameter_count
+    from edgeprune.core.anatomy import analytic_flops, parameter_count
 
     parameters = parameter_count(loaded.model)
     dense = parameters
@@ -397,15 +330,16 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
     from edgeprune.exporters.validate import check_onnx_file, onnx_reference
 
     model = check_onnx_file(onnx_path)
-    from edgeprune.exporters.sparse import opset_of
+    from edgeprune.core.onnxio import opset_of
 
     opset = opset_of(model)
     if not SOURCE_ONNX_OPSETS[0] <= opset <= SOURCE_ONNX_OPSETS[1]:
         raise EdgePruneError(f"{onnx_path}: opset {opset} is outside what this exporter handles "
                              f"({SOURCE_ONNX_OPSETS[0]}..{SOURCE_ONNX_OPSETS[1]})")
-    if config.target == "deepsparse" and opset > DEEPSPARSE_MAX_OPSET:
-        raise EdgePruneError(f"{onnx_path}: opset {opset} > {DEEPSPARSE_MAX_OPSET}, which DeepSparse 1.8 does not "
-                             "support (--target deepsparse); re-export from the model with --opset 17")
+    target = get_target(config.target)
+    if target.max_opset is not None and opset > target.max_opset:
+        raise EdgePruneError(f"{onnx_path}: opset {opset} > {target.max_opset}, which {target.display} does not "
+                             f"support (--target {target.name}); re-export from the model with --opset {target.max_opset}")
     src_dir = onnx_path.parent
     if not (src_dir / "config.json").is_file():
         raise EdgePruneError(f"{src_dir}: no config.json beside {onnx_path.name}; an export directory needs one")
@@ -456,7 +390,7 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
 
 def _source_is_decoder(source: str | Path) -> bool:
     """Whether a source is a decoder, from what is on disk (config.json or a GGUF file); False if unknown."""
-    from edgeprune.models import ALIASES
+    from edgeprune.core.loading import ALIASES
 
     path = Path(source)
     if str(source) in ALIASES:
@@ -475,37 +409,188 @@ def _source_is_decoder(source: str | Path) -> bool:
     return "ForCausalLM" in archs or "LMHead" in archs
 
 
-def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
-           allow_pickle: bool = False, progress: bool = True) -> Path:
-    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+@dataclass
+class _Run:
+    """The state one ONNX export's steps share: the current file, and what goes into the manifest."""
+
+    config: ExportConfig
+    ctx: _Context
+    meta: dict[str, Any]
+    work: Path
+    tmp: Path
+    say: Callable[[str], None]
+    current: Path
+    calib_sentences: int | None = None
+    quantization: str = "none"
+    steps: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        started = time.perf_counter()
+        yield
+        self.timings[key] = round(time.perf_counter() - started, 3)
+
+    def gate(self, path: Path, label: str) -> None:
+        """Numerical gate of ``path`` against the reference (plus greedy generation for decoders)."""
+        from edgeprune.exporters.validate import generation_gate, numeric_gate
+
+        ctx, config = self.ctx, self.config
+        with self.timed(f"validate_{label}_s"):
+            self.say(f"validating {label} against {ctx.reference_name}")
+            self.validation[label] = numeric_gate(path, ctx.reference, ctx.vocab_size, ctx.layout, ctx.decoder,
+                                                  config.atol, config.rtol, seed=config.seed + 1234,
+                                                  type_vocab=ctx.type_vocab, what=ctx.reference_name)
+            if ctx.decoder and ctx.model is not None:
+                self.validation[label]["generation"] = generation_gate(path, ctx.model, ctx.layout, ctx.vocab_size)
+
+
+def _simplify_step(run: _Run) -> None:
+    if not run.config.simplify:
+        return
+    from edgeprune.exporters.simplify import simplify
+
+    with run.timed("simplify_s"):
+        run.say("folding shape arithmetic")
+        run.steps["simplify"] = simplify(run.current, run.work / "simplified.onnx")
+    if run.steps["simplify"]["nodes_after"] < run.steps["simplify"]["nodes_before"]:
+        run.current = run.work / "simplified.onnx"
+        run.gate(run.current, "simplified")
+
+
+def _optimize_step(run: _Run) -> None:
+    if not run.config.optimize:
+        return
+    from edgeprune.exporters import optimize as opt
+
+    with run.timed("optimize_s"):
+        run.say("fusing the graph (onnxruntime transformer optimizer)")
+        run.steps["optimize"] = opt.optimize(run.current, run.work / "optimized.onnx", run.ctx.decoder)
+        run.current = run.work / "optimized.onnx"
+    run.gate(run.current, "optimized")
+
+
+def _quantize_step(run: _Run) -> None:
+    config, ctx = run.config, run.ctx
+    if config.quantize == "none":
+        return
+    from edgeprune.core.onnxio import ort_session
+    from edgeprune.exporters import quantize as quant
+    from edgeprune.exporters.validate import task_gate
+
+    current = run.current
+    with run.timed("quantize_s"):
+        run.say(f"quantizing ({config.quantize})")
+        names = [i.name for i in ort_session(current).get_inputs()]
+        quantized = run.work / f"{config.quantize}.onnx"  # its name appears in gate errors
+        if config.quantize == "int8-dynamic":
+            run.steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
+        elif config.quantize in WEIGHT_ONLY_BITS:
+            run.steps["quantize"] = quant.quantize_weight_only(
+                current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
+                config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
+        else:
+            if ctx.tokenizer is None:
+                raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
+            batches = _calibration_batches(ctx, config.calib, names, config)
+            run.steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
+            run.steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
+                                                    "samples_used": run.calib_sentences}
+    label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
+    with run.timed(f"validate_{label}_s"):
+        run.say(f"checking the {config.quantize} model against the fp32 export")
+        if ctx.task == "text-generation":
+            run.validation[label] = _decoder_gate(quantized, current, ctx, config, run.meta["with_past"])
+        else:
+            check, check_source = _check_batches(ctx, names, config)
+            run.validation[label] = task_gate(quantized, current, ctx.task, check, config.min_cosine, config.min_top1)
+            run.validation[label]["data"] = check_source
+    run.quantization = config.quantize
+    run.current = quantized
+
+
+# The graph rewrites, in order; each validates its output before the next one runs.
+ONNX_STEPS: tuple[Callable[[_Run], None], ...] = (_simplify_step, _optimize_step, _quantize_step)
+
+
+def _write_final(run: _Run):
+    """The onnxruntime file: sparse initializers where they pay (after quantization, never before), checked
+    against its dense source."""
+    import numpy as np
     import onnx
 
-    from edgeprune.exporters import optimize as opt
-    from edgeprune.exporters import quantize as quant
-    from edgeprune.exporters.onnx_export import io_signature
-    from edgeprune.exporters.sparse import sparsify, variant_record
-    from edgeprune.exporters.validate import (check_onnx_file, compare, generation_gate, numeric_gate, ort_session,
-                                              random_feeds, run_session, task_gate)
+    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
+    from edgeprune.exporters.sparse import sparsify
+    from edgeprune.exporters.validate import compare
 
-    config = config or ExportConfig()
-    out = Path(out)
+    config, ctx, tmp = run.config, run.ctx, run.tmp
+    final = onnx.load(str(run.current))
+    sparsify(final, config.sparse_initializers)
+    run.steps["sparse_initializers"] = {"mode": config.sparse_initializers, "tensors": len(final.graph.sparse_initializer)}
+    onnx.save(final, str(tmp / DEFAULT_ONNX))
+    if final.graph.sparse_initializer:
+        run.say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
+        session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(run.current)
+        rng = np.random.default_rng(config.seed + 99)
+        names = [i.name for i in session.get_inputs()]
+        feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and run.meta["with_past"] else 0,
+                             ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
+        errors = compare(run_session(reference, feeds), run_session(session, feeds))
+        worst = max(e["max_abs"] for e in errors.values())
+        run.validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
+        if worst > 1e-5:
+            raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
+    return final
+
+
+def _runtime_files(run: _Run, final, target) -> tuple[dict[str, str | None], list]:
+    """Every ONNX runtime's file role, and the selected runtime's export-time check."""
+    from edgeprune.exporters.sparse import variant_record
+
+    variants = [variant_record(run.tmp / DEFAULT_ONNX, final, run.quantization, "onnxruntime")]
+    kv_decoder = run.ctx.decoder and bool(run.meta["with_past"])
+    roles = {t.name: _target_file(t, t.name == run.config.target, final, run.current, run.tmp, kv_decoder,
+                                  run.quantization, variants) for t in export_targets("onnx")}
+    if target.check is not None:
+        run.say(f"compiling with {target.display} (if its environment exists)")
+        with run.timed(f"{target.name}_check_s"):
+            run.validation[target.name] = _target_check(target, run.tmp / roles[target.name], run.ctx)
+    return roles, variants
+
+
+def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, target) -> tuple[ExportConfig, int | None]:
+    """Everything checkable before the slow export; returns the config with --calib resolved to a file."""
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise EdgePruneError("the output directory must differ from the source")
     check_output_dir(out, overwrite)
-    if config.target == "deepsparse" and config.with_past and _source_is_decoder(source):
-        raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder with "
-                             "a KV cache cannot run on it; add --no-past, or use onnxruntime")
-    if config.calib:
-        from edgeprune.data_sources import resolve_data
-        from edgeprune.eval.data import read_sentences
+    if not target.kv_cache and config.with_past and _source_is_decoder(source):
+        raise EdgePruneError(_kv_refusal(target))
+    if not config.calib:
+        return config, None
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.core.datasets import read_sentences
 
-        config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
-        calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
-        if config.quantize == "int8-static":
-            from edgeprune.compress.calibration import warn_if_few
+    config = config.replace(calib=str(resolve_data(config.calib)))  # a file or a key such as stsb:train
+    calib_sentences = len(read_sentences(config.calib, limit=config.calib_samples))  # before the slow export
+    if config.quantize == "int8-static":
+        from edgeprune.compress.calibration import warn_if_few
 
-            warn_if_few(calib_sentences, config.calib_samples, config.calib)
-    if config.target == "llamacpp":
+        warn_if_few(calib_sentences, config.calib_samples, config.calib)
+    return config, calib_sentences
+
+
+def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
+           allow_pickle: bool = False, progress: bool = True) -> Path:
+    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+    from edgeprune.exporters.onnx_export import io_signature
+    from edgeprune.exporters.validate import check_onnx_file
+
+    config = config or ExportConfig()
+    out = Path(out)
+    target = get_target(config.target)
+    config, calib_sentences = _check_request(source, out, config, overwrite, target)
+    if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 
         return export_gguf(source, out, config, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
@@ -514,8 +599,6 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
 
-    timings: dict[str, float] = {}
-    validation: dict[str, Any] = {}
     started = time.perf_counter()
     with staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeprune-export-") as scratch:
         work = Path(scratch)
@@ -527,130 +610,22 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         else:
             say(f"loading {source} and exporting to ONNX (opset {config.opset})")
             ctx, parent, meta = _prepare_from_model(source, config, tmp, work, allow_pickle)
-        timings["export_s"] = round(time.perf_counter() - step, 3)
-        current = work / "fp32.onnx"
-        check_onnx_file(current)
-
-        def gate(path: Path, label: str) -> None:
-            step = time.perf_counter()
-            say(f"validating {label} against {ctx.reference_name}")
-            validation[label] = numeric_gate(path, ctx.reference, ctx.vocab_size, ctx.layout, ctx.decoder,
-                                             config.atol, config.rtol, seed=config.seed + 1234,
-                                             type_vocab=ctx.type_vocab, what=ctx.reference_name)
-            if ctx.decoder and ctx.model is not None:
-                validation[label]["generation"] = generation_gate(path, ctx.model, ctx.layout, ctx.vocab_size)
-            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
-
-        gate(current, "fp32")
-        steps: dict[str, Any] = {}
-        if config.simplify:
-            from edgeprune.exporters.simplify import simplify
-
-            step = time.perf_counter()
-            say("folding shape arithmetic")
-            steps["simplify"] = simplify(current, work / "simplified.onnx")
-            timings["simplify_s"] = round(time.perf_counter() - step, 3)
-            if steps["simplify"]["nodes_after"] < steps["simplify"]["nodes_before"]:
-                current = work / "simplified.onnx"
-                gate(current, "simplified")
-        if config.optimize:
-            step = time.perf_counter()
-            say("fusing the graph (onnxruntime transformer optimizer)")
-            steps["optimize"] = opt.optimize(current, work / "optimized.onnx", ctx.decoder)
-            current = work / "optimized.onnx"
-            timings["optimize_s"] = round(time.perf_counter() - step, 3)
-            gate(current, "optimized")
-        quantization = "none"
-        if config.quantize != "none":
-            step = time.perf_counter()
-            say(f"quantizing ({config.quantize})")
-            names = [i.name for i in ort_session(current).get_inputs()]
-            quantized = work / f"{config.quantize}.onnx"  # its name appears in gate errors
-            label = "weight_only" if config.quantize in WEIGHT_ONLY_BITS else "int8"
-            if config.quantize == "int8-dynamic":
-                steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
-            elif config.quantize in WEIGHT_ONLY_BITS:
-                steps["quantize"] = quant.quantize_weight_only(
-                    current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
-                    config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
-            else:
-                if ctx.tokenizer is None:
-                    raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
-                batches = _calibration_batches(ctx, config.calib, names, config)
-                steps["quantize"] = quant.quantize_static(current, quantized, batches, config.per_channel)
-                steps["quantize"]["calibration"] = {"source": config.calib, "samples_requested": config.calib_samples,
-                                                    "samples_used": calib_sentences}
-            timings["quantize_s"] = round(time.perf_counter() - step, 3)
-            step = time.perf_counter()
-            say(f"checking the {config.quantize} model against the fp32 export")
-            if ctx.task == "text-generation":
-                validation[label] = _decoder_gate(quantized, current, ctx, config, meta["with_past"])
-            else:
-                check, check_source = _check_batches(ctx, names, config)
-                validation[label] = task_gate(quantized, current, ctx.task, check, config.min_cosine, config.min_top1)
-                validation[label]["data"] = check_source
-            timings[f"validate_{label}_s"] = round(time.perf_counter() - step, 3)
-            quantization = config.quantize
-            current = quantized
-
-        # Final onnxruntime file: sparse initializers where they pay (after quantization, never before).
-        final = onnx.load(str(current))
-        sparsify(final, config.sparse_initializers)
-        steps["sparse_initializers"] = {"mode": config.sparse_initializers,
-                                        "tensors": len(final.graph.sparse_initializer)}
-        onnx.save(final, str(tmp / DEFAULT_ONNX))
-        if final.graph.sparse_initializer:
-            say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
-            session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(current)
-            import numpy as np
-
-            rng = np.random.default_rng(config.seed + 99)
-            names = [i.name for i in session.get_inputs()]
-            feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and meta["with_past"] else 0,
-                                 ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
-            errors = compare(run_session(reference, feeds), run_session(session, feeds))
-            worst = max(e["max_abs"] for e in errors.values())
-            validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
-            if worst > 1e-5:
-                raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
-        variants = [variant_record(tmp / DEFAULT_ONNX, final, quantization, "onnxruntime")]
-        roles: dict[str, str | None] = {"onnxruntime": DEFAULT_ONNX, "deepsparse": None}
-
-        # DeepSparse: dense, IR <= 9, standard opset. model.onnx serves when it already qualifies. A decoder
-        # with a KV cache never gets a DeepSparse file: the runtime refuses to generate with one.
-        kv_decoder = ctx.decoder and bool(meta["with_past"])
-        if kv_decoder:
-            if config.target == "deepsparse":
-                raise EdgePruneError("--target deepsparse: DeepSparse 1.8 compiles one engine per shape, so a decoder "
-                                     "with a KV cache cannot run on it; add --no-past, or use onnxruntime")
-        elif not deepsparse_ready(final):
-            roles["deepsparse"] = DEFAULT_ONNX
-        elif config.target == "deepsparse":
-            dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
-            dense_copy.ir_version = min(dense_copy.ir_version, DEEPSPARSE_MAX_IR)
-            problems = deepsparse_ready(dense_copy)
-            if problems:
-                raise EdgePruneError(f"cannot make a DeepSparse file: {'; '.join(problems)}")
-            onnx.save(dense_copy, str(tmp / DENSE_FILE))
-            check_onnx_file(tmp / DENSE_FILE)
-            variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, "deepsparse"))
-            roles["deepsparse"] = DENSE_FILE
-        if config.target == "deepsparse":
-            say("compiling with DeepSparse (if its environment exists)")
-            step = time.perf_counter()
-            validation["deepsparse"] = deepsparse_check(tmp / roles["deepsparse"], ctx)
-            timings["deepsparse_check_s"] = round(time.perf_counter() - step, 3)
-            if not validation["deepsparse"]["checked"]:  # said on every run, not only in the manifest
-                print(f"edgeprune: warning: {roles['deepsparse']} was not compile-checked with DeepSparse: "
-                      f"{validation['deepsparse']['reason']} (edgeprune runtime install deepsparse)",
-                      file=sys.stderr, flush=True)
-        timings["total_s"] = round(time.perf_counter() - started, 3)
+        run = _Run(config, ctx, meta, work, tmp, say, work / "fp32.onnx", calib_sentences)
+        run.timings["export_s"] = round(time.perf_counter() - step, 3)
+        check_onnx_file(run.current)
+        run.gate(run.current, "fp32")
+        for onnx_step in ONNX_STEPS:
+            onnx_step(run)
+        final = _write_final(run)
+        roles, variants = _runtime_files(run, final, target)
+        run.timings["total_s"] = round(time.perf_counter() - started, 3)
         write_manifest(
             tmp, "export", config.to_dict(), parent,
             task=ctx.task, with_past=bool(meta["with_past"]), files_by_role=roles, variants=variants,
-            validation=validation, kv_layout=ctx.layout if ctx.decoder else None, io=io_signature(tmp / DEFAULT_ONNX),
-            steps=steps, model_type=meta["model_type"], source_kind=meta["source_kind"],
-            optimum=meta.get("optimum"), timings=timings, model_stats=meta.get("model_stats"),
+            validation=run.validation, kv_layout=ctx.layout if ctx.decoder else None,
+            io=io_signature(tmp / DEFAULT_ONNX), steps=run.steps, model_type=meta["model_type"],
+            source_kind=meta["source_kind"], optimum=meta.get("optimum"), timings=run.timings,
+            model_stats=meta.get("model_stats"),
         )
         say(f"wrote {out}")
     return out

@@ -6,6 +6,8 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from edgeprune.runtime.base import target_names
+
     p = subparsers.add_parser("export", help="export a model or compressed artifact to validated ONNX",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="alias, local HF dir, .gguf, hub id, compressed artifact, export dir or .onnx file")
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
     p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],
                    help="store zero-heavy weights as sparse initializers where that shrinks them (default auto)")
-    p.add_argument("--target", choices=["onnxruntime", "deepsparse", "llamacpp"],
+    p.add_argument("--target", choices=target_names(),
                    help="also produce a file this runtime accepts (llamacpp: a GGUF file instead of ONNX)")
     p.add_argument("--atol", type=float, help="numeric gate absolute tolerance (default 1e-3)")
     p.add_argument("--rtol", type=float, help="numeric gate tolerance relative to the output's largest magnitude")
@@ -78,8 +80,8 @@ def config_from_args(args):
 
 
 def run_export(args) -> int:
-    from edgeprune.artifacts import read_manifest
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.artifacts import read_manifest
+    from edgeprune.core.console import print_json_last
     from edgeprune.exporters.api import export
 
     config = config_from_args(args)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.eval.metrics import sliding_window_perplexity
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]

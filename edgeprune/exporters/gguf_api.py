@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.artifacts import staged_output, write_manifest
-from edgeprune.errors import EdgePruneError
-from edgeprune.exporters.gguf_export import GGUF_FILE, check_gguf_type, export_loaded
+from edgeprune.core.artifacts import staged_output, write_manifest
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_loaded
 
 # (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type. Measured on
 # SmolLM2-135M (docs/llamacpp.md): f16 1.000, q8_0 1.002, q4_0 about 1.06 on the gate tokens; the bounds
@@ -34,8 +34,8 @@ DEFAULT_GATE_TEXT = "wikitext-2/valid.txt"
 
 
 def gate_tokens(tokenizer, calib: str | None, vocab_size: int, seed: int) -> tuple[np.ndarray, str]:
-    from edgeprune.eval.data import read_corpus
-    from edgeprune.paths import data_dir
+    from edgeprune.core.datasets import read_corpus
+    from edgeprune.core.paths import data_dir
 
     if calib:
         text, where = read_corpus(calib), calib
@@ -112,7 +112,7 @@ def _tokenizer_check(tokenizer, session) -> dict[str, Any]:
 
 def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle: bool = False,
                 progress: bool = True) -> Path:
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
     from edgeprune.runtime.base import get_runtime
 
     def say(message: str) -> None:

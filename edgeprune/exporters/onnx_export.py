@@ -11,12 +11,12 @@ supported, not refused). After export, past inputs whose real layout differs fro
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.logs import quiet_logs
 
 # edgeprune task -> optimum task (decoders with KV cache get "-with-past").
 OPTIMUM_TASKS = {
@@ -37,7 +37,7 @@ def kv_layout(loaded) -> list[dict[str, int]]:
 def check_attention_everywhere(loaded) -> None:
     """ONNX decoders get one past_key_values pair per block (optimum's layout, which the runtimes rely on):
     a block whose attention depth pruning removed has none to give, so such a model is refused."""
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     free = [i for i, s in enumerate(loaded.adapter.shapes(loaded.model.config)) if s.heads == 0]
     if free:
@@ -109,8 +109,7 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
     onnx_config = _onnx_config(loaded.model, optimum_task, layout if decoder and with_past else None,
                                [loaded.tokenizer])
     # optimum and torch.onnx are chatty (tracer warnings); failures still raise.
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with quiet_logs("optimum"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             onnx_export_from_model(

@@ -6,11 +6,11 @@ reads them from each attention subgraph's reshape shapes instead of assuming one
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.logs import quiet_logs
 
 # edgeprune task family -> ORT optimizer model type. Decoders use the GPT-2 fusions (LayerNorm, GELU,
 # skip-layernorm; attention only where the pattern matches); the result is validated either way.
@@ -24,13 +24,11 @@ def optimize(src: Path, dst: Path, decoder: bool) -> dict[str, Any]:
     model_type = MODEL_TYPES["decoder" if decoder else "encoder"]
     # The fusions warn that pruned q/k/v widths differ from the hidden size; that is expected here (the fused
     # Attention takes explicit widths) and the result is validated, so the warnings are only noise.
-    logging.disable(logging.WARNING)
     try:
-        optimized = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+        with quiet_logs("", "onnxruntime", "onnxruntime.transformers"):
+            optimized = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
     except Exception as exc:  # the optimizer raises bare AssertionErrors on patterns it cannot handle
         raise EdgePruneError(f"graph optimisation failed ({model_type}): {exc.__class__.__name__}: {exc}") from None
-    finally:
-        logging.disable(logging.NOTSET)
     fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     optimized.save_model_to_file(str(dst))
     return {"model_type": model_type, "fused_operators": fused}

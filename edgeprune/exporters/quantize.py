@@ -4,11 +4,11 @@ weights, fp32 activations)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.logs import quiet_logs
 
 MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}
@@ -25,16 +25,15 @@ def _extra_options(**more) -> dict[str, Any]:
     return {"DefaultTensorType": onnx.TensorProto.FLOAT, **more}
 
 
-def _quiet():
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
+# The quantizer logs per-node warnings through its own logger and the root logger; quiet both, per call only.
+_quiet = quiet_logs("", "onnxruntime.quantization")
 
 
+@_quiet
 def quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> dict[str, Any]:
     """INT8 weights for MatMul/Gemm (per output channel when asked), activations quantized on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
 
-    _quiet()
     try:
         ort_quantize_dynamic(str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=per_channel,
                              weight_type=QuantType.QInt8, extra_options=_extra_options())
@@ -94,6 +93,7 @@ def weight_nodes(path: Path, op_types: Iterable[str], skip_gated: bool = False) 
     return keep, skipped
 
 
+@_quiet
 def quantize_static(src: Path, dst: Path, batches: list[dict], per_channel: bool) -> dict[str, Any]:
     """QDQ INT8 with MinMax activation ranges from calibration batches.
 
@@ -107,7 +107,6 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], per_channel: bool
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    _quiet()
     if not batches:
         raise EdgePruneError("int8-static needs calibration data (--calib)")
     reader = type("EdgePruneCalibReader", (_FeedReader, CalibrationDataReader), {})(batches)
@@ -165,6 +164,7 @@ def fold_transposed_weights(model) -> list[str]:
     return rewired
 
 
+@_quiet
 def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symmetric: bool,
                          accuracy_level: int, embeddings: bool = True) -> dict[str, Any]:
     """Blockwise weight-only quantization with onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a
@@ -178,9 +178,8 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgeprune.exporters.sparse import opset_of
+    from edgeprune.core.onnxio import opset_of
 
-    _quiet()
     model = onnx.load(str(src))
     tied = fold_transposed_weights(model)
     gathers, _ = weight_nodes(src, ("Gather",))

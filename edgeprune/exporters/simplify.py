@@ -12,7 +12,7 @@ alone, and the export gate re-validates the result numerically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,44 +89,13 @@ def _as_sym(value: np.ndarray) -> _Sym | None:
     return None
 
 
-def simplify(src: Path, dst: Path) -> dict[str, Any]:
-    """Write ``src`` with shape arithmetic folded to ``dst``; returns operator counts before/after."""
-    import onnx
+def _propagate(graph, dims: dict, known: dict, sym: dict, scalar_sym: dict, folded: set, reshape_shapes: dict,
+               record: Callable, opset: int) -> None:
+    """One pass in graph order: constants and element-wise shape values through Shape/Gather/Slice/
+    Unsqueeze/Concat, static Reshape targets, and nodes whose every input is now known."""
     from onnx import numpy_helper
-    model = onnx.load(str(src))
-    nodes_before = len(model.graph.node)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    try:
-        inferred = _symbolic_shapes(model)
-    except Exception:  # graphs symbolic inference cannot follow are exported as they are
-        onnx.save(model, str(dst))
-        return {"nodes_before": nodes_before, "nodes_after": nodes_before, "skipped": "symbolic shape inference failed"}
-    dims = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        d = _dims(vi)
-        if d is not None:
-            dims[vi.name] = d
 
-    graph = model.graph
     graph_outputs = {o.name for o in graph.output}
-    known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer
-                                    if np.prod(i.dims, dtype=np.int64) <= _MAX_FOLDED_ELEMENTS}
-    sym: dict[str, _Sym] = {}  # 1-D int tensors known per element (ints or symbols)
-    scalar_sym: dict[str, int | str] = {}  # 0-D int tensors that are one (maybe symbolic) dimension
-    folded: set[str] = set()  # outputs now constant: consumers read a new initializer instead
-    reshape_shapes: dict[int, np.ndarray] = {}
-
-    def record(name: str, value, scalar: bool = False) -> None:
-        """A shape value: a constant when every element is a number, else kept element-wise."""
-        if all(isinstance(d, int) for d in value):
-            known[name] = np.asarray(value[0] if scalar else value, dtype=np.int64)
-            if name not in graph_outputs:
-                folded.add(name)
-        elif scalar:
-            scalar_sym[name] = value[0]
-        else:
-            sym[name] = list(value)
-
     for position, node in enumerate(graph.node):
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -188,10 +157,13 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
                     if name not in graph_outputs:
                         folded.add(name)
 
-    if not folded and not reshape_shapes:
-        onnx.save(model, str(dst))
-        return {"nodes_before": nodes_before, "nodes_after": nodes_before, "reshapes_made_static": 0}
 
+def _rewrite(graph, known: dict, folded: set, reshape_shapes: dict) -> int:
+    """Feed folded values and static reshape targets as initializers, then drop dead nodes and unused
+    initializers; returns how many folded values were fed."""
+    from onnx import numpy_helper
+
+    graph_outputs = {o.name for o in graph.output}
     new_inits = []
     used_names = {i.name for i in graph.initializer}
 
@@ -225,6 +197,53 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
     unused = [i for i in graph.initializer if i.name not in read]
     for init in unused:
         graph.initializer.remove(init)
+    return len(replacements)
+
+
+def simplify(src: Path, dst: Path) -> dict[str, Any]:
+    """Write ``src`` with shape arithmetic folded to ``dst``; returns operator counts before/after."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(src))
+    nodes_before = len(model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    try:
+        inferred = _symbolic_shapes(model)
+    except Exception:  # graphs symbolic inference cannot follow are exported as they are
+        onnx.save(model, str(dst))
+        return {"nodes_before": nodes_before, "nodes_after": nodes_before, "skipped": "symbolic shape inference failed"}
+    dims = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        d = _dims(vi)
+        if d is not None:
+            dims[vi.name] = d
+
+    graph = model.graph
+    graph_outputs = {o.name for o in graph.output}
+    known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+                                    if np.prod(i.dims, dtype=np.int64) <= _MAX_FOLDED_ELEMENTS}
+    sym: dict[str, _Sym] = {}  # 1-D int tensors known per element (ints or symbols)
+    scalar_sym: dict[str, int | str] = {}  # 0-D int tensors that are one (maybe symbolic) dimension
+    folded: set[str] = set()  # outputs now constant: consumers read a new initializer instead
+    reshape_shapes: dict[int, np.ndarray] = {}
+
+    def record(name: str, value, scalar: bool = False) -> None:
+        """A shape value: a constant when every element is a number, else kept element-wise."""
+        if all(isinstance(d, int) for d in value):
+            known[name] = np.asarray(value[0] if scalar else value, dtype=np.int64)
+            if name not in graph_outputs:
+                folded.add(name)
+        elif scalar:
+            scalar_sym[name] = value[0]
+        else:
+            sym[name] = list(value)
+
+    _propagate(graph, dims, known, sym, scalar_sym, folded, reshape_shapes, record, opset)
+    if not folded and not reshape_shapes:
+        onnx.save(model, str(dst))
+        return {"nodes_before": nodes_before, "nodes_after": nodes_before, "reshapes_made_static": 0}
+
+    constants_folded = _rewrite(graph, known, folded, reshape_shapes)
     onnx.save(model, str(dst))
     return {"nodes_before": nodes_before, "nodes_after": len(graph.node),
-            "reshapes_made_static": len(reshape_shapes), "constants_folded": len(replacements)}
+            "reshapes_made_static": len(reshape_shapes), "constants_folded": constants_folded}

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.onnxio import opset_of
 
 MODES = ("auto", "on", "off")
 INDEX_BYTES = 8  # INT64 linear indices
@@ -117,7 +118,3 @@ def variant_record(path: Path, model, quantization: str, role: str) -> dict[str,
         "ir_version": int(model.ir_version),
         "opset": opset_of(model),
     }
-
-
-def opset_of(model) -> int:
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

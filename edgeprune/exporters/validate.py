@@ -8,11 +8,13 @@ export; quantized decoders use the perplexity / greedy gate in ``decoder_gate``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.onnxio import (empty_past, has_past, mean_pool_normalize, ort_greedy, ort_session, random_feeds,
+                                   run_session)
 
 # (batch, sequence, past) shapes the numerical gate runs; the last encoder row of each batch is padded.
 ENCODER_SHAPES = ((1, 8, 0), (2, 13, 0), (3, 5, 0))
@@ -38,75 +40,6 @@ def check_onnx_file(path: str | Path) -> Any:
     if not model.graph.node:
         raise EdgePruneError(f"{path}: ONNX model has an empty graph (truncated?)")
     return model
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise EdgePruneError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
-
-
-def run_session(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip(names, values))
-
-
-# --- inputs ------------------------------------------------------------------------------------------------
-def random_feeds(input_names: Sequence[str], batch: int, seq: int, past: int, vocab_size: int,
-                 layout: list[dict[str, int]] | None, rng: np.random.Generator, type_vocab: int = 2,
-                 pad_last: bool = False) -> dict[str, np.ndarray]:
-    """Random token ids (and random past key/values) for an exported model's inputs."""
-    feeds: dict[str, np.ndarray] = {}
-    ids = rng.integers(0, vocab_size, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, past + seq), dtype=np.int64)
-    if pad_last and batch > 1 and seq > 2:
-        mask[-1, past + seq - seq // 3:] = 0  # right padding, as tokenizers do for encoders
-    for name in input_names:
-        if name == "input_ids":
-            feeds[name] = ids
-        elif name == "attention_mask":
-            feeds[name] = mask
-        elif name == "token_type_ids":
-            feeds[name] = rng.integers(0, max(type_vocab, 1), size=(batch, seq), dtype=np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
-        elif name.startswith("past_key_values."):
-            _, index, _ = name.split(".")
-            layer = layout[int(index)]
-            feeds[name] = rng.standard_normal((batch, layer["kv_heads"], past, layer["head_dim"])).astype(np.float32)
-        else:
-            raise EdgePruneError(f"exported model has an input this validator does not know: {name}")
-    return feeds
-
-
-def text_feeds(tokenizer, texts: Sequence[str], input_names: Sequence[str], layout: list[dict[str, int]] | None,
-               max_length: int = 128) -> dict[str, np.ndarray]:
-    """Tokenised texts as feeds (empty past for decoders): calibration and task-level checks."""
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    batch, seq = encoded["input_ids"].shape
-    feeds: dict[str, np.ndarray] = {}
-    for name in input_names:
-        if name in encoded:
-            feeds[name] = encoded[name].astype(np.int64)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.clip(np.cumsum(encoded["attention_mask"], axis=1) - 1, 0, None).astype(np.int64)
-        elif name.startswith("past_key_values."):
-            layer = layout[int(name.split(".")[1])]
-            feeds[name] = np.zeros((batch, layer["kv_heads"], 0, layer["head_dim"]), dtype=np.float32)
-        else:
-            raise EdgePruneError(f"cannot build input {name} from text")
-    return feeds
 
 
 # --- references ----------------------------------------------------------------------------------------------
@@ -205,29 +138,6 @@ def numeric_gate(candidate_path: str | Path, reference: Callable, vocab_size: in
 
 
 # --- decoders: greedy generation with the KV cache ---------------------------------------------------------------
-def ort_greedy(session, prompt: np.ndarray, steps: int, layout: list[dict[str, int]]) -> list[int]:
-    """Greedy decoding of one prompt through an exported decoder, feeding present -> past each step."""
-    names = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    ids = prompt.reshape(1, -1).astype(np.int64)
-    past = {f"past_key_values.{i}.{kind}": np.zeros((1, layer["kv_heads"], 0, layer["head_dim"]), np.float32)
-            for i, layer in enumerate(layout) for kind in ("key", "value")}
-    total = 0
-    generated: list[int] = []
-    for _ in range(steps):
-        seq = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total + seq), np.int64),
-                 "position_ids": np.arange(total, total + seq, dtype=np.int64).reshape(1, -1), **past}
-        result = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in names})))
-        token = int(result["logits"][0, -1].argmax())
-        generated.append(token)
-        total += seq
-        past = {name.replace("present.", "past_key_values."): value
-                for name, value in result.items() if name.startswith("present.")}
-        ids = np.array([[token]], dtype=np.int64)
-    return generated
-
-
 def torch_greedy(model, prompt: np.ndarray, steps: int) -> list[int]:
     import torch
 
@@ -243,7 +153,7 @@ def generation_gate(path: str | Path, model, layout, vocab_size: int, steps: int
                     seed: int = 99) -> dict[str, Any]:
     """Greedy tokens through ORT with KV cache must equal torch ``generate`` token for token."""
     session = ort_session(path)
-    if not any(i.name.startswith("past_key_values.") for i in session.get_inputs()):
+    if not has_past(i.name for i in session.get_inputs()):
         return {"skipped": "exported without KV cache"}
     rng = np.random.default_rng(seed)
     for _ in range(prompts):
@@ -263,10 +173,7 @@ def ort_logits_fn(path: str | Path, layout: list[dict[str, int]] | None) -> Call
     def logits(ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)}
-        for i, layer in enumerate(layout or []):
-            for kind in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, layer["kv_heads"], 0, layer["head_dim"]), np.float32)
+                 "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1), **empty_past(layout)}
         return session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
 
     return logits
@@ -274,8 +181,6 @@ def ort_logits_fn(path: str | Path, layout: list[dict[str, int]] | None) -> Call
 
 # --- quantized files: task-level agreement ------------------------------------------------------------------------
 def mean_cosine(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray) -> float:
-    from edgeprune.eval.metrics import mean_pool_normalize
-
     a, b = mean_pool_normalize(reference, mask), mean_pool_normalize(candidate, mask)
     return float((a * b).sum(axis=1).mean())
 

@@ -11,7 +11,7 @@ Usage (what ``edgeprune.bench`` workers and the pipelines do)::
     session.close()
 
 ``load`` accepts an export directory (the runtime picks its file via
-``edgeprune.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
+``edgeprune.core.artifacts.onnx_model_path(dir, runtime)``) or a .onnx path. Runtime-specific ``options``:
 onnxruntime takes ``inter_op_threads``, ``optimization`` (disable|basic|extended|all, default all) and
 ``disabled_optimizers`` (default: SkipLayerNormFusion, measured slower in ORT 1.32);
 deepsparse takes none. Feeds may include inputs the model lacks (ignored) and are cast to the declared
@@ -21,12 +21,13 @@ on first use, so give ``benchmark`` at least one warm-up call per new shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,35 @@ class Session(Protocol):
     def close(self) -> None: ...
 
 
+def _no_problems(config: Any) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """What ``edgeprune export --target NAME`` must produce for a runtime; the runtime module owns it and the
+    exporter only runs these hooks (so adding a runtime never adds a branch to the exporter)."""
+
+    name: str
+    file_format: str = "onnx"  # "onnx" (the exporter's ONNX pipeline) or "gguf" (exporters.gguf_api)
+    in_process: bool = True  # computes in the calling process: bench times ``session.run`` there itself
+    display: str = ""  # the name in messages
+    # Decoders with a KV cache change the input shapes every step; a static-shape runtime refuses them.
+    kv_cache: bool = True
+    max_opset: int | None = None  # the newest ONNX opset it runs (source ONNX files are checked against it)
+    max_ir: int | None = None  # the newest ONNX IR version it reads (its dense copy is written at most that)
+    # export options the runtime cannot run: ExportConfig -> messages (the first is raised)
+    config_problems: Callable[[Any], list[str]] = field(default=_no_problems)
+    # onnx.ModelProto -> why the runtime would refuse it; None: runs the onnxruntime file as it is
+    ready: Callable[[Any], list[str]] | None = None
+    # export-time compile check: (onnx path, feeds) -> {"checked": bool, "reason" | measurements}
+    check: Callable[[Path, dict], dict] | None = None
+    install_hint: str = ""
+
+
 class Runtime(Protocol):
     name: str
+    target: ExportTarget
 
     def available(self) -> bool: ...
 
@@ -97,6 +125,24 @@ def get_runtime(name: str, require_available: bool = True) -> Runtime:
     if require_available and not runtime.available():
         raise EdgePruneError(f"runtime {name!r} is not available: {runtime.why_unavailable()}")
     return runtime
+
+
+def export_targets(file_format: str | None = None) -> list[ExportTarget]:
+    """Every registered runtime's export target, in registration order (the manifest's role order)."""
+    _import_builtin()
+    targets = [factory.target for factory in _RUNTIMES.values()]
+    return [t for t in targets if file_format is None or t.file_format == file_format]
+
+
+def target_names() -> list[str]:
+    return [t.name for t in export_targets()]
+
+
+def get_target(name: str) -> ExportTarget:
+    for target in export_targets():
+        if target.name == name:
+            return target
+    raise EdgePruneError(f"--target must be one of {', '.join(target_names())} (got {name!r})")
 
 
 def _import_builtin() -> None:

@@ -47,7 +47,7 @@ def _read_lines(path: str) -> list[str]:
     import os
     import stat
 
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     try:
         mode = os.stat(path).st_mode
@@ -74,8 +74,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from edgeprune.cli import print_json_last
-    from edgeprune.errors import EdgePruneError, check_minimums
+    from edgeprune.core.console import print_json_last
+    from edgeprune.core.errors import EdgePruneError, check_minimums
     from edgeprune.runtime.pipelines import ClassificationPipeline, GenerationPipeline, build_pipeline
 
     check_minimums(args, threads=1, batch_size=1, top_k=0, max_length=2, max_new_tokens=0)
@@ -149,7 +149,7 @@ def install_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from edgeprune.cli import print_json_last
+    from edgeprune.core.console import print_json_last
     from edgeprune.runtime.base import get_runtime, runtime_names
 
     rows = []

@@ -6,12 +6,13 @@ once and serves many run/benchmark calls; benchmark timing happens inside the wo
 is never part of a measured latency.
 
 The venv is found at $EDGEPRUNE_DEEPSPARSE_PYTHON (a python executable), else
-``edgeprune.paths.cache_dir()/deepsparse-venv``, created by ``edgeprune runtime install deepsparse``.
+``edgeprune.core.paths.cache_dir()/deepsparse-venv``, created by ``edgeprune runtime install deepsparse``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import shutil
@@ -21,13 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.paths import cache_dir
-from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.paths import cache_dir
+from edgeprune.runtime.base import ExportTarget, TensorInfo, prepare_feeds, register_runtime
 
 ENV_VAR = "EDGEPRUNE_DEEPSPARSE_PYTHON"
 PINNED_REQUIREMENTS = ("deepsparse==1.8.0", "onnx<1.15", "numpy<2")
@@ -201,9 +202,134 @@ class DeepSparseSession:
             pass
 
 
+# --- export target -----------------------------------------------------------------------------------------
+# DeepSparse 1.8 reads ONNX IR <= 9 (onnx < 1.15) and opsets up to 17 (checked by compiling with it).
+DEEPSPARSE_MAX_IR = 9
+DEEPSPARSE_MAX_OPSET = 17
+# Dynamic-quantization operators: DeepSparse 1.8 aborts on an int8-dynamic export ("please email ...").
+DEEPSPARSE_UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
+# Measured on MiniLM pruned by the global FLOPs search: FFN widths like 811 or 383 abort DeepSparse 1.8 at
+# seq 128 (assertion in fused_ops.cpp) while the same plan rounded down to multiples of 4 compiles and runs.
+DEEPSPARSE_WIDTH_MULTIPLE = 4
+
+
+def deepsparse_python() -> str | None:
+    """The DeepSparse interpreter the runtime would use ($EDGEPRUNE_DEEPSPARSE_PYTHON or the installed venv)."""
+    python = worker_python()
+    return str(python) if python.is_file() else None
+
+
+def export_config_problems(config) -> list[str]:
+    """Export options DeepSparse 1.8 cannot run (``ExportConfig`` fields)."""
+    problems = []
+    if config.opset > DEEPSPARSE_MAX_OPSET:
+        problems.append(f"--target deepsparse: DeepSparse 1.8 supports ONNX opset <= {DEEPSPARSE_MAX_OPSET} "
+                        f"(got --opset {config.opset})")
+    if config.optimize:
+        problems.append("--target deepsparse cannot use --optimize: ORT fusion emits com.microsoft "
+                        "operators DeepSparse does not run")
+    if config.quantize == "int8-dynamic":
+        problems.append("--target deepsparse cannot use --quantize int8-dynamic: DeepSparse 1.8 cannot run "
+                        "dynamic INT8 operators (MatMulInteger); use --quantize int8-static --calib PATH")
+    if config.quantize.endswith("-weight"):
+        problems.append(f"--quantize {config.quantize} cannot be combined with --target deepsparse: "
+                        "DeepSparse does not run onnxruntime's MatMulNBits operator; use "
+                        "--quantize int8-static or none for DeepSparse")
+    return problems
+
+
+_DS_SCRIPT = r"""
+import json, sys
+import numpy as np
+from deepsparse import compile_model
+path, feeds_path, out_path = sys.argv[1:4]
+feeds = np.load(feeds_path)
+names = json.loads(sys.argv[4])
+inputs = [feeds[n] for n in names]
+engine = compile_model(path, batch_size=inputs[0].shape[0], input_shapes=[list(x.shape) for x in inputs])
+outputs = engine.run(inputs)
+np.savez(out_path, *outputs)
+"""
+
+
+def deepsparse_check(path: Path, feeds: dict[str, np.ndarray], timeout: int = 900) -> dict[str, Any]:
+    """Compile ``path`` with DeepSparse in its own interpreter and compare one inference on ``feeds`` (one
+    static shape) with onnxruntime."""
+    from edgeprune.core.onnxio import ort_session, run_session
+
+    python = deepsparse_python()
+    if python is None:
+        return {"checked": False, "reason": "no DeepSparse environment (set EDGEPRUNE_DEEPSPARSE_PYTHON)"}
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    expected = run_session(session, feeds)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-ds-") as tmp:
+        np.savez(Path(tmp) / "feeds.npz", **feeds)
+        # A copy: DeepSparse rewrites the input shapes of the file it compiles, in place.
+        shutil.copy2(path, Path(tmp) / "model.onnx")
+        cmd = [python, "-c", _DS_SCRIPT, str(Path(tmp) / "model.onnx"), str(Path(tmp) / "feeds.npz"), str(Path(tmp) / "out.npz"),
+               json.dumps(names)]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgePruneError(f"DeepSparse did not compile {path.name} within {timeout}s") from None
+        if result.returncode != 0:
+            lines = [l for l in result.stderr.strip().splitlines() if l.strip()] or ["no error output"]
+            raise EdgePruneError(f"DeepSparse 1.8 rejects {path.name}: {lines[-1][:300]}")
+        with np.load(Path(tmp) / "out.npz") as out:
+            got = [out[f"arr_{i}"] for i in range(len(out.files))]
+    max_abs = max(float(np.abs(a - b).max()) for a, b in zip(expected.values(), got) if a.size)
+    return {"checked": True, "python": python, "compile_and_run_s": round(time.perf_counter() - started, 2),
+            "max_abs_vs_onnxruntime": max_abs}
+
+
+def deepsparse_ready(model) -> list[str]:
+    """Why an ONNX model would be refused by DeepSparse 1.8 (empty list: acceptable)."""
+    from edgeprune.core.onnxio import opset_of
+
+    problems = []
+    if model.graph.sparse_initializer:
+        problems.append("it holds sparse initializers")
+    if model.ir_version > DEEPSPARSE_MAX_IR:
+        problems.append(f"IR version {model.ir_version} > {DEEPSPARSE_MAX_IR}")
+    if opset_of(model) > DEEPSPARSE_MAX_OPSET:
+        problems.append(f"opset {opset_of(model)} > {DEEPSPARSE_MAX_OPSET}")
+    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if domains:
+        problems.append(f"it uses non-standard operator domains {domains}")
+    dynamic = sorted({n.op_type for n in model.graph.node if n.op_type in DEEPSPARSE_UNSUPPORTED_OPS})
+    if dynamic:
+        problems.append(f"it uses dynamic INT8 operators {dynamic}, which DeepSparse 1.8 crashes on "
+                        "(use --quantize int8-static)")
+    odd = _odd_matmul_widths(model)
+    if odd:
+        problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
+                        "compiler aborts on them at sequence lengths above 64; compress with "
+                        f"--round-to {DEEPSPARSE_WIDTH_MULTIPLE})")
+    return problems
+
+
+def _odd_matmul_widths(model) -> list[int]:
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    odd = set()
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger"):
+            for name in node.input[:2]:
+                dims = shapes.get(name, ())
+                if len(dims) == 2:
+                    odd.update(d for d in dims if d % DEEPSPARSE_WIDTH_MULTIPLE)
+    return sorted(odd)
+
+
 @register_runtime("deepsparse")
 class DeepSparseRuntime:
     name = "deepsparse"
+    target = ExportTarget("deepsparse", display="DeepSparse 1.8", in_process=False, kv_cache=False,
+                          max_opset=DEEPSPARSE_MAX_OPSET, max_ir=DEEPSPARSE_MAX_IR,
+                          config_problems=export_config_problems, ready=deepsparse_ready,
+                          check=lambda path, feeds: deepsparse_check(path, feeds),
+                          install_hint="edgeprune runtime install deepsparse")
 
     def available(self) -> bool:
         return not _probe(str(worker_python()))
@@ -213,7 +339,7 @@ class DeepSparseRuntime:
 
     def load(self, model_path: str, threads: int | None = None, **options) -> DeepSparseSession:
         """Load the export's DeepSparse file (dense with zeros, IR <= 9). No ``options`` are accepted."""
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         if options:
             raise EdgePruneError(f"unknown deepsparse options: {', '.join(sorted(options))}")

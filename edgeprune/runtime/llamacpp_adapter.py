@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.runtime.base import TensorInfo, register_runtime
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.runtime.base import ExportTarget, TensorInfo, register_runtime
 from edgeprune.runtime.llamacpp_install import INSTALL_HINT, install_dir, read_build_info
 
 SITE_ENV = "EDGEPRUNE_LLAMACPP_SITE"
@@ -82,12 +82,12 @@ def gguf_file(model_path: str | os.PathLike) -> Path:
     """The .gguf a path means (a file, or an export directory's ``files_by_role['llamacpp']``), checked."""
     path = Path(model_path)
     if not path.exists():
-        from edgeprune.models import ALIASES, resolve
+        from edgeprune.core.loading import ALIASES, resolve
 
         if str(model_path) in ALIASES:  # an alias that is a GGUF file (smollm2-135m)
             path = Path(resolve(str(model_path)).path)
     if path.is_dir():
-        from edgeprune.artifacts import is_artifact, read_manifest
+        from edgeprune.core.artifacts import is_artifact, read_manifest
 
         role = read_manifest(path).get("files_by_role", {}).get("llamacpp") if is_artifact(path) else None
         candidates = [path / role] if role else sorted(path.glob("*.gguf"))
@@ -260,6 +260,7 @@ class LlamaCppSession:
 @register_runtime("llamacpp")
 class LlamaCppRuntime:
     name = "llamacpp"
+    target = ExportTarget("llamacpp", file_format="gguf", display="llama.cpp")
 
     def available(self) -> bool:
         return not self.why_unavailable()

@@ -3,7 +3,7 @@
 The registry has only the source distribution. One CMake build of its vendored llama.cpp
 (``vendor/llama.cpp``) makes the shared libraries the Python bindings load *and* the upstream
 ``llama-bench``, ``llama-perplexity``, ``llama-completion`` and ``llama-quantize`` used as cross-checks, so
-both measure the same code. Layout under ``edgeprune.paths.cache_dir()/llamacpp``::
+both measure the same code. Layout under ``edgeprune.core.paths.cache_dir()/llamacpp``::
 
     sdist/     the downloaded llama_cpp_python-VERSION.tar.gz (kept: re-installs skip the download)
     src/       the unpacked sdist
@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.paths import cache_dir
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.paths import cache_dir
 
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python=={VERSION}"
@@ -189,7 +189,7 @@ def _assemble(staging: Path, src: Path, build: Path, log: Path) -> None:
 def self_test_model(directory: Path) -> Path:
     """The model the self-test generates with: the smollm2-135m alias (Q4_1, where the AMX crash was seen)
     when fetched, else a tiny random Llama written as Q4_0 (exercises the repacked Q4_0 kernels)."""
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     if smollm2_path().is_file():
         return smollm2_path()

@@ -37,7 +37,7 @@ def write_random_llama(path: Path, qtype: str = "q4_0", hidden: int = 64, layers
                        seed: int = 0) -> Path:
     import gguf
 
-    from edgeprune.exporters.gguf_export import write_gguf
+    from edgeprune.core.ggufio import write_gguf
 
     shapes = shapes or [Shape(4, 2, 128)] * layers
     tokens, merges = byte_level_vocab()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.runtime.base import TensorInfo, prepare_feeds, register_runtime
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.onnxio import DEFAULT_DISABLED_OPTIMIZERS, DEFAULT_OPTIMIZATION, ort_session, timed_calls
+from edgeprune.runtime.base import ExportTarget, TensorInfo, prepare_feeds, register_runtime
 
 # ORT type strings ("tensor(int64)") -> numpy dtype names
 _ORT_TYPES = {
@@ -17,22 +17,6 @@ _ORT_TYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
     "tensor(bool)": "bool",
 }
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-# ORT graph rewrites skipped by default. SkipLayerNormFusion folds residual Add + LayerNormalization into
-# SkipLayerNormalization, whose CPU kernel was ~7x slower per node than the pair it replaces in ORT 1.32 on
-# AVX-512 (113 vs 16 us at 128x384): INT8 MiniLM ran 12% faster without it, fp32 models unchanged
-# (docs/runtime.md). Pass ``disabled_optimizers=()`` for ORT's own defaults.
-DEFAULT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-DEFAULT_OPTIMIZATION = "all"
-# One inter-op thread unless asked: parallel branches are rare in transformers and extra threads would
-# oversubscribe the cores the benchmark was told to use.
-DEFAULT_INTER_OP_THREADS = 1
-
-
-def default_session_settings() -> dict:
-    """What every session gets unless told otherwise (recorded in benchmark reports)."""
-    return {"graph_optimization": DEFAULT_OPTIMIZATION, "inter_op_threads": DEFAULT_INTER_OP_THREADS,
-            "execution_provider": "CPUExecutionProvider", "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS)}
 
 
 def _info(arg) -> TensorInfo:
@@ -45,25 +29,7 @@ class OnnxRuntimeSession:
 
     def __init__(self, path: Path, threads: int | None, inter_op_threads: int | None = None,
                  optimization: str = DEFAULT_OPTIMIZATION, disabled_optimizers: Sequence[str] = DEFAULT_DISABLED_OPTIMIZERS):
-        import onnxruntime as ort
-
-        if optimization not in OPT_LEVELS:
-            raise EdgePruneError(f"unknown graph optimisation level {optimization!r}; choose from {', '.join(OPT_LEVELS)}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = int(inter_op_threads or DEFAULT_INTER_OP_THREADS)
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                                 disabled_optimizers=list(disabled_optimizers))
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise EdgePruneError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self._session = ort_session(path, threads, inter_op_threads, optimization, disabled_optimizers)
         self.path = Path(path)
         self.threads = threads
         self.optimization = optimization
@@ -87,16 +53,7 @@ class OnnxRuntimeSession:
     def benchmark(self, feeds: dict[str, np.ndarray], iterations: int, warmup: int = 0) -> list[float]:
         feeds = self._check(feeds)
         names = [o.name for o in self.outputs]
-        sink = 0.0
-        for _ in range(warmup):
-            self._session.run(names, feeds)
-        times = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            values = self._session.run(names, feeds)
-            sink += float(values[0].flat[0])  # touch the output so the call cannot be elided
-            times.append(time.perf_counter() - start)
-        self._sink = sink
+        times, self._sink = timed_calls(lambda f: self._session.run(names, f), feeds, iterations, warmup)
         return times
 
     def close(self) -> None:
@@ -106,6 +63,7 @@ class OnnxRuntimeSession:
 @register_runtime("onnxruntime")
 class OnnxRuntime:
     name = "onnxruntime"
+    target = ExportTarget("onnxruntime", display="onnxruntime")
 
     def available(self) -> bool:
         try:
@@ -120,7 +78,7 @@ class OnnxRuntime:
     def load(self, model_path: str, threads: int | None = None, **options) -> OnnxRuntimeSession:
         """``options``: ``inter_op_threads`` (int), ``optimization`` (disable|basic|extended|all),
         ``disabled_optimizers`` (ORT optimizer names; default ``DEFAULT_DISABLED_OPTIMIZERS``)."""
-        from edgeprune.artifacts import onnx_model_path
+        from edgeprune.core.artifacts import onnx_model_path
 
         unknown = set(options) - {"inter_op_threads", "optimization", "disabled_optimizers"}
         if unknown:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.eval.metrics import mean_pool_normalize
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.onnxio import PAST_RE as _PAST, mean_pool_normalize, present_name
 from edgeprune.runtime.tokenizer import RuntimeTokenizer, model_directory
 
 TASKS = ("feature-extraction", "sequence-classification", "text-generation")
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # DeepSparse compiles one engine per input shape; padding sequence lengths up to a multiple of this keeps
 # the number of distinct shapes (and compiles) small. Padded tokens are masked, so results do not change.
 STATIC_SHAPE_BUCKET = 16
@@ -38,7 +36,7 @@ class ExportInfo:
 
     @classmethod
     def read(cls, model_path: str | os.PathLike, input_names: list[str]) -> "ExportInfo":
-        from edgeprune.artifacts import is_artifact, read_manifest
+        from edgeprune.core.artifacts import is_artifact, read_manifest
 
         directory = model_directory(model_path)
         manifest = read_manifest(directory) if is_artifact(directory) else {}
@@ -191,8 +189,7 @@ class GenerationPipeline:
                                  "shape, so run decoders with --runtime onnxruntime")
         self.present_for = {}
         for info_ in self.past_inputs:
-            layer, kind = _PAST.match(info_.name).groups()
-            present = f"present.{layer}.{kind}"
+            present = present_name(info_.name)
             if present not in names:
                 raise EdgePruneError(f"input {info_.name} has no matching output {present}")
             self.present_for[info_.name] = present

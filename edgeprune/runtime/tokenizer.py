@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
@@ -72,7 +72,7 @@ class RuntimeTokenizer:
             text = _token_text(config.get(key)) or _token_text(special_map.get(key))
             if text is not None:
                 self.special_tokens[key] = text
-        # Decoders often have no pad token; EOS stands in, as edgeprune.models.prepare_tokenizer does.
+        # Decoders often have no pad token; EOS stands in, as edgeprune.core.loading.prepare_tokenizer does.
         if "pad_token" not in self.special_tokens and "eos_token" in self.special_tokens:
             self.special_tokens["pad_token"] = self.special_tokens["eos_token"]
         self.padding_side = config.get("padding_side", "right")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.artifacts import staged_output, write_manifest
-from edgeprune.bench import pipeline as pipeline_mod
+from edgeprune.core.artifacts import staged_output, write_manifest
+from edgeprune import pipeline as pipeline_mod
 from edgeprune.bench.harness import BenchConfig
-from edgeprune.bench.pipeline import SweepConfig, run_sweep
+from edgeprune.pipeline import SweepConfig, run_sweep
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def one_line_error(code, err, *needles):

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from edgeprune.bench.pipeline import PipelineConfig, choose, pareto_front, run_pipeline, sweep_pipeline, SweepConfig
+from edgeprune.pipeline import PipelineConfig, choose, pareto_front, run_pipeline, sweep_pipeline, SweepConfig
 from edgeprune.bench.report import validate
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def _sts_file(path, n=24):
@@ -124,7 +124,7 @@ bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_secon
 
 
 def test_best_tradeoff_is_the_fastest_within_one_percent():
-    from edgeprune.bench.pipeline import best_tradeoff
+    from edgeprune.pipeline import best_tradeoff
 
     rows = [{"runtime": "onnxruntime", "batch": 1, "seq": 128, "model": m, "p50_ms": p, "quality": q * 86.7,
              "quality_ratio": q, "speedup_p50": 9.0 / p} for m, p, q in
@@ -138,7 +138,7 @@ def test_best_tradeoff_is_the_fastest_within_one_percent():
 
 
 def test_default_pipeline_builds_the_distilled_variant_in_fp32_and_int8():
-    from edgeprune.bench.pipeline import default_recipe
+    from edgeprune.pipeline import default_recipe
 
     config = default_recipe()
     by = {v.name: v for v in config.variants}

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from edgeprune.compress.adapters.base import LayerShape
+from edgeprune.core.arch.base import LayerShape
 from edgeprune.compress.api import CompressConfig, compress
 from edgeprune.compress.importance import Scores, get_importance
 from edgeprune.compress.plan import StructuredConfig, get_allocation
-from edgeprune.compress.surgery import analytic_flops, apply_plan
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.compress.surgery import apply_plan
+from edgeprune.core.anatomy import analytic_flops
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 
 
 def random_scores(shapes, seed=0, comparable=True):
@@ -42,7 +43,7 @@ def test_flops_budget_holds_and_plan_is_valid(tiny_models, family, gqa_mode, bud
 
 
 def test_budget_is_used_and_follows_scores():
-    from edgeprune.compress.adapters.bert import BertAdapter
+    from edgeprune.core.arch.bert import BertAdapter
     import transformers
 
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
@@ -71,7 +72,7 @@ def test_global_fractions_and_round_to(tiny_models):
 
 
 def test_budget_too_small_and_missing_budget():
-    from edgeprune.compress.adapters.bert import BertAdapter
+    from edgeprune.core.arch.bert import BertAdapter
     import transformers
 
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeprune.compress import cost_model as cm
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def synthetic(layers):
@@ -81,8 +81,8 @@ def dense_gguf(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
     from test_gguf_export import make_bpe_llama
 
-    from edgeprune.exporters.gguf_export import export_loaded
-    from edgeprune.models import load_model
+    from edgeprune.core.ggufio import export_loaded
+    from edgeprune.core.loading import load_model
 
     work = tmp_path_factory.mktemp("cost")
     loaded = load_model(make_bpe_llama(work / "hf"))

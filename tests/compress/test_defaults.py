@@ -8,7 +8,7 @@ import pytest
 
 from edgeprune.cli import build_parser, main
 from edgeprune.compress.cli import config_from_args
-from edgeprune.recipe_catalog import list_recipes, resolve_recipe
+from edgeprune.core.recipe_catalog import list_recipes, resolve_recipe
 
 from tiny import sample_texts
 

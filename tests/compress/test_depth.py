@@ -14,8 +14,8 @@ import edgeprune
 from edgeprune.cli import main
 from edgeprune.compress.api import CompressConfig, StructuredConfig, compress
 from edgeprune.compress.depth import DepthConfig, block_influence, calibration_loss
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import FAMILIES, make_tiny, sample_texts
 
 DECODERS = ("gpt2", "llama", "qwen2")

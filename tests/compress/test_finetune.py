@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from edgeprune.compress.api import CompressConfig, FinetuneConfig, SparsityConfig, compress, structured_prune
-from edgeprune.compress.artifact import load_artifact
+from edgeprune.core.model_artifact import load_artifact
 from edgeprune.compress.finetune import (LOG_FILE, decoder_loss, encoder_distill_loss, finetune)
 from edgeprune.compress.importance import get_importance
 from edgeprune.compress.plan import StructuredConfig
 from edgeprune.compress.sparsity import MovementScores, sparse_params, sparsify
-from edgeprune.models import load_model
+from edgeprune.core.loading import load_model
 from tiny import sample_texts
 
 
@@ -72,7 +72,7 @@ def test_sts_task_loss_without_distill(tiny_models, sts_file):
 
 
 def test_plain_text_encoder_without_distill_is_a_user_error(tiny_models, text_file):
-    from edgeprune.errors import EdgePruneError
+    from edgeprune.core.errors import EdgePruneError
 
     loaded = load_model(tiny_models("bert"))
     with pytest.raises(EdgePruneError, match="--distill"):

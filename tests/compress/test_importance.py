@@ -10,8 +10,8 @@ from edgeprune.compress.calibration import load_calibration, load_texts
 from edgeprune.compress.importance import NEEDS_CALIBRATION, UnitMasks, get_importance
 from edgeprune.compress.plan import StructuredConfig, uniform_allocation
 from edgeprune.compress.surgery import mask_plan
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import sample_texts
 
 CALIBRATED = ("fisher", "taylor", "activation")

@@ -9,9 +9,10 @@ import torch
 from edgeprune.compress.api import CalibrationConfig, CompressConfig, compress
 from edgeprune.compress.calibration import load_calibration
 from edgeprune.compress.importance import get_importance
-from edgeprune.compress.plan import StructuredConfig, _jointly_cheapest_removal, get_allocation, rearrange_plan
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.compress.plan import StructuredConfig, get_allocation, rearrange_plan
+from edgeprune.compress.plan.rearrange import _jointly_cheapest_removal
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import sample_texts
 
 
@@ -78,7 +79,8 @@ def test_compress_with_rearrange_and_bad_importance(tiny_models, calib_path, tmp
 @pytest.mark.parametrize("family,gqa_mode", [("bert", "within"), ("gpt2", "within"), ("llama", "groups")])
 @pytest.mark.parametrize("budget,round_to", [(0.5, 1), (0.7, 4)])
 def test_joint_allocation_meets_budget_with_valid_plans(tiny_models, calib_path, family, gqa_mode, budget, round_to):
-    from edgeprune.compress.surgery import analytic_flops, apply_plan
+    from edgeprune.compress.surgery import apply_plan
+    from edgeprune.core.anatomy import analytic_flops
 
     loaded = load_model(tiny_models(family))
     model, adapter = loaded.model, loaded.adapter
@@ -97,7 +99,7 @@ def test_joint_allocation_meets_budget_with_valid_plans(tiny_models, calib_path,
 
 
 def test_joint_allocation_uses_interactions_and_needs_its_inputs(tiny_models):
-    from edgeprune.compress.adapters.bert import BertAdapter
+    from edgeprune.core.arch.bert import BertAdapter
     from edgeprune.compress.importance import Scores
     import transformers
 

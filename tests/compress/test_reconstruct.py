@@ -10,8 +10,8 @@ from edgeprune.compress.api import CalibrationConfig, CompressConfig, compress, 
 from edgeprune.compress.calibration import load_calibration
 from edgeprune.compress.plan import StructuredConfig
 from edgeprune.compress.reconstruct import reconstruct
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 from tiny import sample_texts
 
 

@@ -15,7 +15,7 @@ import torch
 
 from edgeprune.compress.api import CalibrationConfig, CompressConfig, ReconstructConfig, compress
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from tests.tiny import make_tiny, sample_texts
 
 
@@ -209,7 +209,7 @@ def test_gguf_reader_on_smollm2_equals_transformers():
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from edgeprune.compress.lazy_weights import GGUFWeights
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     path = smollm2_path()
     if not path.is_file():

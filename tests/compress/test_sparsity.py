@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from edgeprune.compress.api import CompressConfig, SparsityConfig, compress
-from edgeprune.compress.artifact import load_artifact
+from edgeprune.core.model_artifact import load_artifact
 from edgeprune.compress.sparsity import (compute_masks, nm_mask, schedule, sparse_params, sparsify)
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 
 
 def weights(loaded):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from edgeprune.compress.api import CompressConfig, compress, structured_prune
-from edgeprune.compress.artifact import load_artifact
+from edgeprune.core.model_artifact import load_artifact
 from edgeprune.compress.plan import StructuredConfig
-from edgeprune.compress.surgery import analytic_parameter_count, mask_plan, parameter_count
-from edgeprune.models import load_model
+from edgeprune.compress.surgery import mask_plan
+from edgeprune.core.anatomy import analytic_parameter_count, parameter_count
+from edgeprune.core.loading import load_model
 from tiny import sample_texts, uneven_plan
 
 
@@ -42,7 +43,7 @@ def test_pruned_equals_masked_and_counts_match(tiny_models, family, gqa_mode):
 
 def test_uneven_layers_save_and_reload(tiny_models, family, tmp_path):
     """Different head/neuron counts per layer survive save -> load with identical outputs."""
-    from edgeprune.compress.artifact import save_artifact
+    from edgeprune.core.model_artifact import save_artifact
     from edgeprune.compress.surgery import apply_plan
 
     loaded = load_model(tiny_models(family))

@@ -12,8 +12,8 @@ import torch
 from edgeprune.compress.api import CompressConfig, FinetuneConfig, check_options
 from edgeprune.compress.finetune import finetune
 from edgeprune.compress.teacher_data import start_token, teacher_blocks
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import load_model
 
 
 @pytest.fixture()

@@ -3,7 +3,8 @@ import pytest
 import scipy.stats
 import torch
 
-from edgeprune.eval.metrics import (agreement, mean_pool_normalize, rankdata, sliding_window_perplexity, spearman,
+from edgeprune.core.onnxio import mean_pool_normalize
+from edgeprune.eval.metrics import (agreement, rankdata, sliding_window_perplexity, spearman,
                                     token_nll)
 
 
@@ -68,7 +69,7 @@ def test_sts_batches_do_not_depend_on_string_hashing():
     import sys
     from pathlib import Path
 
-    script = ("import json\nimport numpy as np\nfrom edgeprune.eval.data import STSPair\n"
+    script = ("import json\nimport numpy as np\nfrom edgeprune.core.datasets import STSPair\n"
               "from edgeprune.eval.metrics import sts_spearman\n"
               "words = ['a dog runs', 'a cat sat', 'the sky', 'red car', 'one tree', 'big ball', 'two cats', 'old man']\n"
               "pairs = [STSPair(a, b, float(i)) for i, (a, b) in enumerate(zip(words, reversed(words)))]\n"

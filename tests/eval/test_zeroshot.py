@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny import WORDS  # noqa: E402
 
-from edgeprune.errors import EdgePruneError  # noqa: E402
+from edgeprune.core.errors import EdgePruneError  # noqa: E402
 from edgeprune.eval import zeroshot  # noqa: E402
 
 
@@ -49,8 +49,8 @@ def task_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_backend(tiny_models):
-    from edgeprune.eval.torch_backend import TorchBackend
-    from edgeprune.models import load_model
+    from edgeprune.eval.backends import TorchBackend
+    from edgeprune.core.loading import load_model
 
     return TorchBackend(load_model(tiny_models("llama"), task="text-generation"))
 
@@ -216,7 +216,7 @@ def test_cli_eval_json_and_errors(tiny_models, exported, task_files, tmp_path, c
     assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "value"} <= set(result)
 
     # an encoder has no LM head: refused before its weights load
-    import edgeprune.models as models
+    import edgeprune.core.loading as models
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")

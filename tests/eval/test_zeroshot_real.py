@@ -16,7 +16,7 @@ LIMIT = 300
 def test_dense_smollm2_agrees_with_lm_eval_within_half_a_point(tmp_path):
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("lm-eval missing: pip install -e '.[crosscheck]'")
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     if not smollm2_path().is_file():
         pytest.skip("SmolLM2 not fetched: edgeprune models fetch smollm2-135m")

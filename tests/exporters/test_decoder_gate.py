@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.eval.metrics import sliding_window_perplexity
 from edgeprune.exporters.decoder_gate import decoder_quality_gate, greedy_path
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.artifacts import read_manifest
+from edgeprune.core.artifacts import read_manifest
 from edgeprune.cli import main
 from edgeprune.compress.api import CompressConfig, StructuredConfig, compress
 from edgeprune.compress.depth import DepthConfig
 from edgeprune.exporters.api import ExportConfig, export
-from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, read_gguf_metadata
-from edgeprune.models import load_model
+from edgeprune.core.ggufio import GGUF_FILE, export_loaded, read_gguf_metadata
+from edgeprune.core.loading import load_model
 from test_gguf_export import make_bpe_llama
 from tiny import make_tiny, sample_texts
 
@@ -94,7 +94,7 @@ def test_onnx_decoder_with_fewer_and_ffn_free_blocks(tmp_path):
 
 
 def test_onnx_encoder_with_half_blocks(tmp_path):
-    from edgeprune.artifacts import onnx_model_path
+    from edgeprune.core.artifacts import onnx_model_path
     from edgeprune.exporters.validate import ort_session, run_session
 
     source = make_tiny("bert", tmp_path / "src", layers=4)

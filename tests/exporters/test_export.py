@@ -8,14 +8,16 @@ import onnx
 import pytest
 import torch
 
-from edgeprune.artifacts import onnx_model_path, read_manifest
-from edgeprune.compress.artifact import save_artifact
+from edgeprune.core.artifacts import onnx_model_path, read_manifest
+from edgeprune.core.model_artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.surgery import apply_plan
-from edgeprune.errors import EdgePruneError
-from edgeprune.exporters.api import DENSE_FILE, ExportConfig, deepsparse_python, export
-from edgeprune.exporters.validate import ort_greedy, ort_logits_fn, ort_session, run_session, torch_greedy
-from edgeprune.models import load_model
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.exporters.api import DENSE_FILE, ExportConfig, export
+from edgeprune.runtime.deepsparse_adapter import deepsparse_python
+from edgeprune.core.onnxio import ort_greedy, ort_session, run_session
+from edgeprune.exporters.validate import ort_logits_fn, torch_greedy
+from edgeprune.core.loading import load_model
 from tiny import sample_texts, uneven_plan
 
 DECODERS = ("gpt2", "llama", "qwen2")
@@ -234,7 +236,7 @@ def sparse_artifact(tiny_models, directory, fraction=0.9):
 
 
 def test_sparse_initializers_shrink_and_deepsparse_gets_dense(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("edgeprune.exporters.api.deepsparse_python", lambda: None)  # compiled in its own test
+    monkeypatch.setattr("edgeprune.runtime.deepsparse_adapter.deepsparse_python", lambda: None)  # compiled in its own test
     artifact = sparse_artifact(tiny_models, tmp_path / "sparse")
     dense = export(str(artifact), tmp_path / "dense", ExportConfig(sparse_initializers="off"), progress=False)
     out = export(str(artifact), tmp_path / "e", ExportConfig(sparse_initializers="on", target="deepsparse"),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.api import ExportConfig, export
-from edgeprune.exporters.gguf_export import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
-from edgeprune.models import load_model
+from edgeprune.core.ggufio import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
+from edgeprune.core.loading import load_model
 from tiny import make_tiny, sample_texts, uneven_plan
 
 
@@ -53,7 +53,7 @@ def bpe_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned_llama(bpe_llama, tmp_path_factory):
     from edgeprune.compress.api import CompressConfig
-    from edgeprune.compress.artifact import save_artifact
+    from edgeprune.core.model_artifact import save_artifact
     from edgeprune.compress.surgery import apply_plan
 
     loaded = load_model(bpe_llama)
@@ -153,7 +153,7 @@ def test_export_without_llamacpp_says_how_to_install(bpe_llama, tmp_path, monkey
 def test_export_validates_in_llamacpp(bpe_llama, pruned_llama, llamacpp_runtime, which, qtype, tmp_path):
     import torch
 
-    from edgeprune.artifacts import read_manifest
+    from edgeprune.core.artifacts import read_manifest
 
     source = bpe_llama if which == "even" else pruned_llama
     out = export(source, tmp_path / "out", ExportConfig(target="llamacpp", quantize=qtype), progress=False)

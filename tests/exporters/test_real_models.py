@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgeprune.artifacts import read_manifest
+from edgeprune.core.artifacts import read_manifest
 from edgeprune.compress.api import CompressConfig, compress
 from edgeprune.compress.plan import StructuredConfig
 from edgeprune.exporters.api import ExportConfig, export
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def sts(model, runtime=None, limit=400):
     from edgeprune.eval.api import EvalConfig, evaluate
-    from edgeprune.data_sources import resolve_data
+    from edgeprune.core.data_sources import resolve_data
 
     result = evaluate(str(model), resolve_data("stsb:dev"), EvalConfig(task="sts", limit=limit), runtime=runtime)
     return result["value"]
@@ -31,7 +31,7 @@ def test_minilm_pruned_fp32_and_int8(tmp_path):
 
 
 def test_smollm2_within_gqa_pruned_kv_cache_export(tmp_path):
-    from edgeprune.models import smollm2_path
+    from edgeprune.core.loading import smollm2_path
 
     if not smollm2_path().is_file():
         pytest.skip("smollm2-135m not fetched (edgeprune models fetch smollm2-135m)")

@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeprune.artifacts import read_manifest
+from edgeprune.core.artifacts import read_manifest
 from edgeprune.compress.api import CompressConfig
-from edgeprune.compress.artifact import save_artifact
+from edgeprune.core.model_artifact import save_artifact
 from edgeprune.compress.surgery import apply_plan
 from edgeprune.exporters.api import ExportConfig, export
 from edgeprune.exporters.simplify import simplify
-from edgeprune.exporters.validate import ort_session, random_feeds, run_session
-from edgeprune.models import load_model
+from edgeprune.core.onnxio import ort_session, random_feeds, run_session
+from edgeprune.core.loading import load_model
 from tiny import uneven_plan
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.runtime.llamacpp_adapter import gguf_file
 from edgeprune.runtime.llamacpp_tiny import Shape, write_random_llama
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny import sample_texts
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.runtime.base import get_runtime, runtime_names
 from edgeprune.runtime.pipelines import (ClassificationPipeline, GenerationPipeline, RuntimeBackend, build_pipeline,
                                          sample_next)
@@ -20,7 +20,7 @@ TEXTS = sample_texts(6, seed=3) + ["the dog runs in the park", "a"]
 
 
 def torch_model(source, task):
-    from edgeprune.models import load_model
+    from edgeprune.core.loading import load_model
 
     return load_model(str(source), task=task)
 
@@ -55,7 +55,7 @@ assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules
 # --- parity with PyTorch --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_embeddings_match_torch(exported, family):
-    from edgeprune.eval.torch_backend import TorchBackend
+    from edgeprune.eval.backends import TorchBackend
 
     source, export = exported(family, "feature-extraction")
     reference = TorchBackend(torch_model(source, "feature-extraction"), max_length=16).embed(TEXTS)
@@ -211,7 +211,7 @@ def test_cli_run_input_file_and_generation(exported, tmp_path, capsys):
 # --- deepsparse ---------------------------------------------------------------------------------------------------
 @pytest.mark.deepsparse
 def test_deepsparse_matches_onnxruntime_and_torch(exported, deepsparse_runtime):
-    from edgeprune.eval.torch_backend import TorchBackend
+    from edgeprune.eval.backends import TorchBackend
 
     source, export = exported("bert", "feature-extraction")
     reference = TorchBackend(torch_model(source, "feature-extraction"), max_length=16).embed(TEXTS)
@@ -231,7 +231,7 @@ def test_deepsparse_matches_onnxruntime_and_torch(exported, deepsparse_runtime):
         assert session.run(feeds)["last_hidden_state"].shape == (2, 5, 32)
     finally:
         backend.close()
-    from edgeprune.artifacts import read_manifest, sha256_file
+    from edgeprune.core.artifacts import read_manifest, sha256_file
 
     assert read_manifest(export)["files"]["model.onnx"] == sha256_file(export / "model.onnx")
 

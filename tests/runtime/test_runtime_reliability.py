@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 def error_lines(err):
@@ -72,8 +72,8 @@ def test_positions_are_checked_up_front_and_generation_keeps_its_text(exported, 
 def test_report_numbers_come_from_the_export_itself(exported, tmp_path):
     """Item 25: params and FLOPs are the same without transformers and without the parent artifact."""
     from edgeprune.bench.metrics import analytic_flops, model_size
-    from edgeprune.compress.surgery import analytic_flops as torch_flops
-    from edgeprune.models import load_model
+    from edgeprune.core.anatomy import analytic_flops as torch_flops
+    from edgeprune.core.loading import load_model
 
     source, export = exported("bert", "feature-extraction")
     loaded = load_model(source)
@@ -111,6 +111,7 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
     from onnx import TensorProto, helper
 
     from edgeprune.exporters import api
+    from edgeprune.runtime import deepsparse_adapter
 
     assert main(["export", str(tiny_models("gpt2")), "-o", str(tmp_path / "d"), "--target", "deepsparse"]) == 2
     assert "--no-past" in capsys.readouterr().err
@@ -121,9 +122,9 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
                               [helper.make_tensor_value_info("q", TensorProto.UINT8, [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert any("DynamicQuantizeLinear" in p for p in api.deepsparse_ready(model))
+    assert any("DynamicQuantizeLinear" in p for p in deepsparse_adapter.deepsparse_ready(model))
     _, decoder = exported("llama", "text-generation")
     assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] is None
-    monkeypatch.setattr(api, "deepsparse_python", lambda: None)
+    monkeypatch.setattr(deepsparse_adapter, "deepsparse_python", lambda: None)
     assert main(["export", str(tiny_models("bert")), "-o", str(tmp_path / "e"), "--target", "deepsparse"]) == 0
     assert "warning: model.onnx was not compile-checked with DeepSparse" in capsys.readouterr().err

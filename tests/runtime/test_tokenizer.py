@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tiny import sample_texts
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.runtime.tokenizer import RuntimeTokenizer
 
 TEXTS = sample_texts(5, seed=1) + ["The Dog, quickly; runs!", "unknownword the cat"]
@@ -15,7 +15,7 @@ TEXTS = sample_texts(5, seed=1) + ["The Dog, quickly; runs!", "unknownword the c
 def _check(directory, texts, max_length):
     from transformers import AutoTokenizer
 
-    from edgeprune.models import prepare_tokenizer
+    from edgeprune.core.loading import prepare_tokenizer
 
     ours = RuntimeTokenizer(directory)
     theirs = AutoTokenizer.from_pretrained(directory)
@@ -41,7 +41,7 @@ def test_tiny_tokenizer_parity(tiny_models, family):
 
 
 def test_minilm_tokenizer_parity():
-    from edgeprune.models import minilm_path
+    from edgeprune.core.loading import minilm_path
 
     texts = ["A man is playing a guitar.", "Héllo, WORLD!! Tokenizers don't lowercase?", "x " * 300]
     ours = _check(minilm_path(), texts, max_length=128)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,19 @@ def read_text(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise EdgePruneError(f"cannot read data file {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def _is_sts_row(line: str) -> bool:
+    return line.count("\t") >= 6  # genre, file, year, id, score, sentence1, sentence2
+
+
+def is_sts_file(path: str | Path) -> bool:
+    """Whether a data file is STS-B tsv (judged by its first non-empty line); False for a missing file."""
+    location = Path(str(path)).expanduser()
+    if not location.is_file():
+        return False
+    with open(location, encoding="utf-8", errors="replace") as handle:
+        return _is_sts_row(next((line for line in handle if line.strip()), ""))
 
 
 def read_sts(path: str | Path, limit: int | None = None) -> list[STSPair]:
@@ -50,7 +63,7 @@ def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
     """Calibration sentences: both sides of an STS file, or the non-empty lines of a text file."""
     text = read_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
-    if first.count("\t") >= 6:
+    if _is_sts_row(first):
         sentences = [s for pair in read_sts(path) for s in (pair.sentence1, pair.sentence2)]
     else:
         sentences = [line.strip() for line in text.splitlines() if len(line.strip()) > 20]

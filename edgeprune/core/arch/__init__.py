@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters.base import ArchAdapter, LayerPlan, LayerShape, ParamSlice
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.arch.base import ArchAdapter, LayerPlan, LayerShape, ParamSlice
+from edgeprune.core.errors import EdgePruneError
 
 _REGISTRY: dict[str, ArchAdapter] = {}
 
@@ -31,6 +31,6 @@ def get_adapter(config_or_model_type) -> ArchAdapter:
 
 
 # Importing the family modules registers them.
-from edgeprune.compress.adapters import bert, distilbert, gpt2, llama  # noqa: E402,F401
+from edgeprune.core.arch import bert, distilbert, gpt2, llama  # noqa: E402,F401
 
 __all__ = ["ArchAdapter", "LayerPlan", "LayerShape", "ParamSlice", "get_adapter", "register", "supported_model_types"]

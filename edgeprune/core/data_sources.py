@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.paths import cache_dir, data_dir
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.paths import cache_dir, data_dir
 
 HUB_PROBE_SECONDS = 3.0
 

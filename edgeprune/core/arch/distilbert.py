@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters import register
-from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape
-from edgeprune.compress.adapters.bert import linear_slices
+from edgeprune.core.arch import register
+from edgeprune.core.arch.base import IN, KV, OUT, Q, ArchAdapter, LayerShape
+from edgeprune.core.arch.bert import linear_slices
 
 
 @register
 class DistilBertAdapter(ArchAdapter):
-    family = "distilbert"
     model_types = ("distilbert",)
-    auto_class = "AutoModel"
     attention_bypass = {"attention": "zero_attention", "sa_layer_norm": "identity"}
     ffn_bypass = {"ffn": "zero", "output_layer_norm": "identity"}
     mid_residual = ("sa_layer_norm", "output")

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeprune.bench.harness import BenchConfig
-from edgeprune.configs import FrozenConfig
-from edgeprune.data_sources import resolve_data, resolve_data_or_name
-from edgeprune.errors import EdgePruneError
-from edgeprune.recipe_catalog import RECIPES_DIR, resolve_recipe
+from edgeprune.core.configs import FrozenConfig
+from edgeprune.core.data_sources import resolve_data, resolve_data_or_name
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.recipe_catalog import RECIPES_DIR, resolve_recipe
 
 POSTTRAINING_RECIPE = RECIPES_DIR / "minilm-50-posttraining.yaml"
 DISTILL_RECIPE = RECIPES_DIR / "minilm-50-distill.yaml"
@@ -213,7 +213,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
                  finish: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
     """compress -> export -> bench; everything lands in ``out`` (atomically), the table is printed.
     ``finish(staging_dir, summary)`` adds files (e.g. the sweep's choice) before the output is renamed."""
-    from edgeprune.artifacts import check_output_dir, staged_output, write_manifest
+    from edgeprune.core.artifacts import check_output_dir, staged_output, write_manifest
     from edgeprune.bench.api import bench
     from edgeprune.bench.report import markdown
 

@@ -1,4 +1,4 @@
-"""Output staging (edgeprune.artifacts.staged_output): nothing of the user's is ever removed, nothing
+"""Output staging (edgeprune.core.artifacts.staged_output): nothing of the user's is ever removed, nothing
 half-written is left behind, and manifests' SHA-256s are checked (issue 13, items 1-4, 19, 25)."""
 
 import errno
@@ -10,8 +10,8 @@ import tempfile
 import pytest
 
 from edgeprune import cli
-from edgeprune.artifacts import check_integrity, check_output_dir, staged_output, verify_files, write_manifest
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.artifacts import check_integrity, check_output_dir, staged_output, verify_files, write_manifest
+from edgeprune.core.errors import EdgePruneError
 
 
 def names(directory):

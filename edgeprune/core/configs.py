@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 T = TypeVar("T", bound="FrozenConfig")
 
@@ -81,9 +80,6 @@ class FrozenConfig:
             return cls(**kwargs)
         except TypeError as exc:
             raise EdgePruneError(f"{where}: {exc}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

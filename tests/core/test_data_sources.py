@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from edgeprune import data_sources
-from edgeprune.data_sources import SOURCES, resolve_data
-from edgeprune.errors import EdgePruneError
-from edgeprune.eval.data import read_sts
+from edgeprune.core import data_sources
+from edgeprune.core.data_sources import SOURCES, resolve_data
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.datasets import read_sts
 
 
 @pytest.fixture

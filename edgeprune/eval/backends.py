@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgeprune.eval.metrics import mean_pool_normalize
+from edgeprune.core.onnxio import mean_pool_normalize
 
 
 class TorchBackend:

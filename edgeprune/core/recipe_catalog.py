@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MEASURED_PREFIX = "# measured:"
 
 

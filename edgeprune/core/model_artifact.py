@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from edgeprune.artifacts import check_integrity, read_manifest, write_manifest
-from edgeprune.errors import EdgePruneError
-from edgeprune.models import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
+from edgeprune.core.artifacts import check_integrity, read_manifest, write_manifest
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.loading import TASK_CLASSES, LoadedModel, ModelSource, prepare_tokenizer, task_for
 
 PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.yaml"
@@ -21,7 +21,7 @@ def save_artifact(directory: Path, loaded: LoadedModel, recipe: dict[str, Any], 
     """Write weights (safetensors), config with per-layer shapes, tokenizer, plan, recipe and manifest."""
     import yaml
 
-    from edgeprune.compress.surgery import parameter_count, record_shapes
+    from edgeprune.core.anatomy import parameter_count, record_shapes
 
     directory = Path(directory)
     model = loaded.model
@@ -68,7 +68,7 @@ def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
     """Rebuild a compressed model: dense skeleton -> stored shapes -> load weights strictly."""
     import transformers
 
-    from edgeprune.compress.adapters import get_adapter
+    from edgeprune.core.arch import get_adapter
 
     directory = Path(path)
     manifest = read_manifest(directory)

@@ -6,17 +6,15 @@ heads, or the same number of query heads inside every group, so ``repeat_kv`` st
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters import register
-from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape
-from edgeprune.compress.adapters.bert import linear_slices
+from edgeprune.core.arch import register
+from edgeprune.core.arch.base import IN, KV, OUT, Q, ArchAdapter, LayerShape
+from edgeprune.core.arch.bert import linear_slices
 
 
 @register
 class LlamaAdapter(ArchAdapter):
-    family = "llama"
     model_types = ("llama", "mistral", "qwen2")
     is_decoder = True
-    auto_class = "AutoModelForCausalLM"
     ffn_matrices = 3
     norm_vectors_per_block = 2
     attention_bypass = {"input_layernorm": "identity", "self_attn": "zero_attention"}

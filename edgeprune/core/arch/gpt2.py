@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters import register
-from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
+from edgeprune.core.arch import register
+from edgeprune.core.arch.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
 
 
 def conv1d_slices(conv, segments, role) -> list[ParamSlice]:
@@ -14,10 +14,8 @@ def conv1d_slices(conv, segments, role) -> list[ParamSlice]:
 
 @register
 class GPT2Adapter(ArchAdapter):
-    family = "gpt2"
     model_types = ("gpt2",)
     is_decoder = True
-    auto_class = "AutoModelForCausalLM"
     attention_bypass = {"ln_1": "identity", "attn": "zero_attention"}
     ffn_bypass = {"ln_2": "identity", "mlp": "zero"}
     mid_residual = ("ln_2", "input")

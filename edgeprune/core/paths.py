@@ -19,7 +19,7 @@ def data_dir() -> Path:
     env = os.environ.get("EDGEPRUNE_DATA")
     if env:
         return Path(env)
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data",
+    candidates = [Path(__file__).resolve().parents[3] / "shared" / "data", Path.cwd().parent / "shared" / "data",
                   Path.cwd() / "shared" / "data"]
     for candidate in candidates:
         if candidate.is_dir():

@@ -93,10 +93,8 @@ def _sliced(tensor: torch.Tensor, spec: ParamSlice, keeps: dict[str, Sequence[in
 class ArchAdapter:
     """Base class. Subclasses set the class attributes and implement the ``*_slices`` hooks."""
 
-    family: str = ""
     model_types: tuple[str, ...] = ()
     is_decoder: bool = False
-    auto_class: str = "AutoModel"
     # Declarative block anatomy for analytic parameter and FLOP counts (independent of the modules).
     ffn_matrices: int = 2  # fc1+fc2, or gate+up+down = 3
     norm_vectors_per_block: int = 4  # two LayerNorms with weight and bias; two RMSNorms have 2

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edgeprune.compress.adapters import register
-from edgeprune.compress.adapters.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
+from edgeprune.core.arch import register
+from edgeprune.core.arch.base import IN, KV, OUT, Q, ArchAdapter, LayerShape, ParamSlice
 
 
 def linear_slices(linear, segments, role) -> list[ParamSlice]:
@@ -18,9 +18,7 @@ def linear_slices(linear, segments, role) -> list[ParamSlice]:
 
 @register
 class BertAdapter(ArchAdapter):
-    family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
-    auto_class = "AutoModel"
     # post-LN: the attention module includes its residual add and LayerNorm, so removing it passes its input on
     attention_bypass = {"attention": "pass_attention"}
     ffn_bypass = {"intermediate": "identity", "output": "pass_residual"}

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeprune.errors import EdgePruneError
-from edgeprune.paths import cache_dir
+from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.paths import cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -195,14 +195,14 @@ def load_model(spec: str | os.PathLike, task: str | None = None, allow_pickle: b
     """Load any supported model source in float32 eval mode, with its tokenizer and adapter."""
     source = resolve(spec)
     if source.kind == "artifact":
-        from edgeprune.compress.artifact import load_artifact
+        from edgeprune.core.model_artifact import load_artifact
 
         return load_artifact(source.path, task=task)
 
     import torch
     import transformers
 
-    from edgeprune.compress.adapters import get_adapter
+    from edgeprune.core.arch import get_adapter
 
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     location = source.directory

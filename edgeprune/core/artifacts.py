@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeprune import __version__
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 MANIFEST = "manifest.json"
 

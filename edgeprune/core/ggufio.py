@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.core.errors import EdgePruneError
 
 GGUF_FILE = "model.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -149,7 +149,7 @@ def _synthetic(name: str, hidden: int) -> np.ndarray:
 
 def gguf_layer_shapes(shapes):
     """The per-layer shapes as written: FFN-free layers carry the stub width (see FFN_STUB_WIDTH)."""
-    from edgeprune.compress.adapters.base import LayerShape
+    from edgeprune.core.arch.base import LayerShape
 
     return [LayerShape(s.heads, s.kv_heads, s.ffn or FFN_STUB_WIDTH) for s in shapes]
 
@@ -196,7 +196,7 @@ def check_model_for_gguf(model_config, shapes) -> str:
 # --- tokenizer ---------------------------------------------------------------------------------------------
 def source_gguf(loaded) -> Path | None:
     """The GGUF file a model (or the compressed artifact made from it) was read from, if it still exists."""
-    from edgeprune.artifacts import read_manifest
+    from edgeprune.core.artifacts import read_manifest
 
     source = loaded.source
     if source.kind == "gguf":
@@ -438,7 +438,7 @@ def model_tensors(model) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[i
 
 
 def export_loaded(loaded, path: Path, qtype: str, progress: bool = True) -> dict[str, Any]:
-    """Write ``loaded`` (an ``edgeprune.models.LoadedModel``) to ``path`` as GGUF; returns what was written."""
+    """Write ``loaded`` (an ``edgeprune.core.loading.LoadedModel``) to ``path`` as GGUF; returns what was written."""
     check_gguf_type(qtype)
     config = loaded.model.config
     shapes = loaded.adapter.shapes(config)

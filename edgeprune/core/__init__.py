@@ -1,0 +1,1 @@
+"""Shared foundation every stage builds on; imports no stage (compress, exporters, runtime, eval, bench)."""
