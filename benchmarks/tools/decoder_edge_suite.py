@@ -91,7 +91,8 @@ def cmd_quality(suite: dict, out: Path, args) -> None:
         if (only and v["label"] not in only) or not Path(v["gguf"]).is_file():
             continue
         scores = json.loads(target.read_text()) if target.is_file() else {}
-        for task in [t for t in q.get("tasks", TASKS) if t not in scores]:
+        tasks = args.tasks.split(",") if args.tasks else q.get("tasks", TASKS)
+        for task in [t for t in tasks if t not in scores]:
             config = (EvalConfig(task=task, max_tokens=int(q.get("ppl_tokens", 8192))) if task == "perplexity"
                       else EvalConfig(task=task, limit=q.get("limit"), batch_size=16))
             data = q.get("data", {}).get(task)
@@ -280,6 +281,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--lock", help="time: hold this flock(1) lock file while timing (shared machines)")
     ap.add_argument("--only", help="quality: comma-separated variant labels")
+    ap.add_argument("--tasks", help="quality: comma-separated tasks (default: the suite's)")
     args = ap.parse_args()
     suite = load_suite(args.suite)
     args.out.mkdir(parents=True, exist_ok=True)

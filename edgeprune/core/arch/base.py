@@ -284,7 +284,7 @@ class ArchAdapter:
         """Give a freshly built dense model the stored per-layer shapes (values are loaded afterwards). A
         depth-pruned config already builds only the kept blocks; sublayers stored with 0 heads or FFN width
         0 are replaced by their no-op stand-ins."""
-        from edgeprune.compress.depth import bypass_sublayers, renumber_attention
+        from edgeprune.core.arch.standins import bypass_sublayers, renumber_attention
 
         dense = self.dense_shapes(model.config)
         for index, (current, target) in enumerate(zip(dense, shapes)):
