@@ -98,7 +98,7 @@ def main() -> None:
 
     import torch
 
-    from edgeprune.compress.api import CompressConfig, FinetuneConfig
+    from edgeprune.compress.api import CompressConfig
     from edgeprune.compress.finetune import finetune, lm_blocks
     from edgeprune.core.data_sources import resolve_data
     from edgeprune.core.loading import load_model

@@ -17,10 +17,9 @@ renumbered contiguously (``layer_idx``), so an attention-free layer takes no KV-
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
