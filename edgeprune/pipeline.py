@@ -145,7 +145,7 @@ def check_data(config: PipelineConfig, recipe_dir: Path | None = None) -> str | 
         if variant.recipe or variant.compress:
             cfg = variant_compress_config(variant, recipe_dir)
             for ref in (cfg.calibration.path, cfg.finetune.data):
-                if ref is not None:
+                if ref is not None and ref != "teacher":  # teacher-generated data is sampled, not read
                     resolve_data_or_name(ref)
     return data
 

@@ -117,6 +117,14 @@ class FinetuneConfig(FrozenConfig):
     # encoders: batches of similar-length texts (shuffled pools sorted by length), so far less padding is
     # computed; STS-B train sentences padded per random batch of 32 cost 2.47x their real tokens
     length_buckets: bool = False
+    # decoders: tokens sampled from the dense teacher (cached, seeded; edgeprune/compress/teacher_data.py) used
+    # as distillation data: the only data with data "teacher", else mixed into the corpus blocks
+    teacher_tokens: int = 0
+    teacher_temperature: float = 1.0
+    # LoRA (rank > 0): train low-rank updates of every block matrix instead of the full weights, merged into
+    # the weights after training (the artifact has the plain pruned shapes)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 2:
@@ -127,6 +135,13 @@ class FinetuneConfig(FrozenConfig):
             raise EdgePruneError(f"distill_objective must be cosine or mse (got {self.distill_objective!r})")
         if not 0 <= self.warmup < 1 or self.temperature <= 0 or self.skip_tokens < 0:
             raise EdgePruneError("fine-tuning warmup must be in [0, 1), temperature > 0, skip_tokens >= 0")
+        if self.teacher_tokens < 0 or self.teacher_temperature <= 0 or self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise EdgePruneError(f"--teacher-tokens and --lora-rank must be >= 0, teacher temperature and LoRA "
+                                 f"alpha > 0 (got {self.teacher_tokens}, {self.lora_rank}, "
+                                 f"{self.teacher_temperature}, {self.lora_alpha})")
+        if self.data == "teacher" and not self.teacher_tokens:
+            raise EdgePruneError("--finetune teacher needs --teacher-tokens N (how many tokens to sample from the "
+                                 "dense model)")
 
     @property
     def enabled(self) -> bool:
@@ -234,6 +249,9 @@ def check_options(config: CompressConfig) -> None:
     if ft.distill and not ft.enabled:
         raise EdgePruneError("--distill needs fine-tuning data: pass --finetune DATA (distillation happens during "
                              "recovery fine-tuning)")
+    if ft.teacher_tokens and not ft.distill:
+        raise EdgePruneError("teacher-generated data (--teacher-tokens / --finetune teacher) is sampled from the "
+                             "dense teacher: add --distill")
     if sp.finetune_each_step and not ft.enabled:
         raise EdgePruneError("--finetune-each-step needs fine-tuning data (--finetune DATA)")
     if config.depth.needs_calibration and config.calibration.path is None:

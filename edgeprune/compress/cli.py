@@ -24,6 +24,8 @@ SPARSITY_FINETUNE_FLAGS = {
     "finetune": ("finetune", "data"), "epochs": ("finetune", "epochs"), "distill": ("finetune", "distill"),
     "lr": ("finetune", "learning_rate"), "max_steps": ("finetune", "max_steps"),
     "batch_size": ("finetune", "batch_size"), "max_length": ("finetune", "max_length"),
+    "teacher_tokens": ("finetune", "teacher_tokens"), "lora_rank": ("finetune", "lora_rank"),
+    "hidden_weight": ("finetune", "hidden_weight"),
     "calib": ("calibration", "path"), "calib_samples": ("calibration", "samples"),
     "calib_length": ("calibration", "max_length"),
     "reconstruct": ("reconstruct", "enabled"), "reconstruct_mode": ("reconstruct", "mode"),
@@ -82,6 +84,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="cap on fine-tuning steps")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
     p.add_argument("--max-length", type=int, help="fine-tuning max tokens per sequence")
+    p.add_argument("--teacher-tokens", type=int, help="decoders: distil on this many tokens sampled from the dense "
+                   "model (cached, seeded); with --finetune teacher the only data, else mixed into DATA")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank on the block matrices (merged "
+                   "after training) instead of the full weights; 0 = full fine-tuning")
+    p.add_argument("--hidden-weight", type=float, help="distillation: weight of the hidden-state MSE (encoders: "
+                   "every layer; decoders: the final hidden state)")
     p.add_argument("--calib", metavar="DATA", help="calibration data: a built-in key (stsb:train; `edgeprune data "
                    "list`), STS tsv, text file, datasets name or data file; turns on the measured-best settings")
     p.add_argument("--calib-samples", type=int, help="calibration texts (or token windows for decoders)")
@@ -103,6 +111,20 @@ def register(subparsers) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights you trust")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=run_compress)
+
+    c = subparsers.add_parser("cost", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="the measured llama.cpp cost model of this host (per block, head, neuron)")
+    c.add_argument("action", choices=["measure", "show", "predict"],
+                   help="measure: time probe GGUFs cut from --model and cache the fit; show: print the cached "
+                   "model (measured when absent); predict: speedups of GGUF files vs --model")
+    c.add_argument("files", nargs="*", help="predict: GGUF files (llama or deci)")
+    c.add_argument("--model", required=True, help="the dense llama GGUF the probes are cut from (e.g. its q4_0)")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--prompt", type=int, default=128, help="prefill length")
+    c.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    c.add_argument("--cost-model", help="a cost-model JSON file to use instead of this host's cache")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run_cost)
 
 
 def index_list(text: str) -> list[int]:
@@ -207,4 +229,45 @@ def run_compress(args) -> int:
           f"compress {manifest['timings']['compress_s']:.1f}s")
     if args.json:
         print_json_last(summary)
+    return 0
+
+
+def run_cost(args) -> int:
+    import json
+    from pathlib import Path
+
+    from edgeprune.compress import cost_model as cm
+    from edgeprune.core.errors import EdgePruneError
+
+    source = Path(args.model).expanduser()
+    if not source.is_file():
+        raise EdgePruneError(f"--model {args.model}: no such GGUF file (the dense llama GGUF, e.g. a q4_0 export)")
+    for f in args.files:
+        if not Path(f).is_file():
+            raise EdgePruneError(f"{f}: no such GGUF file")
+    model, path, how = cm.load_or_measure(source, threads=args.threads, prompt=args.prompt,
+                                          path=Path(args.cost_model) if args.cost_model else None,
+                                          remeasure=args.action == "measure", rounds=args.rounds)
+    print(f"cost model ({how}): {path}")
+    units = model.per_unit()
+    print("| unit | prefill ms | decode ms |\n| --- | --- | --- |")
+    for name in cm.FEATURES:
+        print(f"| {name} | {units['prefill_ms'][name]:.4f} | {units['decode_ms'][name]:.4f} |")
+    print("| probe | layers | prefill ms (fit) | decode ms (fit) |\n| --- | --- | --- | --- |")
+    for p in model.probes:
+        print(f"| {p['name']} | {p['layers']} | {p['prefill_s'] * 1e3:.1f} ({p['prefill_fit_s'] * 1e3:.1f}) | "
+              f"{p['decode_s'] * 1e3:.2f} ({p['decode_fit_s'] * 1e3:.2f}) |")
+    err = model.fit_error()
+    print(f"largest fit error on the probes: prefill {err['prefill']:.1%}, decode {err['decode']:.1%}; "
+          f"load average {model.load_average}")
+    predictions = {}
+    if args.action == "predict":
+        dense = cm.gguf_layers(source)
+        for f in args.files:
+            predictions[f] = model.speedup(cm.gguf_layers(Path(f)), dense)
+            print(f"{f}: predicted prefill {predictions[f]['prefill']:.2f}x, decode {predictions[f]['decode']:.2f}x")
+    if args.json:
+        from edgeprune.core.console import print_json_last
+
+        print_json_last({"cost_model": str(path), "how": how, "per_unit": units, "predictions": predictions})
     return 0

@@ -40,6 +40,10 @@ def check_data(data: str) -> None:
     from edgeprune.compress.calibration import looks_like_path
     from edgeprune.core.paths import data_dir
 
+    from edgeprune.compress.teacher_data import TEACHER_DATA
+
+    if data == TEACHER_DATA:
+        return
     path = Path(resolve_data_or_name(data)).expanduser()
     if path.is_dir():
         raise EdgePruneError(f"fine-tuning data path is a directory, not a file: {data} (--finetune)")
@@ -113,17 +117,24 @@ def sts_task_loss(student, batch) -> torch.Tensor:
 
 def decoder_loss(student, teacher, batch, cfg) -> torch.Tensor:
     ids = batch["input_ids"]
-    logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    hidden = teacher is not None and cfg.hidden_weight > 0
+    out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    logits = out.logits[:, :-1].float()
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     if teacher is None:
         return lm
     with torch.no_grad():
-        ref = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        ref_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    ref = ref_out.logits[:, :-1].float()
     t = cfg.temperature
     kl = F.kl_div(F.log_softmax(logits / t, -1).reshape(-1, logits.shape[-1]),
                   F.log_softmax(ref / t, -1).reshape(-1, logits.shape[-1]), log_target=True,
                   reduction="batchmean") * t * t
-    return kl + cfg.lm_weight * lm
+    loss = kl + cfg.lm_weight * lm
+    if hidden:  # the final (normed) hidden state: aligned whatever blocks the student lost
+        s, r = out.hidden_states[-1].float(), ref_out.hidden_states[-1].float()
+        loss = loss + cfg.hidden_weight * (s - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-9)
+    return loss
 
 
 def simcse_loss(model, batch, temperature: float = 0.05) -> torch.Tensor:
@@ -149,13 +160,28 @@ def unsupervised_loss(model, adapter, batch) -> torch.Tensor:
 class _Batches:
     """Deterministic shuffled batches of tokenized examples (dynamic padding)."""
 
-    def __init__(self, loaded, cfg, seed: int):
+    def __init__(self, loaded, cfg, seed: int, teacher=None, progress: bool = True):
+        from edgeprune.compress.teacher_data import TEACHER_DATA, teacher_blocks
+
         self.tok, self.cfg, self.rng = loaded.tokenizer, cfg, random.Random(seed)
         self.decoder = loaded.adapter.is_decoder
         self._lengths: list[int] | None = None
-        data = resolve_data_or_name(cfg.data)
+        self.teacher_data: dict | None = None
+        data = resolve_data_or_name(cfg.data) if cfg.data != TEACHER_DATA else TEACHER_DATA
+        if cfg.teacher_tokens and not self.decoder:
+            raise EdgePruneError("teacher-generated data (--teacher-tokens) is for decoders; encoders distil on "
+                                 "the given texts")
         if self.decoder:
-            self.items: list[Any] = lm_blocks(self.tok, data, cfg.max_length, cfg.skip_tokens)
+            self.items: list[Any] = [] if data == TEACHER_DATA else lm_blocks(self.tok, data, cfg.max_length,
+                                                                              cfg.skip_tokens)
+            if cfg.teacher_tokens:
+                if teacher is None:
+                    raise EdgePruneError("teacher-generated data needs the dense teacher (--distill)")
+                generated, self.teacher_data = teacher_blocks(teacher, self.tok, getattr(loaded, "source", None),
+                                                              cfg.teacher_tokens, cfg.max_length,
+                                                              cfg.teacher_temperature, seed, progress)
+                self.teacher_data["corpus_blocks"] = len(self.items)
+                self.items = self.items + generated
             self.kind = "lm"
         elif cfg.distill:
             self.items = sorted(set(read_texts(data)))  # sorted: set order is not deterministic
@@ -240,14 +266,15 @@ def finetune(loaded, cfg, teacher=None, masks=None, movement=None, seed: int = 0
         raise EdgePruneError("distillation needs the dense teacher model")
     torch.manual_seed(seed)
     model = loaded.model
-    batches = _Batches(loaded, cfg, seed)
+    batches = _Batches(loaded, cfg, seed, teacher, progress)
     total = math.ceil(cfg.epochs * len(batches))
     limit = max_steps if max_steps is not None else cfg.max_steps
     if limit is not None:
         total = min(total, limit)
     if total < 1:
         raise EdgePruneError("fine-tuning would run zero steps; raise --epochs or --max-steps")
-    params = trainable_parameters(model, cfg.train_embeddings)
+    lora = LoRA(model, loaded.adapter, cfg.lora_rank, cfg.lora_alpha, seed) if cfg.lora_rank else None
+    params = lora.parameters() if lora is not None else trainable_parameters(model, cfg.train_embeddings)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * total)
 
@@ -292,6 +319,8 @@ def finetune(loaded, cfg, teacher=None, masks=None, movement=None, seed: int = 0
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     finally:
         bar.close()
+        if lora is not None:
+            lora.merge()
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
@@ -302,13 +331,55 @@ def finetune(loaded, cfg, teacher=None, masks=None, movement=None, seed: int = 0
                "objective": _objective(batches.kind, cfg), "first_loss": round(sum(head) / len(head), 6),
                "last_loss": round(sum(tail) / len(tail), 6), "seconds": round(time.perf_counter() - started, 2),
                "cpu_seconds": round(time.process_time() - cpu_started, 2), "threads": torch.get_num_threads(),
-               "seed": seed}
+               "seed": seed, "tokens_seen": step * cfg.batch_size * cfg.max_length if batches.kind == "lm" else None,
+               "training": f"lora(r={cfg.lora_rank})" if cfg.lora_rank else "full"}
+    if batches.teacher_data is not None:
+        summary["teacher_data"] = batches.teacher_data
     return summary, log
+
+
+class LoRA:
+    """Low-rank adapters on every linear layer of the decoder/encoder blocks (W x + B A x * alpha / r), the
+    base weights frozen; ``merge`` folds B A into W and removes the hooks, so the model keeps plain shapes."""
+
+    def __init__(self, model, adapter, rank: int, alpha: float, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.scale, self.adapters, self.hooks = alpha / rank, [], []
+        for layer in adapter.layers(model):
+            for module in layer.modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                r = min(rank, module.in_features, module.out_features)
+                a = torch.nn.Parameter(torch.randn(r, module.in_features, generator=generator) / math.sqrt(module.in_features))
+                b = torch.nn.Parameter(torch.zeros(module.out_features, r))  # zero: training starts at W
+                self.adapters.append((module, a, b))
+                self.hooks.append(module.register_forward_hook(self._hook(a, b)))
+
+    def _hook(self, a, b):
+        def add_low_rank(module, inputs, output):
+            return output + (inputs[0] @ a.t() @ b.t()) * self.scale
+        return add_low_rank
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, a, b in self.adapters for p in (a, b)]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for module, a, b in self.adapters:
+            module.weight += (b @ a) * self.scale
+        self.adapters, self.hooks = [], []
 
 
 def _objective(kind: str, cfg) -> str:
     if kind == "lm":
-        return f"kl(T={cfg.temperature})+{cfg.lm_weight}*lm" if cfg.distill else "lm"
+        if not cfg.distill:
+            return "lm"
+        extra = f"+{cfg.hidden_weight}*final_hidden_mse" if cfg.hidden_weight > 0 else ""
+        return f"kl(T={cfg.temperature})+{cfg.lm_weight}*lm{extra}"
     if kind == "texts":
         extra = f"+{cfg.hidden_weight}*hidden_mse" if cfg.hidden_weight > 0 else ""
         return f"{cfg.distill_objective}{extra}"
