@@ -33,7 +33,7 @@ def fake_pipeline(quality_ratios: dict[str, float | None], error: str = "quality
     the way the real one does (inside the staging directory, before the manifest and the rename)."""
     seen = {}
 
-    def run(pipeline, out, overwrite=False, threads=None, log=print, recipe_dir=None, finish=None):
+    def run(pipeline, out, overwrite=False, threads=None, log=print, recipe_dir=None, finish=None, executor=None):
         with staged_output(out, overwrite) as tmp:
             for name in quality_ratios:
                 (tmp / "exports" / name).mkdir(parents=True)
@@ -45,7 +45,7 @@ def fake_pipeline(quality_ratios: dict[str, float | None], error: str = "quality
             comparisons = [{"runtime": "onnxruntime", "batch": 1, "seq": 128, "model": n, "p50_ms": 10.0 / (i + 1),
                             "quality": q, "quality_ratio": q, "speedup_p50": i + 1.0, "flops_ratio": 1.0}
                            for i, (n, q) in enumerate(quality_ratios.items())]
-            summary = {"comparisons": comparisons}
+            summary = {"comparisons": comparisons, "executor": {"timed_on": "localhost"}}
             finish(tmp, summary)
             seen["staged"] = sorted(p.name for p in tmp.iterdir())
             write_manifest(tmp, "pipeline", {})
