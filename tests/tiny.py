@@ -109,3 +109,41 @@ def uneven_plan(loaded):
             kv = heads
         layers.append(LayerPlan(heads, kv, tuple(range(0, shape.ffn, i + 2))))
     return PrunePlan(layers, shapes)
+
+
+def ort_vs_torch(out, model_dir, texts) -> float:
+    """Largest |ONNX - PyTorch| of the last hidden state over real tokens (an encoder export in ``out``)."""
+    import numpy as np
+    import torch
+
+    from edgeprune.core.artifacts import onnx_model_path
+    from edgeprune.core.loading import load_model
+    from edgeprune.core.onnxio import ort_session, run_session
+
+    loaded = load_model(model_dir)
+    session = ort_session(onnx_model_path(out))
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="np")
+    names = [i.name for i in session.get_inputs()]
+    feeds = {k: v.astype(np.int64) for k, v in batch.items() if k in names}
+    got = run_session(session, feeds)["last_hidden_state"]
+    with torch.no_grad():
+        ref = loaded.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    mask = batch["attention_mask"].astype(bool)
+    return float(np.abs(got - ref)[mask].max())
+
+
+def gguf_vs_torch_logits(runtime, model_dir, gguf_path):
+    """(llama.cpp logits, PyTorch logits) of one short sentence: the GGUF file against the model it came from."""
+    import numpy as np
+    import torch
+
+    from edgeprune.core.loading import load_model
+    loaded = load_model(model_dir)
+    ids = np.asarray([loaded.tokenizer("the dog plays in the park with a red ball")["input_ids"]], dtype=np.int64)
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    session = runtime.load(str(gguf_path), threads=1)
+    try:
+        return session.logits(ids), ref
+    finally:
+        session.close()

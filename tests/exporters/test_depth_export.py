@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from edgeprune.core.artifacts import read_manifest
 from edgeprune.cli import main
@@ -16,7 +15,7 @@ from edgeprune.exporters.api import ExportConfig, export
 from edgeprune.core.ggufio import GGUF_FILE, export_loaded, read_gguf_metadata
 from edgeprune.core.loading import load_model
 from test_gguf_export import make_bpe_llama
-from tiny import make_tiny, sample_texts
+from tiny import gguf_vs_torch_logits, make_tiny, ort_vs_torch, sample_texts
 
 HALF = DepthConfig(drop_layers=(1,), drop_attn=(2,), drop_ffn=(4,))  # the last block FFN-free on purpose
 
@@ -70,15 +69,7 @@ def test_gguf_loads_in_llamacpp_with_matching_logits(artifacts, llamacpp_runtime
     manifest = read_manifest(out)
     assert manifest["validation"][qtype]["passed"]
     assert manifest["variants"][0]["architecture"] == ("llama" if which == "whole" else "deci")
-    loaded = load_model(artifacts[which])
-    ids = np.asarray([loaded.tokenizer("the dog plays in the park with a red ball")["input_ids"]], dtype=np.int64)
-    with torch.no_grad():
-        ref = loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
-    session = llamacpp_runtime.load(str(out / GGUF_FILE), threads=1)
-    try:
-        got = session.logits(ids)
-    finally:
-        session.close()
+    got, ref = gguf_vs_torch_logits(llamacpp_runtime, artifacts[which], out / GGUF_FILE)
     tolerance = {"f32": 2e-3, "q8_0": 5e-2}[qtype]
     assert np.abs(got - ref).max() <= tolerance * max(1.0, np.abs(ref).max())
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
@@ -94,24 +85,13 @@ def test_onnx_decoder_with_fewer_and_ffn_free_blocks(tmp_path):
 
 
 def test_onnx_encoder_with_half_blocks(tmp_path):
-    from edgeprune.core.artifacts import onnx_model_path
-    from edgeprune.core.onnxio import ort_session, run_session
 
     source = make_tiny("bert", tmp_path / "src", layers=4)
     art = compress(source, tmp_path / "a", CompressConfig(depth=DepthConfig(drop_layers=(0,), drop_attn=(1,),
                                                                             drop_ffn=(3,))))
     out = export(art, tmp_path / "o", progress=False)
     assert read_manifest(out)["validation"]["fp32"]["passed"]
-    loaded = load_model(art)
-    batch = loaded.tokenizer(sample_texts(3), padding=True, return_tensors="np")
-    session = ort_session(onnx_model_path(out))
-    names = [i.name for i in session.get_inputs()]
-    feeds = {k: v.astype(np.int64) for k, v in batch.items() if k in names}
-    got = run_session(session, feeds)["last_hidden_state"]
-    with torch.no_grad():
-        ref = loaded.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    mask = batch["attention_mask"].astype(bool)
-    assert np.abs(got - ref)[mask].max() < 1e-4
+    assert ort_vs_torch(out, art, sample_texts(3)) < 1e-4
 
 
 def test_onnx_refuses_attention_free_decoder_in_one_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from edgeprune.core.artifacts import onnx_model_path, read_manifest
+from edgeprune.core.artifacts import read_manifest
 from edgeprune.core.model_artifact import save_artifact
 from edgeprune.compress.api import CompressConfig
 from edgeprune.compress.surgery import apply_plan
@@ -18,7 +18,7 @@ from edgeprune.runtime.deepsparse_adapter import deepsparse_python
 from edgeprune.core.onnxio import ort_greedy, ort_session, run_session
 from edgeprune.exporters.validate import ort_logits_fn, torch_greedy
 from edgeprune.core.loading import load_model
-from tiny import sample_texts, uneven_plan
+from tiny import ort_vs_torch, sample_texts, uneven_plan
 
 DECODERS = ("gpt2", "llama", "qwen2")
 
@@ -31,19 +31,6 @@ def uneven_artifact(tiny_models, family, directory):
     apply_plan(loaded.model, adapter, plan)
     save_artifact(directory, loaded, CompressConfig().to_dict(), None, plan=plan)
     return directory, plan
-
-
-def ort_vs_torch(out, model_dir, texts):
-    loaded = load_model(model_dir)
-    session = ort_session(onnx_model_path(out))
-    batch = loaded.tokenizer(texts, padding=True, return_tensors="np")
-    names = [i.name for i in session.get_inputs()]
-    feeds = {k: v.astype(np.int64) for k, v in batch.items() if k in names}
-    got = run_session(session, feeds)["last_hidden_state"]
-    with torch.no_grad():
-        ref = loaded.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    mask = batch["attention_mask"].astype(bool)
-    return float(np.abs(got - ref)[mask].max())
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

@@ -13,7 +13,7 @@ from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.api import ExportConfig, export
 from edgeprune.core.ggufio import GGUF_FILE, export_loaded, iter_gguf_shapes, permute_rope, read_gguf_metadata
 from edgeprune.core.loading import load_model
-from tiny import make_tiny, sample_texts, uneven_plan
+from tiny import gguf_vs_torch_logits, make_tiny, sample_texts, uneven_plan
 
 
 def make_bpe_llama(directory: Path, seed: int = 0, layers: int = 2) -> Path:
@@ -151,8 +151,6 @@ def test_export_without_llamacpp_says_how_to_install(bpe_llama, tmp_path, monkey
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("which,qtype", [("even", "f16"), ("uneven", "q8_0"), ("uneven", "f32")])
 def test_export_validates_in_llamacpp(bpe_llama, pruned_llama, llamacpp_runtime, which, qtype, tmp_path):
-    import torch
-
     from edgeprune.core.artifacts import read_manifest
 
     source = bpe_llama if which == "even" else pruned_llama
@@ -164,15 +162,7 @@ def test_export_validates_in_llamacpp(bpe_llama, pruned_llama, llamacpp_runtime,
     assert report["decoder_gate"]["greedy"]["agreement"] >= 0.9
     assert report["tokenizer"]["same_ids"]
     # logits of the loaded file against PyTorch, independently of the export's own gate
-    loaded = load_model(source)
-    ids = np.asarray([loaded.tokenizer("the dog plays in the park with a red ball")["input_ids"]], dtype=np.int64)
-    with torch.no_grad():
-        ref = loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
-    session = llamacpp_runtime.load(str(out / GGUF_FILE), threads=1)
-    try:
-        got = session.logits(ids)
-        tolerance = {"f32": 2e-3, "f16": 2e-2, "q8_0": 5e-2}[qtype]
-        assert np.abs(got - ref).max() <= tolerance * max(1.0, np.abs(ref).max())
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-    finally:
-        session.close()
+    got, ref = gguf_vs_torch_logits(llamacpp_runtime, source, out / GGUF_FILE)
+    tolerance = {"f32": 2e-3, "f16": 2e-2, "q8_0": 5e-2}[qtype]
+    assert np.abs(got - ref).max() <= tolerance * max(1.0, np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
