@@ -226,12 +226,9 @@ def prepare_probes(source: Path, directory: Path | None = None) -> dict[str, tup
 
 def dense_layout(source: Path) -> tuple[int, int, int, int]:
     """(query heads, KV heads, FFN width, layers) of a dense llama GGUF."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(source))
-    get = lambda key: int(reader.fields[f"llama.{key}"].parts[-1][0])  # noqa: E731
-    return (get("attention.head_count"), get("attention.head_count_kv"), get("feed_forward_length"),
-            get("block_count"))
+    layers = gguf_layers(source)
+    heads, kv_heads, ffn = layers[0]
+    return heads, kv_heads, ffn, len(layers)
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -395,23 +392,24 @@ def load_or_measure(source: Path, threads: int = 2, prompt: int = 128, path: Pat
 
 def gguf_file_type(path: Path) -> int | None:
     """``general.file_type`` (llama.cpp's LLAMA_FTYPE: 2 = Q4_0, 7 = Q8_0, 3 = Q4_1), None when absent."""
-    import gguf
+    from edgeprune.core.ggufio import read_gguf_metadata
 
-    fld = gguf.GGUFReader(str(path)).fields.get("general.file_type")
-    return int(fld.parts[-1][0]) if fld is not None else None
+    field = read_gguf_metadata(path).get("general.file_type")
+    return int(field[0]) if field is not None else None
 
 
 def gguf_layers(path: Path) -> list[LayerShape]:
-    """The per-layer (query heads, KV heads, FFN width) of any llama / deci GGUF."""
-    import gguf
+    """The per-layer (query heads, KV heads, FFN width) of any llama / deci GGUF (header only: the project's
+    own parser, since gguf.GGUFReader takes minutes on a 50k-token vocabulary)."""
+    from edgeprune.core.ggufio import read_gguf_metadata
 
-    reader = gguf.GGUFReader(str(path))
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    count = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    fields = read_gguf_metadata(path)
+    arch = fields["general.architecture"][0]
+    count = int(fields[f"{arch}.block_count"][0])
 
     def per_layer(key: str) -> list[int]:
-        fld = reader.fields[f"{arch}.{key}"]
-        values = [int(fld.parts[i][0]) for i in fld.data] if len(fld.data) > 1 else [int(fld.parts[-1][0])] * count
+        value = fields[f"{arch}.{key}"][0]
+        values = [int(v) for v in value] if isinstance(value, list) else [int(value)] * count
         return values if len(values) == count else values * count
 
     return list(zip(per_layer("attention.head_count"), per_layer("attention.head_count_kv"),
