@@ -170,8 +170,9 @@ def needs_calibration(config: CompressConfig) -> bool:
     return structured or (config.reconstruct.enabled and config.structured.active) or config.depth.needs_calibration
 
 
-def structured_prune(loaded, cfg: StructuredConfig, calib=None):
-    """Score units, allocate, cut. Returns the plan that was applied."""
+def structured_prune(loaded, cfg: StructuredConfig, calib=None, depth_plan=None):
+    """Score units, allocate, cut. Returns the plan that was applied. ``depth_plan``: the depth pruning of the
+    same call, which a runtime-priced search (``cfg.cost_model``) includes in its speed prediction."""
     from edgeprune.compress.importance import get_importance
     import functools
     import inspect
@@ -186,7 +187,8 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
     if halved:
         raise EdgePruneError(f"width pruning: block(s) {','.join(map(str, halved))} of this model have no attention or "
                              "no FFN (depth-pruned); prune width and depth in one compress call from the source model")
-    budget_from_fractions = cfg.flops_budget is None and cfg.allocation in ALLOCATIONS_NEEDING_INTERACTIONS
+    budget_from_fractions = (cfg.flops_budget is None and cfg.allocation in ALLOCATIONS_NEEDING_INTERACTIONS
+                             and (cfg.heads > 0 or cfg.ffn > 0))
     if budget_from_fractions:  # joint searches under a budget: --heads/--ffn say how much to keep
         cfg = cfg.replace(flops_budget=budget_for_fractions(shapes, cfg, adapter, model.config))
     importance = get_importance(cfg.importance)
@@ -199,7 +201,11 @@ def structured_prune(loaded, cfg: StructuredConfig, calib=None):
                                  "does not provide; use --importance fisher")
         importance = functools.partial(importance, interactions=True)
     scores = importance(model, adapter, calib)
-    plan = get_allocation(allocation)(scores, shapes, cfg, adapter, model.config)
+    allocate = get_allocation(allocation)
+    if cfg.cost_model is not None:
+        plan = allocate(scores, shapes, cfg, adapter, model.config, depth_plan=depth_plan)
+    else:
+        plan = allocate(scores, shapes, cfg, adapter, model.config)
     if cfg.rearrange:
         plan = rearrange_plan(plan, scores, cfg)
     plan.meta.update({"importance": cfg.importance, "allocation": allocation, "gqa_mode": cfg.gqa_mode})
@@ -257,6 +263,10 @@ def check_options(config: CompressConfig) -> None:
     if config.depth.needs_calibration and config.calibration.path is None:
         raise EdgePruneError("--layers/--attn-layers/--ffn-layers choose blocks by calibration data: pass --calib DATA "
                              "(e.g. --calib wikitext2:valid), or name them with --drop-layers/--drop-attn/--drop-ffn")
+    if config.structured.cost_model is not None:
+        from edgeprune.compress.cost_model import load_cost_model
+
+        load_cost_model(config.structured.cost_model)  # a missing or foreign cost model fails (or warns) now
     if config.reconstruct.enabled and not config.structured.active:
         raise EdgePruneError("--reconstruct re-fits layers after structured pruning: give --heads, --ffn or "
                              "--flops-budget too")
@@ -329,7 +339,7 @@ def compress(model: str | Path, out: str | Path, config: CompressConfig | None =
         timings["depth_scoring_s"] = round(time.perf_counter() - step, 3)
     step = time.perf_counter()
     if config.structured.active:
-        plan = structured_prune(loaded, config.structured, calib)
+        plan = structured_prune(loaded, config.structured, calib, depth_plan)
         if "flops_budget_from_fractions" in plan.meta:  # the saved recipe reproduces the run
             config = config.replace(structured=config.structured.replace(
                 flops_budget=plan.meta["flops_budget_from_fractions"]))

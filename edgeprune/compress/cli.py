@@ -8,7 +8,8 @@ import argparse
 STRUCTURED_FLAGS = {
     "heads": "heads", "ffn": "ffn", "importance": "importance", "allocation": "allocation",
     "round_to": "round_to", "gqa_mode": "gqa_mode", "flops_budget": "flops_budget", "seq_len": "seq_len",
-    "rearrange": "rearrange",
+    "rearrange": "rearrange", "cost_model": "cost_model", "decode_speedup": "decode_speedup",
+    "prefill_speedup": "prefill_speedup",
 }
 # Depth-pruning flags -> DepthConfig field (index lists are parsed from "i,j,...").
 DEPTH_FLAGS = {
@@ -53,6 +54,12 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="sequence length for FLOPs counting")
     p.add_argument("--rearrange", action="store_true", default=None,
                    help="after allocation, re-choose each layer's units by their joint Fisher cost (Kwon et al.)")
+    p.add_argument("--cost-model", help="price the joint search on the target runtime: a cost model file from "
+                   "`edgeprune cost measure` (llama.cpp); units are ranked by loss per millisecond of decode they "
+                   "cost there, until --decode-speedup / --prefill-speedup are predicted (depth pruning of the same "
+                   "call included)")
+    p.add_argument("--decode-speedup", type=float, help="with --cost-model: predicted decode speedup to reach")
+    p.add_argument("--prefill-speedup", type=float, help="with --cost-model: predicted prefill speedup to reach")
     p.add_argument("--layers", type=float, help="depth pruning: fraction of transformer blocks to remove, in [0, 1), "
                    "chosen by --depth-importance on --calib data")
     p.add_argument("--drop-layers", type=index_list, metavar="I,J,...", help="depth pruning: remove these blocks (0-based)")
@@ -142,7 +149,7 @@ def best_defaults(args) -> dict:
     from edgeprune.compress.defaults import BEST_FINETUNE, BEST_STRUCTURED, merge, model_family
 
     base = CompressConfig().to_dict()
-    structured = any(getattr(args, f, None) for f in ("heads", "ffn", "flops_budget"))
+    structured = any(getattr(args, f, None) for f in ("heads", "ffn", "flops_budget", "cost_model"))
     wants_structured_best = structured and args.calib is not None
     wants_finetune_best = getattr(args, "finetune", None) not in (None, "none")
     if not (wants_structured_best or wants_finetune_best):

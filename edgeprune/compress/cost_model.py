@@ -390,6 +390,29 @@ def load_or_measure(source: Path, threads: int = 2, prompt: int = 128, path: Pat
     return model, path, how
 
 
+def load_cost_model(path: str | Path, threads: int | None = None) -> CostModel:
+    """A saved cost model (``edgeprune cost measure`` / ``show`` print its file) for planning. One measured on
+    another host or llama.cpp build prices units for that host: warned, never used silently."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgePruneError(f"cost model {path}: no such file (measure one: edgeprune cost measure --model DENSE.gguf)")
+    try:
+        model = CostModel.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EdgePruneError(f"{path}: not a readable cost model ({exc})") from None
+    try:
+        from edgeprune.runtime.llamacpp_adapter import build_flags
+
+        here = host_fingerprint(threads or model.threads, build_flags())
+    except Exception:  # llama.cpp not installed here: compare the host without its build
+        here = dict(host_fingerprint(threads or model.threads), runtime_build_sha=model.fingerprint.get("runtime_build_sha"))
+    diff = fingerprint_differences(model.fingerprint, here)
+    if diff:
+        print(f"edgeprune: warning: cost model {path} was measured on another host or build ({'; '.join(diff)}); "
+              "its prices may not hold here (edgeprune cost measure re-measures)", file=sys.stderr)
+    return model
+
+
 def gguf_file_type(path: Path) -> int | None:
     """``general.file_type`` (llama.cpp's LLAMA_FTYPE: 2 = Q4_0, 7 = Q8_0, 3 = Q4_1), None when absent."""
     from edgeprune.core.ggufio import read_gguf_metadata

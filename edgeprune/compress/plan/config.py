@@ -26,6 +26,13 @@ class StructuredConfig(FrozenConfig):
     # Kwon et al.'s mask rearrangement: keep each layer's unit counts, re-choose which units by the layer's
     # full Fisher block (joint removal cost) instead of single-unit scores. Needs importance "fisher".
     rearrange: bool = False
+    # Runtime-priced search (allocation "joint"): a cost model measured on the target runtime
+    # (`edgeprune cost measure`, a JSON file) prices each head unit and neuron by the decode time it costs
+    # there instead of its FLOPs, and the search stops when the predicted speedups over the dense model are
+    # reached (and the FLOPs budget, if one is given, holds).
+    cost_model: str | None = None
+    decode_speedup: float | None = None
+    prefill_speedup: float | None = None
 
     def __post_init__(self):
         for name in ("heads", "ffn"):
@@ -40,11 +47,25 @@ class StructuredConfig(FrozenConfig):
             raise EdgePruneError(f"gqa_mode must be one of {', '.join(GQA_MODES)} (got {self.gqa_mode!r})")
         if self.flops_budget is not None and not 0.0 < self.flops_budget <= 1.0:
             raise EdgePruneError(f"--flops-budget must be in (0, 1] (got {self.flops_budget})")
-        if self.allocation == "joint" and self.flops_budget is None and self.heads == 0 and self.ffn == 0:
+        for name in ("decode_speedup", "prefill_speedup"):
+            value = getattr(self, name)
+            if value is not None and not 1.0 < value < 100.0:
+                raise EdgePruneError(f"--{name.replace('_', '-')} must be > 1 (a speedup over dense; got {value})")
+        targets = self.decode_speedup is not None or self.prefill_speedup is not None
+        if targets and self.cost_model is None:
+            raise EdgePruneError("--decode-speedup/--prefill-speedup are predicted by a measured cost model: pass "
+                                 "--cost-model FILE (edgeprune cost measure --model DENSE.gguf)")
+        if self.cost_model is not None and not targets:
+            raise EdgePruneError("--cost-model prices the search; say what to reach: --decode-speedup X and/or "
+                                 "--prefill-speedup Y")
+        if self.cost_model is not None and self.allocation != "joint":
+            raise EdgePruneError(f"--cost-model prices the joint search: use --allocation joint (got {self.allocation!r})")
+        if self.allocation == "joint" and self.flops_budget is None and self.heads == 0 and self.ffn == 0 \
+                and not targets:
             # without a budget nothing would be pruned and the request would pass silently
             raise EdgePruneError("allocation 'joint' needs --flops-budget F (or --heads/--ffn fractions, which set "
                                  "the budget to the block FLOPs their uniform cut keeps)")
 
     @property
     def active(self) -> bool:
-        return self.heads > 0 or self.ffn > 0 or self.flops_budget is not None
+        return self.heads > 0 or self.ffn > 0 or self.flops_budget is not None or self.cost_model is not None
