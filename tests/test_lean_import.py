@@ -19,7 +19,8 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
 
 def test_package_and_runtime_import_without_torch():
     result = run_blocked("import edgeprune, edgeprune.runtime, edgeprune.runtime.base, edgeprune.core.artifacts, "
-                         "edgeprune.eval.metrics, edgeprune.cli\nprint('ok')")
+                         "edgeprune.eval.metrics, edgeprune.eval.backends, edgeprune.bench.worker, edgeprune.cli\n"
+                         "print('ok')")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from edgeprune.eval.api import resolve_task_data
     from edgeprune.eval.zeroshot import item_requests, read_items
-    from edgeprune.runtime.pipelines import RuntimeBackend
+    from edgeprune.eval.backends import RuntimeBackend
 
     data = resolve_task_data("lambada", args.data)
     items = read_items("lambada", data, limit=max(args.check_items, args.time_items))

@@ -199,7 +199,7 @@ class Worker:
 
     def quality(self, msg):
         from edgeprune.eval.api import EvalConfig, evaluate_backend
-        from edgeprune.runtime.pipelines import runtime_backend
+        from edgeprune.eval.backends import runtime_backend
 
         config = EvalConfig.from_dict(msg["config"])
         # llama.cpp loads the file itself; the ONNX backends want the export directory around it

@@ -96,7 +96,7 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
             raise EdgePruneError(f"{model}: a {loaded.model.config.model_type} decoder is not a sentence encoder; "
                                  "STS needs an encoder (e.g. minilm), score decoders with --task perplexity")
         return TorchBackend(loaded, max_length=max_length, threads=threads)
-    from edgeprune.runtime.pipelines import runtime_backend
+    from edgeprune.eval.backends import runtime_backend
 
     backend = runtime_backend(model, runtime, max_length=max_length, threads=threads)
     if task in LM_TASKS:

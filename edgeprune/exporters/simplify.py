@@ -72,7 +72,14 @@ def _symbolic_shapes(model):
     """ORT's symbolic shape inference, keeping what it inferred when it cannot finish (``infer_shapes``
     raises then). Tensors it could not follow stay unknown. ``auto_merge`` equates dimensions that a
     broadcast says must match at run time, e.g. BERT's ``Min(512, sequence_length)`` position slice with
-    ``sequence_length``; the export gate re-validates the folded graph at several shapes regardless."""
+    ``sequence_length``; the export gate re-validates the folded graph at several shapes regardless.
+
+    Why not the public ``SymbolicShapeInference.infer_shapes``: when any tensor stays unknown it raises and
+    drops the partial result folding needs, and (onnxruntime 1.x) first saves ``sym_shape_infer_temp.onnx``
+    plus external data into the current directory. So this runs ``infer_shapes``'s own body (the same four
+    private steps) without its final raise. The private names are used here only; if a later onnxruntime
+    renames them, the AttributeError lands in ``simplify``'s ``except`` and the graph is exported
+    unsimplified (a missed fold, never a wrong one)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)

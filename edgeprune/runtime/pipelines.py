@@ -1,7 +1,7 @@
 """Task pipelines on a runtime Session: sentence embeddings, class probabilities, text generation with a
 KV cache. Torch-free; the tokenizer comes from the export directory (``edgeprune.runtime.tokenizer``).
 
-``RuntimeBackend`` is the small embed/logits/encode interface ``edgeprune.eval`` uses for ``--runtime X``.
+``edgeprune.eval.backends.RuntimeBackend`` wraps these pipelines for ``edgeprune eval --runtime X``.
 """
 
 from __future__ import annotations
@@ -392,103 +392,3 @@ def build_pipeline(model_path: str | os.PathLike, runtime: str = "onnxruntime", 
     if info.task == "sequence-classification":
         return ClassificationPipeline(session, tokenizer, info.config, max_length)
     return EmbeddingPipeline(session, tokenizer, max_length)
-
-
-class RuntimeBackend:
-    """``edgeprune eval --runtime X``: embed / logits / encode through an exported model on a runtime."""
-
-    def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,
-                 threads: int | None = None):
-        self.name = runtime
-        self.max_length = max_length
-        self.session = load_session(model_dir, runtime, threads)
-        self.info = ExportInfo.read(model_dir, [i.name for i in self.session.inputs])
-        self.tokenizer = RuntimeTokenizer(self.info.directory)
-        self.positions = position_limit(self.info.config)
-        self._embedder = None
-        self._generator = None
-        self.threads = threads
-        self._head = None  # (headless session, SplitHead) once target_logits first runs; False: none
-
-    @property
-    def task(self) -> str:
-        return self.info.task
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        if self._embedder is None:
-            self._embedder = EmbeddingPipeline(self.session, self.tokenizer, self.max_length)
-        return self._embedder(list(texts))
-
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._generation().logits(input_ids)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    # --- the zero-shot scorer's interface (edgeprune.eval.zeroshot) ---
-    def _generation(self) -> GenerationPipeline:
-        if self._generator is None:
-            self._generator = GenerationPipeline(self.session, self.tokenizer, self.info)
-        return self._generator
-
-    def encode_for_scoring(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)  # the tokenizer's default special tokens, as lm-eval's HFLM
-
-    def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._generation().batch_logits(input_ids, attention_mask)
-
-    def target_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                      positions: np.ndarray) -> np.ndarray:
-        """Logits [N, V] at (rows[i], positions[i]): onnxruntime runs the export's graph up to the final
-        hidden states and the LM head is applied in numpy at those positions only (edgeprune.runtime.lm_head);
-        a head that is not a plain float MatMul, or another runtime, takes the full logits."""
-        generation = self._generation()
-        split = self._split_head()
-        if split is None:
-            return generation.batch_logits(input_ids, attention_mask)[rows, positions]
-        session, split = split
-        hidden = generation.run_batch(session, np.asarray(input_ids, dtype=np.int64),
-                                      np.asarray(attention_mask, dtype=np.int64), split.hidden)
-        logits = hidden[rows, positions] @ split.weight
-        return logits + split.bias if split.bias is not None else logits
-
-    def _split_head(self):
-        if self._head is None:
-            self._head = False
-            if self.name == "onnxruntime":
-                from edgeprune.runtime.lm_head import load_hidden_session, split_lm_head
-
-                split = split_lm_head(self.session.path)
-                if split is not None:
-                    session = load_hidden_session(split, self.name, self.threads)
-                    # the weights now live in the session; keep only the head's numpy arrays
-                    self._head = (session, type(split)(None, split.hidden, split.weight, split.bias))
-        return self._head or None
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.info.config.get("max_position_embeddings")
-
-    @property
-    def prefix_token_id(self) -> int | None:
-        bos = self.tokenizer.token_id("bos_token")
-        return bos if bos is not None else self.tokenizer.token_id("eos_token")
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_id or 0)
-
-    def close(self) -> None:
-        self.session.close()
-        if self._head:
-            self._head[0].close()
-
-
-def runtime_backend(model: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,
-                    threads: int | None = None):
-    """The eval backend for ``runtime``: ``RuntimeBackend`` for the ONNX runtimes, llama.cpp's own for GGUF."""
-    if runtime == "llamacpp":
-        from edgeprune.runtime.llamacpp_adapter import LlamaCppBackend
-
-        return LlamaCppBackend(model, max_length=max_length, threads=threads)
-    return RuntimeBackend(model, runtime, max_length=max_length, threads=threads)

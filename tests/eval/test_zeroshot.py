@@ -301,7 +301,7 @@ class _FullLogitsOnly:
 def test_target_logits_equal_full_logits_torch_and_onnxruntime(family, exported, tiny_models):
     from edgeprune.eval.backends import TorchBackend
     from edgeprune.core.loading import load_model
-    from edgeprune.runtime.pipelines import RuntimeBackend
+    from edgeprune.eval.backends import RuntimeBackend
 
     source, export_dir = exported(family, "text-generation")
     ids, mask, rows, positions = _padded_batch()
@@ -322,7 +322,7 @@ def test_target_logits_equal_full_logits_torch_and_onnxruntime(family, exported,
 
 @pytest.mark.parametrize("task", zeroshot.ZERO_SHOT_TASKS)
 def test_scores_through_target_logits_equal_the_full_logits_path(task, exported, task_files):
-    from edgeprune.runtime.pipelines import RuntimeBackend
+    from edgeprune.eval.backends import RuntimeBackend
 
     _, export_dir = exported("llama", "text-generation")
     backend = RuntimeBackend(export_dir, "onnxruntime", threads=1)

@@ -13,8 +13,8 @@ from tiny import sample_texts
 
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.runtime.base import get_runtime, runtime_names
-from edgeprune.runtime.pipelines import (ClassificationPipeline, GenerationPipeline, RuntimeBackend, build_pipeline,
-                                         sample_next)
+from edgeprune.eval.backends import RuntimeBackend
+from edgeprune.runtime.pipelines import ClassificationPipeline, GenerationPipeline, build_pipeline, sample_next
 
 TEXTS = sample_texts(6, seed=3) + ["the dog runs in the park", "a"]
 
