@@ -54,6 +54,10 @@ def main(argv: list[str]) -> int:
 
     for name in ("_parse_gguf", "_read_config", "_load_tokenizer", "_capture_inputs", "_score_pass", "_write_pass"):
         wrap(sequential, name)
+    import edgeprune.compress.reconstruct as reconstruct
+
+    wrap(reconstruct, "refit_block")  # per block of pass 2 (imported by _write_pass when it runs)
+    wrap(sequential.ShardWriter, "flush")
     wrap(lazy_weights, "open_weights")
     wrap(calibration, "load_calibration")
     del transformers

@@ -10,7 +10,8 @@ calibration tokens:
 
 The ridge pulls toward the current weights, so too little data can only make the fit conservative.
 The attention projection is re-fitted first, then the FFN projection sees the corrected attention output.
-Gram matrices are accumulated per batch, so memory stays O(width^2) per module.
+Gram matrices are accumulated per batch (``refit_block``), so memory stays O(width^2) per module plus
+one cached stream of FFN targets.
 """
 
 from __future__ import annotations
@@ -127,12 +128,14 @@ def _solve_scales(normal: _Normal, current: torch.Tensor, width: int, damping: f
     d = normal.gram.shape[0] - 1
     weight, bias = current[:, :d], current[:, d]
     units = d // width
-    pair = normal.gram[:d, :d] * (weight.T @ weight)
-    gram_s = pair.view(units, width, units, width).sum((1, 3))
+    gram_s = (weight.T @ weight).mul_(normal.gram[:d, :d])  # in place: one [d, d] temporary, not three
+    if width > 1:
+        gram_s = gram_s.view(units, width, units, width).sum((1, 3))
     resid_cross = normal.cross[:d] - normal.gram[:d, d:d + 1] * bias[None, :]
     r = (weight.T * resid_cross).sum(1).view(units, width).sum(1)
     ridge = damping * float(gram_s.diagonal().mean().clamp_min(1e-12))
-    scales = torch.linalg.solve(gram_s + ridge * torch.eye(units, dtype=gram_s.dtype), r + ridge)
+    gram_s.diagonal().add_(ridge)
+    scales = torch.linalg.solve(gram_s, r + ridge)
     return torch.cat([weight * scales.repeat_interleave(width)[None, :], bias[:, None]], dim=1)
 
 
@@ -159,81 +162,111 @@ def _run_layer(layer, inputs, hooks: dict | None = None):
             handle.remove()
 
 
+def _accumulate(normal: _Normal | None, x: torch.Tensor, y: torch.Tensor) -> _Normal:
+    """Add one batch's (consumer inputs ``x`` [tokens, d], targets ``y`` [tokens, out]) to the normal
+    equations of [x, 1]: the sums over batches equal those of all batches' activations concatenated."""
+    x = x.double()
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    y = y.double()
+    if normal is None:
+        return _Normal(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.shape[0])
+    normal.gram.addmm_(x.T, x)  # in place: no second [d+1, d+1] temporary
+    normal.cross.addmm_(x.T, y)
+    normal.target_sq += float(y.pow(2).sum())
+    normal.tokens += x.shape[0]
+    return normal
+
+
+def _consumer_input(layer, module, call) -> torch.Tensor:
+    """``module``'s input when ``layer`` runs on one cached call; the forward stops there."""
+    args, kwargs = call
+    seen = {}
+
+    def hook(_module, hook_args):
+        seen["x"] = hook_args[0].detach()
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        layer(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def _fit_consumer(spec: ParamSlice, normal: _Normal, mode: str, damping: float, fit_bias: bool, width: int) -> dict:
+    """Solve one consumer's re-fit from its normal equations and set it, unless it would be worse."""
+    current = _current_params(spec)
+    has_bias = getattr(spec.module, "bias", None) is not None
+    if mode == "scales":
+        solution = _solve_scales(normal, current, width, damping)
+    else:
+        solution = _solve(normal, current, damping, has_bias, fit_bias)
+    before, after = _error(current, normal), _error(solution, normal)
+    if after < before:  # guard against numerically bad solves: never make a layer worse
+        _set_params(spec, solution)
+    else:
+        after = before
+    scale = max(normal.target_sq / max(normal.tokens, 1), 1e-30)
+    return {"mse_before": before, "mse_after": after, "rel_before": before / scale, "rel_after": after / scale}
+
+
 @torch.no_grad()
-def dense_targets(layer_d, consumers_d, inputs_d, calib: Sequence[dict], dtype=torch.float64):
-    """Run the dense layer on its own inputs: the consumer outputs on real tokens (the re-fit targets, per
-    consumer slot and batch, kept in ``dtype``) and the layer outputs (the next layer's dense inputs)."""
-    targets: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-    batch_no = {"i": 0}
+def refit_block(layer_d, consumers_d, inputs_d: list, inputs_p: list, calib: Sequence[dict], attention_input,
+                pruned, damping: float, mode: str, fit_bias: bool, head_dim: int, advance: bool = True) -> dict:
+    """Re-fit one pruned block's two consumers (attention output, then FFN output) to the dense block's
+    outputs of the same modules, accumulating the normal equations batch by batch.
+
+    * Dense sweep, per batch: the dense block on its own input gives both targets and its output, which
+      replaces ``inputs_d[i]`` (the next block's dense input) in place; ``attention_input(i, call)`` gives
+      the pruned block's attention-consumer input on ``inputs_p[i]``, added to the attention's equations at
+      once. Only the FFN targets are kept (one tensor of the size of a cached stream): the FFN must be
+      fitted on inputs that pass through the re-fitted attention, which needs the attention solve first.
+    * ``pruned()`` then returns (pruned layer, its consumers) (the sequential path prunes the block in place
+      here); the attention is solved and set.
+    * FFN sweep: the pruned block's FFN-consumer inputs with their kept targets, each freed once added.
+    * With ``advance``, the pruned block's outputs replace ``inputs_p[i]`` in place.
+
+    The result equals the re-fit from all batches' activations at once (tests/compress/test_reconstruct.py).
+    """
+    ffn_targets: list = []
+    normal = None
+    slot_out: dict = {}
 
     def target_hook(slot):
         def hook(module, args, output):
-            keep = _token_mask(calib[batch_no["i"]], output.shape)
-            targets[slot].append(output.detach()[keep].to(dtype))
+            slot_out[slot] = output.detach()
         return hook
 
     handles = [consumers_d[slot].module.register_forward_hook(target_hook(slot)) for slot in (0, 1)]
-    next_d = []
     try:
         for i, (args, kwargs) in enumerate(inputs_d):
-            batch_no["i"] = i
-            next_d.append(_hidden(layer_d(*args, **kwargs)))
+            inputs_d[i] = _with_hidden((args, kwargs), _hidden(layer_d(*args, **kwargs)))
+            keep = _token_mask(calib[i], slot_out[0].shape)
+            ffn_targets.append(slot_out[1][keep].float())  # float32 holds fp32 / bf16 outputs exactly
+            y0 = slot_out[0][keep]
+            slot_out.clear()
+            x0 = attention_input(i, inputs_p[i])
+            normal = _accumulate(normal, x0[_token_mask(calib[i], x0.shape)], y0)
+            del x0, y0
     finally:
         for handle in handles:
             handle.remove()
-    return targets, next_d
-
-
-@torch.no_grad()
-def fit_layer(layer_p, consumers_p, inputs_p, targets, calib: Sequence[dict], damping: float, mode: str,
-              fit_bias: bool, head_dim: int) -> dict:
-    """Re-fit the pruned layer's two consumers (attention output, then FFN output) in place to ``targets``
-    from the layer's own inputs ``inputs_p``. Returns the errors before/after."""
-    entry = {}
-    for slot, name in ((0, "attention"), (1, "ffn")):
-        spec = consumers_p[slot]
-        normal = None
+    layer_p, consumers_p = pruned()
+    entry = {"attention": _fit_consumer(consumers_p[0], normal, mode, damping, fit_bias, head_dim)}
+    normal = None
+    for i, call in enumerate(inputs_p):
+        x1 = _consumer_input(layer_p, consumers_p[1].module, call)
+        normal = _accumulate(normal, x1[_token_mask(calib[i], x1.shape)], ffn_targets[i])
+        ffn_targets[i] = None  # freed as it is used
+        del x1
+    entry["ffn"] = _fit_consumer(consumers_p[1], normal, mode, damping, fit_bias, 1)
+    del normal
+    if advance:
         for i, (args, kwargs) in enumerate(inputs_p):
-            seen = {}
-
-            def input_hook(module, hook_args):
-                seen["x"] = hook_args[0].detach()
-                raise _Stop
-
-            handle = spec.module.register_forward_pre_hook(input_hook)
-            try:
-                layer_p(*args, **kwargs)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-            x = seen["x"]
-            keep = _token_mask(calib[i], x.shape)
-            x = x[keep].double()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-            y = targets[slot][i].double()
-            if normal is None:
-                normal = _Normal(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.shape[0])
-            else:
-                normal.gram += x.T @ x
-                normal.cross += x.T @ y
-                normal.target_sq += float(y.pow(2).sum())
-                normal.tokens += x.shape[0]
-        targets[slot] = None  # no longer needed: free it before the next solve
-        current = _current_params(spec)
-        has_bias = getattr(spec.module, "bias", None) is not None
-        if mode == "scales":
-            solution = _solve_scales(normal, current, head_dim if slot == 0 else 1, damping)
-        else:
-            solution = _solve(normal, current, damping, has_bias, fit_bias)
-        before, after = _error(current, normal), _error(solution, normal)
-        if after < before:  # guard against numerically bad solves: never make a layer worse
-            _set_params(spec, solution)
-        else:
-            after = before
-        scale = max(normal.target_sq / max(normal.tokens, 1), 1e-30)
-        entry[name] = {"mse_before": before, "mse_after": after,
-                       "rel_before": before / scale, "rel_after": after / scale}
+            inputs_p[i] = _with_hidden((args, kwargs), _hidden(layer_p(*args, **kwargs)))
     return entry
 
 
@@ -256,12 +289,12 @@ def reconstruct(model, dense_model, adapter: ArchAdapter, calib: Sequence[dict],
     head_dim = adapter.head_dim(model.config)
     report = []
     for index in tqdm(range(len(layers_p)), desc="reconstruct", disable=not progress, leave=False):
-        targets, next_d = dense_targets(layers_d[index], adapter.unit_consumers(dense_model, index), inputs_d, calib)
-        entry = fit_layer(layers_p[index], adapter.unit_consumers(model, index), inputs_p, targets, calib,
-                          damping, mode, fit_bias, head_dim)
+        layer_p, consumers_p = layers_p[index], adapter.unit_consumers(model, index)
+        attention_input = lambda i, call, layer=layer_p, spec=consumers_p[0]: _consumer_input(layer, spec.module, call)
+        entry = refit_block(layers_d[index], adapter.unit_consumers(dense_model, index), inputs_d, inputs_p, calib,
+                            attention_input, lambda pair=(layer_p, consumers_p): pair, damping, mode, fit_bias,
+                            head_dim, advance=index + 1 < len(layers_p))
         report.append(dict(layer=index, **entry))
-        inputs_p = [_with_hidden(call, out) for out, call in zip(_run_layer(layers_p[index], inputs_p), inputs_p)]
-        inputs_d = [_with_hidden(call, out) for out, call in zip(next_d, inputs_d)]
     model.train(was_training[0])
     dense_model.train(was_training[1])
     return report

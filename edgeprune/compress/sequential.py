@@ -164,41 +164,79 @@ def _load_tokenizer(source, hf_config, gguf_parsed: dict | None):
                **gguf_parsed["tokenizer_config"], **extra)
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_COPY_CHUNK = 1 << 20
+
+
+def _write_bytes(handle, data) -> None:
+    """Every byte the writer puts on disk goes through here (tests make it fail like a full disk)."""
+    handle.write(data)
+
+
 class ShardWriter:
     """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of about ``shard_bytes`` each, plus
-    the index. A failed write (disk full) raises one EdgePruneError line; the caller's staging dir goes."""
+    the index. Each tensor's bytes go to disk when it is added (into the shard's data file), so the writer
+    holds no tensor: buffering a shard's tensors for ``safetensors.save_file`` held up to ``shard_bytes``
+    (100 MiB) of a small model's pruned blocks in memory. A shard is the safetensors header followed by that
+    data (copied in 1 MiB chunks). A failed write (disk full) raises one EdgePruneError line; the caller's
+    staging dir goes."""
 
     def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
         self.directory, self.shard_bytes, self.dtype = Path(directory), shard_bytes, dtype  # dtype: of floats written
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, dict] = {}  # name -> safetensors header entry of the open shard
         self.pending_bytes = 0
         self.parts: list[tuple[Path, list[str]]] = []
         self.numel = 0
         self.total_bytes = 0
+        self._data = None  # the open shard's data file
+
+    def _fail(self, path: Path, exc: OSError):
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        return EdgePruneError(f"cannot write {path.name} into {self.directory.parent}: {reason}; free space "
+                              "there or choose another -o (nothing was written)")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         tensor = tensor.contiguous()
-        self.pending[name] = tensor
-        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise EdgePruneError(f"{name}: cannot write a {tensor.dtype} tensor into safetensors")
+        nbytes = tensor.numel() * tensor.element_size()
+        data_path = self.directory / f"part-{len(self.parts):05d}.data"
+        try:
+            if self._data is None:
+                self._data = open(data_path, "wb")
+            if nbytes:
+                _write_bytes(self._data, tensor.reshape(-1).view(torch.uint8).numpy())
+        except OSError as exc:
+            raise self._fail(data_path, exc) from None
+        self.pending[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.pending_bytes, self.pending_bytes + nbytes]}
+        self.pending_bytes += nbytes
         self.numel += tensor.numel()
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         path = self.directory / f"part-{len(self.parts):05d}.safetensors"
+        data_path = Path(self._data.name)
         try:
-            save_file(self.pending, str(path), metadata={"format": "pt"})
+            self._data.close()
+            self._data = None
+            header = json.dumps({"__metadata__": {"format": "pt"}, **self.pending}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            with open(path, "wb") as shard, open(data_path, "rb") as data:
+                _write_bytes(shard, len(header).to_bytes(8, "little") + header)
+                while chunk := data.read(_COPY_CHUNK):
+                    _write_bytes(shard, chunk)
         except OSError as exc:
-            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise EdgePruneError(f"cannot write {path.name} into {self.directory.parent}: {reason}; free space "
-                                 "there or choose another -o (nothing was written)") from None
+            raise self._fail(path, exc) from None
+        data_path.unlink()
         self.parts.append((path, list(self.pending)))
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
@@ -247,12 +285,6 @@ def _set_module_tensor(module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def _stream(calls, outputs):
-    from edgeprune.compress.reconstruct import _with_hidden
-
-    return [_with_hidden(call, out) for out, call in zip(outputs, calls)]
-
-
 @torch.no_grad()
 def _capture_inputs(skeleton, adapter, weights, calib, dtype):
     """The first block's inputs for every calibration batch: the embeddings are materialised for this
@@ -275,7 +307,7 @@ def _score_pass(loader, skeleton, adapter, calib, inputs, importance: str, progr
 
     from edgeprune.compress.flap import layer_scores, moment_hooks
     from edgeprune.compress.importance import _kv_scores, magnitude_layer
-    from edgeprune.compress.reconstruct import _run_layer
+    from edgeprune.compress.reconstruct import _run_layer, _with_hidden
 
     shapes = adapter.dense_shapes(skeleton.config)
     head_dim = adapter.head_dim(skeleton.config)
@@ -288,18 +320,19 @@ def _score_pass(loader, skeleton, adapter, calib, inputs, importance: str, progr
             consumers = adapter.unit_consumers(skeleton, index)
             masks: dict = {}
             handles, moments = moment_hooks(consumers, masks)
-            outputs = []
+            last = index + 1 == len(shapes)
             try:
-                for batch, (args, kwargs) in zip(calib, inputs):
+                for i, (batch, call) in enumerate(zip(calib, inputs)):
                     masks["mask"] = batch.get("attention_mask")
-                    outputs.extend(_run_layer(layer, [(args, kwargs)]))
+                    (out,) = _run_layer(layer, [call])
+                    if not last:  # the next block's input replaces this one in place: one stream held
+                        inputs[i] = _with_hidden(call, out)
+                    del out
             finally:
                 for handle in handles:
                     handle.remove()
             h, n = layer_scores(consumers, moments, head_dim)
             kv = _kv_scores(adapter, shapes[index], h)
-            if index + 1 < len(shapes):
-                inputs[:] = _stream(inputs, outputs)
         loader.free(index)
         heads.append(h)
         kv_heads.append(kv)
@@ -309,10 +342,16 @@ def _score_pass(loader, skeleton, adapter, calib, inputs, importance: str, progr
 
 @torch.no_grad()
 def _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstruct_cfg, progress: bool):
-    """Pass 2: prune (and re-fit) every block and write it. Returns the per-block reconstruction errors."""
+    """Pass 2: prune (and re-fit) every block and write it. Returns the per-block reconstruction errors.
+
+    With a re-fit, the dense block runs on the dense stream *before* it is pruned (targets, the next dense
+    input, and the pruned stream's attention-consumer inputs, sliced to the kept heads: heads are independent
+    up to the output projection); it is pruned in place, then fitted (``reconstruct.refit_block``). Both
+    streams are updated batch by batch in place, so each is held once."""
     from tqdm.auto import tqdm
 
-    from edgeprune.compress.reconstruct import _run_layer, dense_targets, fit_layer
+    from edgeprune.compress.reconstruct import _consumer_input, refit_block
+    from edgeprune.core.arch.base import kept_rows
 
     shapes = adapter.dense_shapes(skeleton.config)
     head_dim = adapter.head_dim(skeleton.config)
@@ -320,20 +359,25 @@ def _write_pass(loader, skeleton, adapter, plan, calib, inputs, writer, reconstr
     report = []
     for index in tqdm(range(len(shapes)), desc="sequential: prune + write", disable=not progress, leave=False):
         layer = loader.load(index)
-        targets = None
-        if reconstruct_cfg is not None:
-            targets, next_dense = dense_targets(layer, adapter.unit_consumers(skeleton, index), dense_inputs, calib,
-                                                dtype=torch.float32)
-            dense_inputs = _stream(dense_inputs, next_dense)
-            del next_dense
-        adapter.prune_layer(skeleton, index, plan.layers[index], shapes[index])
+        layer_plan = plan.layers[index]
         if reconstruct_cfg is not None:
             rc = reconstruct_cfg
-            entry = fit_layer(layer, adapter.unit_consumers(skeleton, index), inputs, targets, calib, rc.ridge,
-                              rc.mode, rc.fit_bias, head_dim)
+            consumers = adapter.unit_consumers(skeleton, index)
+            rows = kept_rows(consumers[0], layer_plan, shapes[index], head_dim)
+
+            def attention_input(i, call, layer=layer, module=consumers[0].module, rows=rows):
+                return _consumer_input(layer, module, call).index_select(-1, rows)
+
+            def pruned(index=index, layer=layer, layer_plan=layer_plan):
+                adapter.prune_layer(skeleton, index, layer_plan, shapes[index])
+                return layer, adapter.unit_consumers(skeleton, index)
+
+            entry = refit_block(layer, consumers, dense_inputs, inputs, calib, attention_input, pruned, rc.ridge,
+                                rc.mode, rc.fit_bias, head_dim, advance=index + 1 < len(shapes))
+            del consumers
             report.append(dict(layer=index, **entry))
-            if index + 1 < len(shapes):
-                inputs = _stream(inputs, _run_layer(layer, inputs))
+        else:
+            adapter.prune_layer(skeleton, index, layer_plan, shapes[index])
         for name, tensor in layer.state_dict().items():
             writer.add(f"{LAYER_PREFIX}{index}.{name}", tensor)
         loader.free(index)

@@ -87,3 +87,84 @@ def test_reconstruct_without_calibration_is_a_clear_error(tiny_models, tmp_path)
     config = CompressConfig.from_dict({"structured": {"heads": 0.5}, "reconstruct": {"enabled": True}})
     with pytest.raises(EdgePruneError, match="--calib"):
         compress(tiny_models("bert"), tmp_path / "out", config)
+
+
+def _hidden_of(call):
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@pytest.mark.parametrize("mode", ["full", "scales"])
+@pytest.mark.parametrize("in_place", [False, True])  # in memory (a pruned copy) / sequential (pruned in place)
+def test_batchwise_refit_equals_all_at_once(tiny_models, calib_file, mode, in_place):
+    """refit_block's normal equations, summed batch by batch (and, in place, the attention inputs taken from
+    the dense block sliced to the kept heads), give the re-fit of all windows' activations concatenated."""
+    from edgeprune.compress.reconstruct import (_accumulate, _consumer_input, _fit_consumer, _hidden,
+                                                _token_mask, _with_hidden, capture_layer_inputs, refit_block)
+    from edgeprune.core.arch.base import LayerPlan, kept_rows
+
+    loaded = load_model(tiny_models("llama"))
+    model, adapter = loaded.model.eval(), loaded.adapter
+    calib = load_calibration(loaded, CalibrationConfig(path=str(calib_file), samples=48, max_length=24, batch_size=16))
+    assert len(calib) == 3
+    inputs_d = capture_layer_inputs(model, adapter, calib)
+    calib[0] = dict(calib[0], attention_mask=calib[0]["attention_mask"].clone())
+    calib[0]["attention_mask"][0, -5:] = 0  # tokens the statistics must skip (as padding), in every path
+    gen = torch.Generator().manual_seed(1)  # the pruned stream: what an earlier pruned block passes on
+    inputs_p = [_with_hidden(c, _hidden_of(c) + 0.3 * torch.randn(_hidden_of(c).shape, generator=gen)) for c in inputs_d]
+    neurons = tuple(sorted(torch.randperm(48, generator=gen)[:30].tolist()))
+    plan, shape = LayerPlan((0, 1, 3, 4), (0, 1), neurons), adapter.dense_shapes(model.config)[0]
+    head_dim, damping = adapter.head_dim(model.config), 1e-2
+    masks = [_token_mask(b, _hidden_of(c).shape) for b, c in zip(calib, inputs_d)]
+    assert not bool(masks[0].all())
+
+    # all at once: every window's targets and consumer inputs concatenated, one solve per consumer
+    reference = copy.deepcopy(model)
+    adapter.prune_layer(reference, 0, plan, shape)
+    layer_r, consumers_r = adapter.layers(reference)[0], adapter.unit_consumers(reference, 0)
+    targets = {0: [], 1: []}
+    handles = [spec.module.register_forward_hook(lambda m, a, out, slot=slot: targets[slot].append(out))
+               for slot, spec in enumerate(adapter.unit_consumers(model, 0))]
+    with torch.no_grad():
+        dense_out = [_hidden(adapter.layers(model)[0](*a, **k)) for a, k in inputs_d]
+    for handle in handles:
+        handle.remove()
+    y = {slot: torch.cat([t[m] for t, m in zip(targets[slot], masks)]) for slot in (0, 1)}
+    with torch.no_grad():
+        x0 = torch.cat([_consumer_input(layer_r, consumers_r[0].module, c)[m] for c, m in zip(inputs_p, masks)])
+        ref = {"attention": _fit_consumer(consumers_r[0], _accumulate(None, x0, y[0]), mode, damping, False, head_dim)}
+        x1 = torch.cat([_consumer_input(layer_r, consumers_r[1].module, c)[m] for c, m in zip(inputs_p, masks)])
+        ref["ffn"] = _fit_consumer(consumers_r[1], _accumulate(None, x1, y[1]), mode, damping, False, 1)
+        ref_out = [_hidden(layer_r(*a, **k)) for a, k in inputs_p]
+
+    # batch by batch
+    work = copy.deepcopy(model)
+    layer_w = adapter.layers(work)[0]
+    if in_place:
+        consumers_d = adapter.unit_consumers(work, 0)
+        rows = kept_rows(consumers_d[0], plan, shape, head_dim)
+        attention_input = lambda i, call: _consumer_input(layer_w, consumers_d[0].module, call).index_select(-1, rows)
+
+        def pruned():
+            adapter.prune_layer(work, 0, plan, shape)
+            return layer_w, adapter.unit_consumers(work, 0)
+    else:
+        consumers_d = adapter.unit_consumers(model, 0)
+        adapter.prune_layer(work, 0, plan, shape)
+        consumers_w = adapter.unit_consumers(work, 0)
+        attention_input = lambda i, call: _consumer_input(layer_w, consumers_w[0].module, call)
+        pruned = lambda: (layer_w, consumers_w)
+    stream_d, stream_p = list(inputs_d), list(inputs_p)
+    entry = refit_block(adapter.layers(work if in_place else model)[0], consumers_d, stream_d, stream_p, calib,
+                        attention_input, pruned, damping, mode, False, head_dim)
+
+    for name in ("attention", "ffn"):
+        assert ref[name]["mse_after"] < ref[name]["mse_before"]  # the re-fit did something
+        for key, value in ref[name].items():
+            assert entry[name][key] == pytest.approx(value, rel=1e-6), (name, key)
+    for (name, a), b in zip(layer_w.state_dict().items(), layer_r.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for got, want in zip(stream_d, dense_out):  # the next block's dense inputs, replaced in place
+        assert torch.equal(_hidden_of(got), want)
+    for got, want in zip(stream_p, ref_out):  # and its pruned inputs, through the re-fitted block
+        torch.testing.assert_close(_hidden_of(got), want, rtol=1e-5, atol=1e-6)

@@ -346,27 +346,57 @@ def test_missing_shard_is_named(tiny_models, tmp_path):
 
 
 def test_disk_full_while_writing_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    import safetensors.torch
-
     from edgeprune.compress import sequential
 
     models, calib = tiny_models
-    writes = []
+    shards = set()
 
-    def full_disk(tensors, filename, metadata=None):
-        writes.append(filename)
-        if len(writes) == 2:  # the first shard went through, the second hits a full disk
+    def full_disk(handle, data):
+        shards.add(Path(handle.name).stem)
+        if len(shards) == 2:  # the first shard went through, the second hits a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(handle, data)
 
-    real_save = safetensors.torch.save_file
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    real_write = sequential._write_bytes
+    monkeypatch.setattr(sequential, "_write_bytes", full_disk)
     monkeypatch.setattr(sequential, "SHARD_BYTES", 1)  # a shard per tensor, so the failure is mid-way
     with pytest.raises(EdgePruneError, match="disk full") as info:
         compress(models["llama"], tmp_path / "out", _config(calib, reconstruct=False), sequential=True)
     assert "\n" not in str(info.value)
-    assert len(writes) == 2
+    assert len(shards) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging directory
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 10**9])
+def test_shard_writer_streams_valid_safetensors(tmp_path, shard_bytes):
+    """Tensors go to disk as they are added (nothing buffered) and the shards read back like save_file's."""
+    from safetensors import safe_open
+
+    from edgeprune.compress.sequential import ShardWriter
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 3, generator=gen), "b.bias": torch.randn(7, generator=gen),
+               "c.scalar": torch.tensor(2.5), "d.ids": torch.arange(6).view(2, 3), "e.t": torch.randn(4, 6).T}
+    writer = ShardWriter(tmp_path, shard_bytes, dtype=torch.bfloat16)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+        assert not any(isinstance(v, torch.Tensor) for v in writer.pending.values())  # on disk, not held
+    writer.finish()
+    files = sorted(tmp_path.iterdir())
+    assert not [f for f in files if f.suffix == ".data"]
+    if shard_bytes == 1:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert sorted(index["weight_map"]) == sorted(tensors) and len(set(index["weight_map"].values())) == 5
+    else:
+        assert [f.name for f in files] == ["model.safetensors"]
+    read = {}
+    for shard in tmp_path.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            read.update({k: handle.get_tensor(k) for k in handle.keys()})
+    assert sorted(read) == sorted(tensors)
+    for name, tensor in tensors.items():
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
 
 
 def test_auto_sequential_when_memory_is_short(tiny_models, tmp_path, monkeypatch, capsys):

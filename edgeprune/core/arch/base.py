@@ -90,6 +90,19 @@ def _sliced(tensor: torch.Tensor, spec: ParamSlice, keeps: dict[str, Sequence[in
     return torch.cat(pieces, dim=dim).contiguous()
 
 
+def kept_rows(spec: ParamSlice, plan: LayerPlan, shape: LayerShape, head_dim: int) -> torch.Tensor:
+    """The indices along ``spec``'s sliced dim that ``prune_layer`` keeps, in the order ``_sliced`` puts them:
+    e.g. the attention output projection's kept input channels, to slice a dense block's activations."""
+    keeps = {Q: plan.keep_heads, KV: plan.keep_kv_heads, "ffn": plan.keep_neurons}
+    sizes = {Q: shape.heads, KV: shape.kv_heads, "ffn": shape.ffn}
+    widths = {Q: head_dim, KV: head_dim, "ffn": 1}
+    pieces, offset = [], 0
+    for kind in spec.segments:
+        pieces.append(_unit_rows(keeps[kind], widths[kind]) + offset)
+        offset += sizes[kind] * widths[kind]
+    return torch.cat(pieces)
+
+
 class ArchAdapter:
     """Base class. Subclasses set the class attributes and implement the ``*_slices`` hooks."""
 
