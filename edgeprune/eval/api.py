@@ -97,7 +97,17 @@ def make_backend(model: str | Path, runtime: str | None, task: str, max_length: 
                                  "STS needs an encoder (e.g. minilm), score decoders with --task perplexity")
         return TorchBackend(loaded, max_length=max_length, threads=threads)
     from edgeprune.eval.backends import runtime_backend
+    from edgeprune.runtime.pipelines import ExportInfo
 
+    if task in LM_TASKS and runtime != "llamacpp":
+        # the export's recorded task decides before any session loads (a large encoder takes a while)
+        try:
+            recorded = ExportInfo.read(model, []).task
+        except (EdgePruneError, OSError, ValueError):
+            recorded = None  # unreadable here: the runtime's own loading reports it
+        if recorded is not None and recorded != "text-generation":
+            raise EdgePruneError(f"{model}: --task {task} needs a text-generation export with logits; this "
+                                 f"export's task is {recorded} (export a decoder with --task text-generation)")
     backend = runtime_backend(model, runtime, max_length=max_length, threads=threads)
     if task in LM_TASKS:
         _require_runtime_lm(backend, model, task)

@@ -177,29 +177,34 @@ class RuntimeBackend:
     def target_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
                       positions: np.ndarray) -> np.ndarray:
         """Logits [N, V] at (rows[i], positions[i]): onnxruntime runs the export's graph up to the final
-        hidden states and the LM head is applied in numpy at those positions only (edgeprune.runtime.lm_head);
-        a head that is not a plain float MatMul, or another runtime, takes the full logits."""
+        hidden states and the LM head is applied at those positions only (edgeprune.runtime.lm_head): in numpy
+        for a float MatMul head, in a one-node session for a weight-only ``MatMulNBits`` head; any other head,
+        or another runtime, takes the full logits."""
         generation = self._generation()
         split = self._split_head()
         if split is None:
             return generation.batch_logits(input_ids, attention_mask)[rows, positions]
-        session, split = split
+        session, split, head = split
         hidden = generation.run_batch(session, np.asarray(input_ids, dtype=np.int64),
                                       np.asarray(attention_mask, dtype=np.int64), split.hidden)
-        logits = hidden[rows, positions] @ split.weight
+        picked = np.ascontiguousarray(hidden[rows, positions])
+        if head is not None:  # a weight-only quantized head: its own kernel, on the picked rows only
+            return head.run({split.hidden: picked}, ["logits"])["logits"]
+        logits = picked @ split.weight
         return logits + split.bias if split.bias is not None else logits
 
     def _split_head(self):
         if self._head is None:
             self._head = False
             if self.name == "onnxruntime":
-                from edgeprune.runtime.lm_head import load_hidden_session, split_lm_head
+                from edgeprune.runtime.lm_head import load_head_session, load_hidden_session, split_lm_head
 
                 split = split_lm_head(self.session.path)
                 if split is not None:
                     session = load_hidden_session(split, self.name, self.threads)
-                    # the weights now live in the session; keep only the head's numpy arrays
-                    self._head = (session, type(split)(None, split.hidden, split.weight, split.bias))
+                    head = load_head_session(split, self.name, self.threads) if split.head_model is not None else None
+                    # the weights now live in the sessions; keep only the head's numpy arrays
+                    self._head = (session, type(split)(None, split.hidden, split.weight, split.bias), head)
         return self._head or None
 
     @property
@@ -218,7 +223,9 @@ class RuntimeBackend:
     def close(self) -> None:
         self.session.close()
         if self._head:
-            self._head[0].close()
+            for session in (self._head[0], self._head[2]):
+                if session is not None:
+                    session.close()
 
 
 def runtime_backend(model: str | os.PathLike, runtime: str = "onnxruntime", max_length: int = 128,

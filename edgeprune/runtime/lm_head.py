@@ -4,7 +4,11 @@
 ``+ b``; ``W`` an initializer, or ``Transpose`` of one, as torch.onnx writes a tied embedding) and returns a
 copy of the graph whose output is ``hidden`` (the final hidden states [B, L, H]), without the head, plus
 ``W`` and ``b`` as numpy arrays. ``hidden @ W + b`` at the positions a task scores equals the export's logits
-there. Any other head (a quantized MatMulInteger / MatMulNBits, a soft-capped or scaled one) gives ``None``,
+there. A weight-only quantized head (one ``com.microsoft`` ``MatMulNBits`` node whose weight, scales and zero
+points are initializers: ``--quantize int4-weight|int8-weight``) is split the same way, but the head stays an
+ONNX graph (``head_model``: ``hidden`` [N, H] -> ``logits`` [N, V], the same node and packed weights), so the
+runtime's own kernel computes it on the picked rows and the logits are bit-for-bit the kernel's. Any other head
+(an INT8 ``MatMulInteger`` behind a dynamic activation quantizer, a soft-capped or scaled one) gives ``None``,
 and callers keep the full-logits graph. Torch-free (onnx + numpy).
 """
 
@@ -23,12 +27,14 @@ LOGITS = "logits"
 @dataclass(frozen=True)
 class SplitHead:
     """The export without its LM head (``model``: an onnx ModelProto whose one output is ``hidden``) and
-    the head's weight [H, V] and bias [V] (or None)."""
+    the head: its float weight [H, V] and bias [V] (or None), or for a quantized head ``head_model``, an onnx
+    ModelProto from ``hidden`` [N, H] to ``logits`` [N, V] (``weight`` is then None)."""
 
     model: object
     hidden: str
-    weight: np.ndarray
+    weight: np.ndarray | None
     bias: np.ndarray | None
+    head_model: object = None
 
 
 def _initializer(graph, producers: dict, name: str) -> np.ndarray | None:
@@ -77,11 +83,18 @@ def split_lm_head(model_path: str | os.PathLike) -> SplitHead | None:
                 break
         else:
             return None
-    if head.op_type != "MatMul":
+    head_model = None
+    if head.op_type == "MatMulNBits" and head.domain == "com.microsoft" and bias is None:
+        head_model = _nbits_head_model(model, head)
+        if head_model is None:
+            return None
+        weight = None
+    elif head.op_type != "MatMul":
         return None
-    weight = _initializer(graph, producers, head.input[1])
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
-        return None
+    else:
+        weight = _initializer(graph, producers, head.input[1])
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+            return None
     hidden = head.input[0]
     # keep only what the hidden state needs: the head's nodes and weight go
     needed, kept = {hidden}, []
@@ -103,7 +116,43 @@ def split_lm_head(model_path: str | os.PathLike) -> SplitHead | None:
     graph.input.extend(inputs)
     del graph.output[:]
     graph.output.append(onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
-    return SplitHead(model, hidden, np.ascontiguousarray(weight), bias)
+    return SplitHead(model, hidden, None if weight is None else np.ascontiguousarray(weight), bias, head_model)
+
+
+def _nbits_head_model(model, head):
+    """A graph of the one ``MatMulNBits`` head node on a 2-D input, with copies of its packed initializers
+    (None when an input other than the activation is not an initializer)."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    by_name = {init.name: init for init in graph.initializer}
+    consts = [name for name in head.input[1:] if name]
+    if not all(name in by_name for name in consts):
+        return None
+    n = next((a.i for a in head.attribute if a.name == "N"), None)
+    k = next((a.i for a in head.attribute if a.name == "K"), None)
+    if not n or not k:
+        return None
+    inits = []
+    for name in consts:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(by_name[name])
+        inits.append(copy)
+    node = onnx.NodeProto()
+    node.CopyFrom(head)
+    del node.output[:]
+    node.output.append(LOGITS)
+    sub = helper.make_graph(
+        [node], "lm_head", [helper.make_tensor_value_info(head.input[0], onnx.TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, ["rows", n])], inits)
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx", "com.microsoft")]
+    out = helper.make_model(sub, opset_imports=opsets, ir_version=model.ir_version)
+    # the packed weights may have been external data of the export; make them inline tensors of this graph
+    for init in out.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+    return out
 
 
 def save_split(split: SplitHead, directory: str | os.PathLike) -> Path:
@@ -122,3 +171,15 @@ def load_hidden_session(split: SplitHead, runtime: str, threads: int | None):
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-hidden-") as tmp:
         return load_session(save_split(split, tmp), runtime, threads)
+
+
+def load_head_session(split: SplitHead, runtime: str, threads: int | None):
+    """A runtime session of a quantized head (``split.head_model``), run on the picked rows only."""
+    import onnx
+
+    from edgeprune.runtime.pipelines import load_session
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-head-") as tmp:
+        path = Path(tmp) / "head.onnx"
+        onnx.save_model(split.head_model, str(path))
+        return load_session(path, runtime, threads)

@@ -208,6 +208,7 @@ def _cli(argv, capsys):
 
 def test_cli_eval_json_and_errors(tiny_models, exported, task_files, tmp_path, capsys, monkeypatch):
     decoder = str(tiny_models("llama"))
+    _, encoder_export = exported("bert", "feature-extraction")  # built before the loaders are stubbed out
     code, out, err = _cli(["eval", decoder, "--task", "piqa", "--data", str(task_files["piqa"]), "--limit", "4",
                            "--json"], capsys)
     assert code == 0, err
@@ -222,27 +223,41 @@ def test_cli_eval_json_and_errors(tiny_models, exported, task_files, tmp_path, c
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr(models, "load_model", no_load)
-    for task in ("lambada", "perplexity"):
-        data = task_files["lambada"] if task == "lambada" else task_files["lambada"]
+    for task in ("lambada", "hellaswag", "piqa", "perplexity"):
+        data = task_files[task] if task in task_files else task_files["lambada"]
         code, _, err = _cli(["eval", str(tiny_models("bert")), "--task", task, "--data", str(data)], capsys)
         assert code == 2 and "needs a decoder with a language-model head" in err and len(err.splitlines()) == 1
-    monkeypatch.undo()
 
-    _, encoder_export = exported("bert", "feature-extraction")
-    code, _, err = _cli(["eval", str(encoder_export), "--task", "hellaswag", "--data", str(task_files["hellaswag"]),
-                         "--runtime", "onnxruntime"], capsys)
-    assert code == 2 and "needs a text-generation export" in err
+    # an encoder export: refused from its manifest, before an onnxruntime session loads
+    import edgeprune.runtime.pipelines as pipelines
 
+    monkeypatch.setattr(pipelines, "load_session", no_load)
+    for task in ("lambada", "hellaswag", "piqa"):
+        code, _, err = _cli(["eval", str(encoder_export), "--task", task, "--data", str(task_files[task]),
+                             "--runtime", "onnxruntime"], capsys)
+        assert code == 2 and "needs a text-generation export" in err and len(err.splitlines()) == 1, err
+
+    # bad data: one line, before the decoder loads (load_model is still the failing stand-in)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
     for argv, expected in [
         (["--data", str(empty)], "empty file"),
+        (["--data", str(blank)], "empty file"),
         (["--data", str(task_files["piqa"]), "--limit", "0"], "--limit must be >= 1"),
+        (["--data", str(task_files["piqa"]), "--limit", "-3"], "--limit must be >= 1"),
         (["--data", str(task_files["lambada"])], f"{task_files['lambada']}:1: not a piqa item"),
         (["--data", str(tmp_path / "missing.jsonl")], "data file not found"),
     ]:
         code, _, err = _cli(["eval", decoder, "--task", "piqa", *argv], capsys)
         assert code == 2 and expected in err and err.startswith("edgeprune: error:"), (argv, err)
+        assert len(err.splitlines()) == 1, err
+    # a file of another task's format names the fields this task expects
+    code, _, err = _cli(["eval", decoder, "--task", "hellaswag", "--data", str(task_files["piqa"])], capsys)
+    assert code == 2 and f"{task_files['piqa']}:1:" in err and zeroshot.FIELDS["hellaswag"] in err
+    assert len(err.splitlines()) == 1, err
+    monkeypatch.undo()
 
 
 def test_bench_config_accepts_zero_shot_tasks():
@@ -337,6 +352,55 @@ def test_scores_through_target_logits_equal_the_full_logits_path(task, exported,
     np.testing.assert_allclose([s for s, _ in fast], [s for s, _ in full], rtol=1e-6, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def weight_only_exports(tiny_models, tmp_path_factory):
+    """Factory: the tiny llama exported with --quantize int4-weight / int8-weight (MatMulNBits LM head)."""
+    import warnings
+
+    from edgeprune.exporters.api import ExportConfig, export
+
+    cache = {}
+
+    def get(quantize: str):
+        if quantize not in cache:
+            out = tmp_path_factory.mktemp(f"export-llama-{quantize}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[quantize] = export(tiny_models("llama"), out, ExportConfig(quantize=quantize, gate_tokens=256),
+                                         overwrite=True, progress=False)
+        return cache[quantize]
+
+    return get
+
+
+@pytest.mark.parametrize("quantize", ["int4-weight", "int8-weight"])
+def test_weight_only_head_runs_only_at_the_scored_positions(quantize, weight_only_exports, task_files):
+    """A MatMulNBits head is split too: the headless graph, then the same quantized head node on the picked
+    rows; logits, scores and greedy decisions equal the export's full-logits graph."""
+    from edgeprune.eval.backends import RuntimeBackend
+
+    export_dir = weight_only_exports(quantize)
+    backend = RuntimeBackend(export_dir, "onnxruntime", threads=1)
+    try:
+        ids, mask, rows, positions = _padded_batch()
+        full = backend.batch_logits(ids, mask)[rows, positions]
+        fast = backend.target_logits(ids, mask, rows, positions)
+        np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5)
+        hidden_session, split, head_session = backend._head
+        assert split.weight is None and head_session is not None  # the quantized-head path is what ran
+        assert "logits" not in {o.name for o in hidden_session.outputs}
+        assert [i.name for i in head_session.inputs] == [split.hidden]
+        assert [o.name for o in head_session.outputs] == ["logits"]
+        items = zeroshot.read_items("lambada", task_files["lambada"])
+        requests = zeroshot.item_requests(backend, items, backend.max_positions)
+        fast_scores = zeroshot.score_requests(backend, requests, batch_size=8)
+        full_scores = zeroshot.score_requests(_FullLogitsOnly(backend), requests, batch_size=8)
+    finally:
+        backend.close()
+    assert [g for _, g in fast_scores] == [g for _, g in full_scores]
+    np.testing.assert_allclose([s for s, _ in fast_scores], [s for s, _ in full_scores], rtol=1e-6, atol=1e-5)
+
+
 def _linear_head_model(path: Path, head: str):
     """A two-node graph: hidden = Relu(x), logits = hidden @ W (+ b), in the forms torch.onnx writes."""
     import onnx
@@ -362,6 +426,19 @@ def _linear_head_model(path: Path, head: str):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 10])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return weight, bias
+
+
+@pytest.mark.parametrize("quantize", ["int4-weight", "int8-weight"])
+def test_split_lm_head_of_a_weight_only_export(quantize, weight_only_exports):
+    from edgeprune.runtime.lm_head import split_lm_head
+
+    split = split_lm_head(weight_only_exports(quantize) / "model.onnx")
+    assert split is not None and split.weight is None
+    assert [n.op_type for n in split.head_model.graph.node] == ["MatMulNBits"]
+    assert "logits" not in {o.name for o in split.model.graph.output}
+    # the packed head weight left the headless graph (a tied embedding's Gather table stays, separately)
+    head_inits = {i.name for i in split.head_model.graph.initializer}
+    assert head_inits and not head_inits & {i.name for i in split.model.graph.initializer}
 
 
 @pytest.mark.parametrize("head", ["transpose", "bias", "scaled"])
