@@ -342,12 +342,21 @@ def test_scores_through_target_logits_equal_the_full_logits_path(task, exported,
     _, export_dir = exported("llama", "text-generation")
     backend = RuntimeBackend(export_dir, "onnxruntime", threads=1)
     try:
-        items = zeroshot.read_items(task, task_files[task])
-        requests = zeroshot.item_requests(backend, items, backend.max_positions)
-        fast = zeroshot.score_requests(backend, requests, batch_size=8)
-        full = zeroshot.score_requests(_FullLogitsOnly(backend), requests, batch_size=8)
+        fast, full = _fast_and_full_scores(backend, task, task_files[task])
     finally:
         backend.close()
+    _assert_same_scores(fast, full)
+
+
+def _fast_and_full_scores(backend, task, path):
+    """The task's scores through target_logits and through the full-logits path of the same backend."""
+    items = zeroshot.read_items(task, path)
+    requests = zeroshot.item_requests(backend, items, backend.max_positions)
+    return (zeroshot.score_requests(backend, requests, batch_size=8),
+            zeroshot.score_requests(_FullLogitsOnly(backend), requests, batch_size=8))
+
+
+def _assert_same_scores(fast, full):
     assert [g for _, g in fast] == [g for _, g in full]
     np.testing.assert_allclose([s for s, _ in fast], [s for s, _ in full], rtol=1e-6, atol=1e-5)
 
@@ -391,14 +400,10 @@ def test_weight_only_head_runs_only_at_the_scored_positions(quantize, weight_onl
         assert "logits" not in {o.name for o in hidden_session.outputs}
         assert [i.name for i in head_session.inputs] == [split.hidden]
         assert [o.name for o in head_session.outputs] == ["logits"]
-        items = zeroshot.read_items("lambada", task_files["lambada"])
-        requests = zeroshot.item_requests(backend, items, backend.max_positions)
-        fast_scores = zeroshot.score_requests(backend, requests, batch_size=8)
-        full_scores = zeroshot.score_requests(_FullLogitsOnly(backend), requests, batch_size=8)
+        fast_scores, full_scores = _fast_and_full_scores(backend, "lambada", task_files["lambada"])
     finally:
         backend.close()
-    assert [g for _, g in fast_scores] == [g for _, g in full_scores]
-    np.testing.assert_allclose([s for s, _ in fast_scores], [s for s, _ in full_scores], rtol=1e-6, atol=1e-5)
+    _assert_same_scores(fast_scores, full_scores)
 
 
 def _linear_head_model(path: Path, head: str):
