@@ -370,10 +370,7 @@ def load_or_measure(source: Path, threads: int = 2, prompt: int = 128, path: Pat
     path = Path(path) if path else cache_file(here, source, prompt)
     how = "measured"
     if path.is_file() and not remeasure:
-        try:
-            model = CostModel.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError) as exc:
-            raise EdgePruneError(f"{path}: not a readable cost model ({exc}); delete it or pass --remeasure") from None
+        model = read_cost_model(path, "; delete it or pass --remeasure")
         diff = fingerprint_differences(model.fingerprint, here)
         if not diff and model.prompt == prompt:
             return model, path, "cached"
@@ -390,16 +387,21 @@ def load_or_measure(source: Path, threads: int = 2, prompt: int = 128, path: Pat
     return model, path, how
 
 
+def read_cost_model(path: Path, advice: str = "") -> CostModel:
+    """A saved cost model file, or one error line naming what is wrong with it."""
+    try:
+        return CostModel.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EdgePruneError(f"{path}: not a readable cost model ({exc}){advice}") from None
+
+
 def load_cost_model(path: str | Path, threads: int | None = None) -> CostModel:
     """A saved cost model (``edgeprune cost measure`` / ``show`` print its file) for planning. One measured on
     another host or llama.cpp build prices units for that host: warned, never used silently."""
     path = Path(path)
     if not path.is_file():
         raise EdgePruneError(f"cost model {path}: no such file (measure one: edgeprune cost measure --model DENSE.gguf)")
-    try:
-        model = CostModel.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EdgePruneError(f"{path}: not a readable cost model ({exc})") from None
+    model = read_cost_model(path)
     try:
         from edgeprune.runtime.llamacpp_adapter import build_flags
 
