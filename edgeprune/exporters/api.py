@@ -255,12 +255,15 @@ def _target_file(target, selected: bool, final, current: Path, tmp: Path, kv_dec
     dense_copy = onnx.load(str(current))  # the pre-sparsification file: dense with zeros
     if target.max_ir is not None:
         dense_copy.ir_version = min(dense_copy.ir_version, target.max_ir)
+    rewrites = target.rewrite(dense_copy) if target.rewrite is not None else {}
     problems = target.ready(dense_copy)
     if problems:
         raise EdgePruneError(f"cannot make a {target.display} file: {'; '.join(problems)}")
     onnx.save(dense_copy, str(tmp / DENSE_FILE))
     check_onnx_file(tmp / DENSE_FILE)
     variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, target.name))
+    if rewrites:
+        variants[-1]["rewrites"] = rewrites
     return DENSE_FILE
 
 
@@ -534,31 +537,39 @@ ONNX_STEPS: tuple[Callable[[_Run], None], ...] = (_optimize_step, _simplify_step
 def _write_final(run: _Run):
     """The onnxruntime file: sparse initializers where they pay (after quantization, never before), checked
     against its dense source."""
-    import numpy as np
     import onnx
 
-    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
     from edgeprune.exporters.sparse import sparsify
-    from edgeprune.exporters.validate import compare
 
-    config, ctx, tmp = run.config, run.ctx, run.tmp
+    config, tmp = run.config, run.tmp
     final = onnx.load(str(run.current))
     sparsify(final, config.sparse_initializers)
     run.steps["sparse_initializers"] = {"mode": config.sparse_initializers, "tensors": len(final.graph.sparse_initializer)}
     onnx.save(final, str(tmp / DEFAULT_ONNX))
     if final.graph.sparse_initializer:
         run.say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
-        session, reference = ort_session(tmp / DEFAULT_ONNX), ort_session(run.current)
-        rng = np.random.default_rng(config.seed + 99)
-        names = [i.name for i in session.get_inputs()]
-        feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and run.meta["with_past"] else 0,
-                             ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
-        errors = compare(run_session(reference, feeds), run_session(session, feeds))
-        worst = max(e["max_abs"] for e in errors.values())
+        worst = _max_abs_vs_current(run, tmp / DEFAULT_ONNX)
         run.validation["sparse_initializers"] = {"max_abs_vs_dense": worst, "passed": worst <= 1e-5}
         if worst > 1e-5:
             raise EdgePruneError(f"sparse-initializer file differs from its dense source (max abs {worst:.3g})")
     return final
+
+
+def _max_abs_vs_current(run: _Run, candidate: Path) -> float:
+    """Largest output difference (onnxruntime, random feeds) between ``candidate`` and the current file."""
+    import numpy as np
+
+    from edgeprune.core.onnxio import ort_session, random_feeds, run_session
+    from edgeprune.exporters.validate import compare
+
+    ctx = run.ctx
+    session, reference = ort_session(candidate), ort_session(run.current)
+    rng = np.random.default_rng(run.config.seed + 99)
+    names = [i.name for i in session.get_inputs()]
+    feeds = random_feeds(names, 2, 9, 3 if ctx.decoder and ctx.layout and run.meta["with_past"] else 0,
+                         ctx.vocab_size, ctx.layout, rng, ctx.type_vocab)
+    errors = compare(run_session(reference, feeds), run_session(session, feeds))
+    return max(e["max_abs"] for e in errors.values())
 
 
 def _runtime_files(run: _Run, final, target) -> tuple[dict[str, str | None], list]:
@@ -569,6 +580,14 @@ def _runtime_files(run: _Run, final, target) -> tuple[dict[str, str | None], lis
     kv_decoder = run.ctx.decoder and bool(run.meta["with_past"])
     roles = {t.name: _target_file(t, t.name == run.config.target, final, run.current, run.tmp, kv_decoder,
                                   run.quantization, variants) for t in export_targets("onnx")}
+    rewritten = [v for v in variants if v["role"] == target.name and any(v.get("rewrites", {}).values())]
+    if rewritten:  # the graph the runtime gets was rewritten: it must still compute what its source does
+        worst = _max_abs_vs_current(run, run.tmp / rewritten[0]["file"])
+        run.validation[f"{target.name}_rewrites"] = {**rewritten[0]["rewrites"], "max_abs_vs_source": worst,
+                                                     "passed": worst <= 1e-5}
+        if worst > 1e-5:
+            raise EdgePruneError(f"the {target.display} file differs from its source after its graph rewrites "
+                                 f"(max abs {worst:.3g})")
     if target.check is not None:
         run.say(f"compiling with {target.display} (if its environment exists)")
         with run.timed(f"{target.name}_check_s"):

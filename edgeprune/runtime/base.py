@@ -73,6 +73,9 @@ class ExportTarget:
     config_problems: Callable[[Any], list[str]] = field(default=_no_problems)
     # onnx.ModelProto -> why the runtime would refuse it; None: runs the onnxruntime file as it is
     ready: Callable[[Any], list[str]] | None = None
+    # onnx.ModelProto -> a record; rewrites the selected target's dense copy in place into a form the runtime
+    # compiles (the exporter checks the result against its source with onnxruntime)
+    rewrite: Callable[[Any], dict] | None = None
     # export-time compile check: (onnx path, feeds) -> {"checked": bool, "reason" | measurements}
     check: Callable[[Path, dict], dict] | None = None
     install_hint: str = ""

@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -120,6 +121,17 @@ def crash_reason(stderr: str) -> str:
     return f"DeepSparse 1.8 aborted: {assertion}" if assertion else (lines[-1] if lines else "no message")
 
 
+def exit_description(code: int | None) -> str:
+    """How a worker process ended: a negative return code is the signal that killed it (a crash in the
+    engine's native code leaves no Python traceback, so the signal is all there is to say)."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 class DeepSparseSession:
     """A model loaded in a DeepSparse worker process; see ``edgeprune.runtime.base.Session``.
 
@@ -163,8 +175,11 @@ class DeepSparseSession:
                 raise EOFError
             body = self._proc.stdout.read(struct.unpack(">Q", header)[0])
         except (BrokenPipeError, EOFError, OSError):
-            code = self._proc.poll()
-            raise EdgePruneError(f"the DeepSparse worker died (exit code {code}): {self._stderr_tail()}") from None
+            try:  # the pipe closes a moment before the process is reaped
+                code = self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise EdgePruneError(f"the DeepSparse worker died ({exit_description(code)}): {self._stderr_tail()}") from None
         # The worker is our own child process speaking our protocol; its replies are trusted like any
         # in-process library result.
         reply = pickle.loads(body)
@@ -309,12 +324,53 @@ def deepsparse_ready(model) -> list[str]:
     if dynamic:
         problems.append(f"it uses dynamic INT8 operators {dynamic}, which DeepSparse 1.8 crashes on "
                         "(use --quantize int8-static)")
+    if _self_concats(model):
+        problems.append("it concatenates a tensor with itself (Llama's rotary embedding), which DeepSparse 1.8's "
+                        "compiler aborts on (export with --target deepsparse, which rewrites it)")
     odd = _odd_matmul_widths(model)
     if odd:
         problems.append(f"matrix widths {odd} are not multiples of {DEEPSPARSE_WIDTH_MULTIPLE} (DeepSparse 1.8's "
                         "compiler aborts on them at sequence lengths above 64; compress with "
                         f"--round-to {DEEPSPARSE_WIDTH_MULTIPLE})")
     return problems
+
+
+def _self_concats(model) -> list:
+    return [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) > 1 and len(set(n.input)) == 1]
+
+
+def deepsparse_form(model) -> dict:
+    """Rewrite ``model`` in place into a graph DeepSparse 1.8 compiles: ``Concat(x, x, ...)`` becomes
+    ``Tile(x, repeats)``. Its compiler aborts (``Assertion at src/lib/engine/execution/graph.cpp:925``) on a
+    Concat that reads one tensor twice, which Llama's rotary embedding (``cat((freqs, freqs), -1)``) is: found by
+    bisecting the tiny Llama's graph with DeepSparse compiles; with the rewrite the graph compiles."""
+    import numpy as np
+    from onnx import numpy_helper, shape_inference
+
+    concats = _self_concats(model)
+    if not concats:
+        return {"concat_to_tile": 0}
+    inferred = shape_inference.infer_shapes(model)  # for the rank of each concatenated tensor
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    rewritten = 0
+    for node in concats:
+        rank = ranks.get(node.input[0]) or ranks.get(node.output[0])
+        if not rank:
+            continue  # left as it is; deepsparse_ready still names it
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        repeats = [1] * rank
+        repeats[axis] = len(node.input)
+        name = f"{node.output[0]}__tile_repeats"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(repeats, np.int64), name))
+        source = node.input[0]
+        del node.input[:]
+        node.input.extend([source, name])
+        del node.attribute[:]
+        node.op_type = "Tile"
+        rewritten += 1
+    return {"concat_to_tile": rewritten}
 
 
 def _odd_matmul_widths(model) -> list[int]:
@@ -335,6 +391,7 @@ class DeepSparseRuntime:
     target = ExportTarget("deepsparse", display="DeepSparse 1.8", in_process=False, kv_cache=True,
                           max_opset=DEEPSPARSE_MAX_OPSET, max_ir=DEEPSPARSE_MAX_IR,
                           config_problems=export_config_problems, ready=deepsparse_ready,
+                          rewrite=deepsparse_form,
                           check=lambda path, feeds: deepsparse_check(path, feeds),
                           install_hint="edgeprune runtime install deepsparse")
 

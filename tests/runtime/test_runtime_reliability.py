@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from edgeprune.cli import main
+from edgeprune.core.artifacts import onnx_model_path
 from edgeprune.core.errors import EdgePruneError
 
 
@@ -125,10 +126,50 @@ def test_deepsparse_roles_are_honest(exported, tiny_models, tmp_path, capsys, mo
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     assert any("DynamicQuantizeLinear" in p for p in deepsparse_adapter.deepsparse_ready(model))
-    _, decoder = exported("llama", "text-generation")
-    assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] == "model.onnx"
+    _, decoder = exported("llama", "text-generation")  # its rotary Concat(x, x) aborts DeepSparse's compiler
+    assert json.loads((decoder / "manifest.json").read_text())["files_by_role"]["deepsparse"] is None
+    assert main(["export", str(tiny_models("llama")), "-o", str(tmp_path / "l"), "--target", "deepsparse"]) == 0
+    manifest = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    assert manifest["files_by_role"]["deepsparse"] == "model_dense.onnx"
+    rewrite_check = manifest["validation"]["deepsparse_rewrites"]
+    assert rewrite_check["concat_to_tile"] >= 1 and rewrite_check["passed"] and rewrite_check["max_abs_vs_source"] <= 1e-5
+    with pytest.raises(EdgePruneError, match=r"no ONNX file for deepsparse .*re-export with --target deepsparse"):
+        onnx_model_path(decoder, "deepsparse")
     assert main(["export", str(tiny_models("bert")), "-o", str(tmp_path / "e"), "--target", "deepsparse"]) == 0
     assert "warning: model.onnx was not compile-checked with DeepSparse" in capsys.readouterr().err
+
+
+def test_deepsparse_form_tiles_a_self_concat_without_changing_its_output(tmp_path):
+    """Concat(x, x) (Llama's rotary cat((freqs, freqs), -1)) aborts DeepSparse 1.8's compiler; Tile computes the
+    same tensor and compiles."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeprune.core.onnxio import ort_session
+    from edgeprune.runtime.deepsparse_adapter import deepsparse_form, deepsparse_ready
+
+    nodes = [helper.make_node("Mul", ["x", "x"], ["f"]), helper.make_node("Concat", ["f", "f"], ["y"], axis=-1),
+             helper.make_node("Concat", ["x", "f"], ["z"], axis=0)]  # two different inputs: left alone
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    before = ort_session(path).run(None, {"x": x})
+    assert any("concatenates a tensor with itself" in p for p in deepsparse_ready(model))
+    assert deepsparse_form(model) == {"concat_to_tile": 1}
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Tile", "Concat"]
+    assert not any("concatenates" in p for p in deepsparse_ready(model))
+    onnx.save(model, str(path))
+    after = ort_session(path).run(None, {"x": x})
+    assert after[0].shape == (2, 3, 8)
+    for want, got in zip(before, after):
+        np.testing.assert_array_equal(got, want)
+    assert deepsparse_form(model) == {"concat_to_tile": 0}
 
 
 def test_deepsparse_crash_reason_names_the_assertion():
@@ -140,3 +181,11 @@ def test_deepsparse_crash_reason_names_the_assertion():
     assert crash_reason(report) == "DeepSparse 1.8 aborted: Assertion at src/lib/engine/execution/graph.cpp:925"
     assert crash_reason("ValueError: bad input\n") == "ValueError: bad input"
     assert crash_reason("") == "no message"
+
+
+def test_deepsparse_worker_exit_names_the_killing_signal():
+    from edgeprune.runtime.deepsparse_adapter import exit_description
+
+    assert exit_description(-11) == "killed by SIGSEGV"
+    assert exit_description(-6) == "killed by SIGABRT"
+    assert exit_description(3) == "exit code 3"
