@@ -114,11 +114,18 @@ def install(force: bool = False, progress: bool = True) -> dict:
 
 
 def crash_reason(stderr: str) -> str:
-    """The line of a DeepSparse crash report that says what failed: its ``Assertion at ...`` line when there
-    is one (the report ends with a support e-mail address, which says nothing), else the last line."""
+    """The line of a DeepSparse crash report that says what failed: its ``Assertion at ...`` line, else the
+    signal its handler caught (``Received signal: Segmentation fault ...``; the handler then exits with code 1),
+    else the last line that is not the report's closing support e-mail address (which says nothing)."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     assertion = next((ln for ln in lines if ln.startswith("Assertion at ")), None)
-    return f"DeepSparse 1.8 aborted: {assertion}" if assertion else (lines[-1] if lines else "no message")
+    if assertion:
+        return f"DeepSparse 1.8 aborted: {assertion}"
+    caught = next((ln for ln in lines if ln.startswith("Received signal: ")), None)
+    if caught:
+        return f"DeepSparse 1.8 crashed: {caught.removeprefix('Received signal: ').split(' (')[0]}"
+    said = [ln for ln in lines if not ln.startswith("Please email a copy")]
+    return said[-1] if said else "no message"
 
 
 def exit_description(code: int | None) -> str:

@@ -179,6 +179,11 @@ def test_deepsparse_crash_reason_names_the_assertion():
               "Backtrace:\n 0# wand::detail::assert_fail(...)\nPlease email a copy of this stack trace and any "
               "additional information to: support@neuralmagic.com\n")
     assert crash_reason(report) == "DeepSparse 1.8 aborted: Assertion at src/lib/engine/execution/graph.cpp:925"
+    caught = ("Thread: 0x7f1a65ffb6c0\n\nReceived signal: Segmentation fault (signal addr: 0000000000000000)\n\n"
+              "Registers:\nRAX = 00007f1a6c200a40\n\nPlease email a copy of this stack trace and any additional "
+              "information to: support@neuralmagic.com\n\n")
+    assert crash_reason(caught) == "DeepSparse 1.8 crashed: Segmentation fault"
+    assert crash_reason("loading\nValueError: bad shape\n") == "ValueError: bad shape"
     assert crash_reason("ValueError: bad input\n") == "ValueError: bad input"
     assert crash_reason("") == "no message"
 
