@@ -103,6 +103,17 @@ def _bucket(session) -> int | None:
     return STATIC_SHAPE_BUCKET if getattr(session, "static_shapes", False) else None
 
 
+def _right_padded(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A causal decoder's [B, L] inputs, right-padded with masked tokens to a multiple of STATIC_SHAPE_BUCKET
+    for a static-shape session: fewer engines to compile, and DeepSparse 1.8 segfaults running a Llama graph on
+    fewer than 16 tokens (docs/runtime.md). Causal attention leaves the real positions' outputs unchanged."""
+    bucket = _bucket(session)
+    pad = (-input_ids.shape[1]) % bucket if bucket else 0
+    if not pad:
+        return input_ids, attention_mask
+    return np.pad(input_ids, ((0, 0), (0, pad))), np.pad(attention_mask, ((0, 0), (0, pad)))
+
+
 class EmbeddingPipeline:
     """texts -> mean-pooled, L2-normalised sentence embeddings [N, hidden] (the eval's recipe)."""
 
@@ -217,9 +228,22 @@ class GenerationPipeline:
         feeds.update(past)
         if "token_type_ids" in names:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        if not past:  # a whole sequence without a cache: a static-shape session gets it padded (causal)
+            length = feeds["input_ids"].shape[1]
+            feeds["input_ids"], feeds["attention_mask"] = _right_padded(self.session, feeds["input_ids"],
+                                                                        feeds["attention_mask"])
+            if "position_ids" in feeds:
+                feeds["position_ids"] = self._positions(feeds["input_ids"].shape[1])
         out = self.session.run({k: v for k, v in feeds.items() if k in names}, self.output_names)
         new_past = {name: out[self.present_for[name]] for name in self.present_for}
-        return out["logits"][0, -1], new_past
+        last = total - past_len - 1 if not past else -1
+        return out["logits"][0, last], new_past
+
+    def _positions(self, length: int) -> np.ndarray:
+        """0 .. length-1, padded positions held at the model's last one (their outputs are never read)."""
+        limit = position_limit(self.info.config)
+        positions = np.arange(length, dtype=np.int64)
+        return (np.minimum(positions, limit - 1) if limit else positions)[None, :]
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -277,9 +301,10 @@ class GenerationPipeline:
         names = {i.name for i in self.session.inputs}
         length = input_ids.shape[1]
         check_positions(self.info.config, length, "a sequence of", self.info.directory)
-        feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64),
-                 "position_ids": np.arange(length, dtype=np.int64)[None, :], **self.empty_past}
-        return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"]
+        padded_ids, mask = _right_padded(self.session, input_ids, np.ones((1, length), np.int64))
+        feeds = {"input_ids": padded_ids, "attention_mask": mask,
+                 "position_ids": self._positions(padded_ids.shape[1]), **self.empty_past}
+        return self.session.run({k: v for k, v in feeds.items() if k in names}, ["logits"])["logits"][:, :length]
 
     def batch_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits [B, L, V] of a right-padded batch in one call (empty past of batch B when the export has
@@ -294,12 +319,13 @@ class GenerationPipeline:
     def run_batch(self, session, input_ids: np.ndarray, attention_mask: np.ndarray, output: str) -> np.ndarray:
         """``output`` of ``session`` (this export's graph or one derived from it, as edgeprune.runtime.lm_head
         writes) for a right-padded batch with an empty past."""
-        rows = input_ids.shape[0]
+        rows, length = input_ids.shape
+        input_ids, attention_mask = _right_padded(session, input_ids, attention_mask)
         names = {i.name for i in session.inputs}
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)}
         feeds.update({name: np.repeat(empty, rows, axis=0) for name, empty in self.empty_past.items()})
-        return session.run({k: v for k, v in feeds.items() if k in names}, [output])[output]
+        return session.run({k: v for k, v in feeds.items() if k in names}, [output])[output][:, :length]
 
 
 class FixedCapacityCache:

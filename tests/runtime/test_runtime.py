@@ -262,6 +262,46 @@ def test_fixed_capacity_cache_generates_like_the_dynamic_cache(exported):
     assert len(static.session.shapes) <= 2 * 3
 
 
+def _no_past_llama(tiny_models, out, target="onnxruntime"):
+    from edgeprune.exporters.api import ExportConfig, export
+
+    return export(str(tiny_models("llama")), out, ExportConfig(with_past=False, target=target), progress=False)
+
+
+def test_static_shape_no_past_decoder_is_right_padded_to_the_bucket(tiny_models, tmp_path):
+    """A cache-less decoder on a static-shape session gets every sequence right-padded to a multiple of 16
+    (DeepSparse 1.8 segfaults on Llama graphs under 16 tokens); logits, batched logits and generation stay
+    those of the unpadded run."""
+    dynamic = build_pipeline(_no_past_llama(tiny_models, tmp_path / "np"), "onnxruntime")
+    static = GenerationPipeline(_StaticShapeSession(dynamic.session), dynamic.tokenizer, dynamic.info)
+    ids = np.asarray([dynamic.tokenizer.encode("the man plays the guitar")])
+    np.testing.assert_allclose(static.logits(ids), dynamic.logits(ids), atol=1e-5)
+    batch = np.zeros((2, 7), np.int64)
+    batch[0], batch[1, :3] = np.arange(3, 10), [4, 5, 6]
+    mask = (batch > 0).astype(np.int64)
+    np.testing.assert_allclose(static.batch_logits(batch, mask), dynamic.batch_logits(batch, mask), atol=1e-5)
+    prompt = list(ids[0])
+    assert static.generate_ids(prompt, 6, stop_on_eos=False) == dynamic.generate_ids(prompt, 6, stop_on_eos=False)
+    assert {shape[0][1] % 16 for shape in static.session.shapes} == {0}
+
+
+@pytest.mark.deepsparse
+def test_deepsparse_runs_a_rewritten_no_past_llama_like_onnxruntime(tiny_models, tmp_path, deepsparse_runtime):
+    """--target deepsparse --no-past: the rotary rewrite plus right-padding to 16 tokens make the Llama graph
+    run on DeepSparse 1.8 itself (prompts of 3 tokens included), with onnxruntime's logits."""
+    export = _no_past_llama(tiny_models, tmp_path / "ds", target="deepsparse")
+    reference = build_pipeline(export, "onnxruntime")
+    pipeline = build_pipeline(export, "deepsparse")
+    try:
+        for text in ("the man", "the man plays the guitar and the dog runs in the park"):
+            ids = np.asarray([reference.tokenizer.encode(text)])
+            np.testing.assert_allclose(pipeline.logits(ids), reference.logits(ids), atol=1e-4)
+        prompt = reference.tokenizer.encode("a dog")
+        assert pipeline.generate_ids(prompt, 3, stop_on_eos=False) == reference.generate_ids(prompt, 3, stop_on_eos=False)
+    finally:
+        pipeline.session.close()
+
+
 @pytest.mark.deepsparse
 def test_deepsparse_kv_decoding_crash_is_one_line_naming_the_signal(tiny_models, tmp_path, deepsparse_runtime):
     """With its rotary Concat(x, x) rewritten (--target deepsparse) the Llama KV graph compiles and prefills on
