@@ -87,13 +87,13 @@ class FixedCache:
         token = int(out[0][0, -1].argmax())
         prefill_s = clock() - start
         tokens, step_s, real = [token], [], n
-        cache = [c[:, :, 1:] for c in out[1:]]
+        cache = [np.ascontiguousarray(c[:, :, 1:]) for c in out[1:]]  # DeepSparse takes C-contiguous inputs only
         for _ in range(steps):
             real += 1
             start = clock()
             out = self.decode.run(self.feeds(self.decode, np.array([[token]]), np.array([[real - 1]]), real, cache))
             token = int(out[0][0, -1].argmax())
-            cache = [c[:, :, 1:] for c in out[1:]]
+            cache = [np.ascontiguousarray(c[:, :, 1:]) for c in out[1:]]  # DeepSparse takes C-contiguous inputs only
             step_s.append(clock() - start)
             tokens.append(token)
         return tokens, prefill_s, step_s

@@ -305,8 +305,8 @@ def test_deepsparse_runs_a_rewritten_no_past_llama_like_onnxruntime(tiny_models,
 @pytest.mark.deepsparse
 def test_deepsparse_kv_decoding_crash_is_one_line_naming_the_signal(tiny_models, tmp_path, deepsparse_runtime):
     """With its rotary Concat(x, x) rewritten (--target deepsparse) the Llama KV graph compiles and prefills on
-    DeepSparse 1.8, and then its engine segfaults on the one-token decode step with a past (measured on this tiny
-    Llama and standalone, benchmarks/RESULTS.md). DeepSparse's handler catches the signal and exits 1; the user
+    DeepSparse 1.8, and then its engine segfaults on the one-token decode step with a past (this tiny Llama's
+    shapes run only from 16 tokens; SmolLM2-135M decodes, benchmarks/RESULTS.md). DeepSparse's handler catches the signal and exits 1; the user
     gets one line naming the signal, not a hang or the report's support address."""
     from edgeprune.exporters.api import ExportConfig, export
 
