@@ -89,10 +89,11 @@ class Worker:
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         self.kv_layout = manifest.get("kv_layout")
         return {"load_s": time.perf_counter() - started, "pid": os.getpid(),
-                # KV-cache decode changes the past length every step; static-shape runtimes (DeepSparse)
-                # would compile an engine per step, so they only get prefill timings.
+                # KV-cache decode changes the past length every step: a static-shape runtime (DeepSparse) is
+                # timed by its own fixed-capacity decode_timings, or only by prefill when it has none.
                 "decoder": getattr(self.session, "stateful_decoder", False) or (
-                    has_past(i.name for i in self.session.inputs) and not getattr(self.session, "static_shapes", False)),
+                    has_past(i.name for i in self.session.inputs) and (
+                        not getattr(self.session, "static_shapes", False) or hasattr(self.session, "decode_timings"))),
                 "build": self.session.build_flags() if hasattr(self.session, "build_flags") else None,
                 "inputs": [[i.name, list(i.shape), i.dtype] for i in self.session.inputs],
                 "outputs": [[o.name, list(o.shape), o.dtype] for o in self.session.outputs],
@@ -131,8 +132,8 @@ class Worker:
         """Prefill a prompt of ``seq`` tokens, then ``new_tokens`` greedy steps with the KV cache;
         ``iterations`` repeats. Per-step latencies exclude nothing but the argmax of the next token."""
         batch, seq, steps = msg["batch"], msg["seq"], int(msg["new_tokens"])
-        if getattr(self.session, "stateful_decoder", False):
-            return self._stateful_decode(msg, batch, seq, steps)
+        if hasattr(self.session, "decode_timings"):  # llama.cpp (cache inside), DeepSparse (fixed capacity)
+            return self._session_decode(msg, batch, seq, steps)
         inputs = self.session.inputs
         prompt = build_feeds(inputs, batch, seq, self.vocab_size, msg.get("seed", 0), kv_layout=self.kv_layout)
         prefill_times, step_times, checksum = [], [], 0.0
@@ -171,11 +172,13 @@ class Worker:
         _, usage = self._measure(call)
         return {"prefill_latencies": prefill_times, "step_latencies": step_times, "checksum": checksum, **usage}
 
-    def _stateful_decode(self, msg, batch, seq, steps):
-        """The same measurement on a session that keeps its KV cache inside (llama.cpp): batch 1 only."""
+    def _session_decode(self, msg, batch, seq, steps):
+        """The same measurement by the session's own ``decode_timings`` (llama.cpp keeps its KV cache inside;
+        DeepSparse times inside its process, in its fixed-capacity layout): batch 1 only."""
         if batch != 1:
             raise RuntimeError(f"{self.runtime} decodes one sequence at a time (got batch {batch})")
-        prompt = build_feeds(self.session.inputs, 1, seq, self.vocab_size, msg.get("seed", 0))["input_ids"]
+        prompt = build_feeds(self.session.inputs, 1, seq, self.vocab_size, msg.get("seed", 0),
+                             kv_layout=self.kv_layout)["input_ids"]
         prefill_times, step_times, checksum = [], [], 0.0
 
         def call():

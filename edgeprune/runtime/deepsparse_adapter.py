@@ -205,6 +205,19 @@ class DeepSparseSession:
         return list(self._call({"op": "benchmark", "feeds": self._feeds(feeds), "iterations": int(iterations),
                                 "warmup": int(warmup)})["times"])
 
+    def decode_timings(self, prompt: np.ndarray, steps: int) -> tuple[float, list[float], float]:
+        """Prefill ``prompt`` [1, T], then ``steps`` greedy KV-cache steps, timed inside the DeepSparse process
+        (the pipe and the cache transfer are not measured) in DeepSparse's fixed-capacity cache layout, with the
+        capacity ``FixedCapacityCache`` would use; (prefill seconds, per-step seconds, checksum of the tokens)."""
+        prompt = np.asarray(prompt, np.int64).reshape(1, -1)
+        bucket = 64  # FixedCapacityCache.CAPACITY_BUCKET: the same engines a generation compiles
+        capacity = -(-(prompt.shape[1] + steps + 1) // bucket) * bucket
+        manifest = self.path.parent / "manifest.json"
+        layout = json.loads(manifest.read_text()).get("kv_layout") if manifest.is_file() else None
+        reply = self._call({"op": "decode_timings", "prompt": prompt, "steps": int(steps), "capacity": capacity,
+                            "layout": [[int(row["kv_heads"]), int(row["head_dim"])] for row in layout or []]})
+        return reply["prefill"], list(reply["steps"]), reply["checksum"]
+
     def stats(self) -> dict:
         """Engine compile times by input shape (seconds)."""
         return self._call({"op": "stats"})

@@ -5,7 +5,8 @@ dependencies need newer numpy/onnx. It loads one model, then serves requests unt
 
 Protocol (parent <-> worker over stdin/stdout): each message is an 8-byte big-endian length followed by a
 pickled dict. Requests: {"op": "load", "path", "threads"}, {"op": "run", "feeds", "outputs"},
-{"op": "benchmark", "feeds", "iterations", "warmup"}, {"op": "close"}. Replies carry the result keys or
+{"op": "benchmark", "feeds", "iterations", "warmup"}, {"op": "decode_timings", "prompt", "steps",
+"capacity", "layout"}, {"op": "close"}. Replies carry the result keys or
 {"error": "one line"}. Anything the libraries print goes to stderr, never into the protocol stream.
 
 DeepSparse compiles for fixed input shapes, so an engine is compiled per distinct set of input shapes on
@@ -158,6 +159,64 @@ class Worker:
             times.append(time.perf_counter() - start)
         return {"times": times, "sink": sink}
 
+    def decode_timings(self, prompt, steps, capacity, layout=None):
+        """KV-cache greedy decode timed inside this process, in DeepSparse's fixed-capacity layout (as
+        edgeprune's FixedCapacityCache): one run of the whole ``prompt`` [1, P] with a ``capacity - P`` slot
+        cache, then ``steps`` one-token runs with a ``capacity - 1`` slot cache, the oldest (empty) slot dropped
+        from ``present`` each time; ``attention_mask`` (length ``capacity``) masks the empty slots. Two engines.
+        ``layout``: [kv heads, head size] per layer (the export manifest's ``kv_layout``) where the graph's
+        past inputs leave them symbolic. Returns (prefill seconds, per-step seconds, checksum of the tokens)."""
+        import numpy as np
+
+        names = [name for name, _, _ in self.inputs]
+        past = [(name, declared) for name, declared, _ in self.inputs if name.startswith("past_key_values")]
+        if not past:
+            raise ValueError("the model has no past_key_values inputs (a --no-past export): nothing to decode with")
+        sizes = {}
+        for name, declared in past:
+            layer = int(name.split(".")[1])
+            sizes[name] = tuple(layout[layer]) if layout and layer < len(layout) else (declared[1], declared[3])
+            if not all(isinstance(d, int) for d in sizes[name]):
+                raise ValueError(f"cannot size the cache: {name} has no fixed head count and head size")
+        outputs = [name for name, _, _ in self.outputs]
+        present = [outputs.index(name.replace("past_key_values", "present", 1)) for name, _ in past]
+        length = int(prompt.shape[1])
+        if capacity <= length + steps - 1:
+            raise ValueError(f"capacity {capacity} does not hold a {length}-token prompt and {steps} steps")
+        clock = time.perf_counter
+
+        def arrays(ids, positions, real, cache):
+            mask = np.zeros((1, capacity), np.int64)
+            mask[0, capacity - real:] = 1
+            values = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **cache}
+            missing = [name for name in names if name not in values]
+            if missing:
+                raise ValueError(f"cannot decode: no value for the inputs {', '.join(missing)}")
+            return [np.ascontiguousarray(values[name], dtype=dtype) for name, _, dtype in self.inputs]
+
+        def after(values):  # the next step's cache: every present minus its oldest slot
+            return {name: np.ascontiguousarray(values[index][:, :, 1:]) for (name, _), index in zip(past, present)}
+
+        cache = {name: np.zeros((1, sizes[name][0], capacity - length, sizes[name][1]), np.float32) for name, _ in past}
+        feeds = arrays(np.asarray(prompt, np.int64), np.arange(length, dtype=np.int64)[None], length, cache)
+        engine = self.engine_for(feeds)
+        start = clock()
+        values = engine.run(feeds, val_inp=False)
+        token = int(values[0][0, -1].argmax())
+        prefill = clock() - start
+        cache, real, step_times, checksum = after(values), length, [], 0.0
+        for _ in range(steps):
+            real += 1
+            feeds = arrays(np.array([[token]], np.int64), np.array([[real - 1]], np.int64), real, cache)
+            engine = self.engine_for(feeds)  # compiled on the first step; a warm-up call covers that
+            start = clock()
+            values = engine.run(feeds, val_inp=False)
+            token = int(values[0][0, -1].argmax())
+            step_times.append(clock() - start)
+            cache = after(values)
+            checksum += token
+        return {"prefill": prefill, "steps": step_times, "checksum": checksum}
+
 
 def _die_with_parent():
     """Linux: get SIGTERM when the parent dies, so a killed benchmark never leaves a busy worker behind."""
@@ -206,6 +265,9 @@ def _serve(worker, protocol_in, protocol_out):
                 reply = worker.run(request["feeds"], request.get("outputs"))
             elif op == "benchmark":
                 reply = worker.benchmark(request["feeds"], int(request["iterations"]), int(request.get("warmup", 0)))
+            elif op == "decode_timings":
+                reply = worker.decode_timings(request["prompt"], int(request["steps"]), int(request["capacity"]),
+                                              request.get("layout"))
             elif op == "stats":
                 reply = {"compile_seconds": dict(worker.compile_seconds), "engines": len(worker.engines)}
             else:

@@ -302,6 +302,45 @@ def test_deepsparse_runs_a_rewritten_no_past_llama_like_onnxruntime(tiny_models,
         pipeline.session.close()
 
 
+class _OrtEngine:
+    """onnxruntime posing as a compiled DeepSparse engine (positional arrays in, positional outputs out)."""
+
+    def __init__(self, session, input_names):
+        self.session, self.input_names, self.shapes = session, input_names, []
+
+    def run(self, arrays, val_inp=False):
+        self.shapes.append(tuple(a.shape for a in arrays))
+        return self.session.run(None, dict(zip(self.input_names, arrays)))
+
+
+def test_deepsparse_worker_decode_timings_decodes_like_the_growing_cache(exported):
+    """The DeepSparse worker's in-process decode loop (what `edgeprune bench` times on DeepSparse) in its
+    fixed-capacity layout picks the tokens onnxruntime's growing-cache decode picks, with two engine shapes."""
+    import onnx
+
+    from edgeprune.core.onnxio import ort_session
+    from edgeprune.runtime import deepsparse_worker
+
+    _, export = exported("llama", "text-generation")
+    worker = deepsparse_worker.Worker()
+    model = onnx.load(str(export / "model.onnx"))
+    worker.inputs = [deepsparse_worker._value_info(v) for v in model.graph.input]
+    worker.outputs = [deepsparse_worker._value_info(v) for v in model.graph.output]
+    engine = _OrtEngine(ort_session(export / "model.onnx"), [name for name, _, _ in worker.inputs])
+    worker.engine_for = lambda arrays: engine
+    reference = build_pipeline(export, "onnxruntime")
+    prompt = reference.tokenizer.encode("the man plays the guitar")
+    layout = [[row["kv_heads"], row["head_dim"]] for row in json.loads((export / "manifest.json").read_text())["kv_layout"]]
+    reply = worker.decode_timings(np.asarray([prompt]), 12, 64, layout)
+    tokens = reference.generate_ids(prompt, 13, stop_on_eos=False)
+    assert reply["checksum"] == sum(tokens[1:])
+    assert len(reply["steps"]) == 12 and reply["prefill"] > 0
+    assert len({shape for shape in engine.shapes}) == 2
+    with pytest.raises(ValueError, match="capacity 16 does not hold"):
+        worker.decode_timings(np.asarray([prompt]), 12, 16, layout)
+    worker.tempdir.cleanup()
+
+
 @pytest.mark.deepsparse
 def test_deepsparse_kv_decoding_crash_is_one_line_naming_the_signal(tiny_models, tmp_path, deepsparse_runtime):
     """With its rotary Concat(x, x) rewritten (--target deepsparse) the Llama KV graph compiles and prefills on
