@@ -22,7 +22,7 @@ from edgeprune.core.artifacts import (DEFAULT_ONNX, MANIFEST, check_output_dir, 
 from edgeprune.core.configs import FrozenConfig
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.exporters.quantize import MODES as QUANT_MODES
-from edgeprune.exporters.quantize import WEIGHT_ONLY_BITS
+from edgeprune.exporters.quantize import WEIGHT_ALGORITHMS, WEIGHT_ONLY_BITS
 from edgeprune.exporters.sparse import MODES as SPARSE_MODES
 from edgeprune.runtime.base import export_targets, get_target
 
@@ -54,7 +54,8 @@ class ExportConfig(FrozenConfig):
     # Weight-only (MatMulNBits) settings. Symmetric and accuracy level 4 measured on SmolLM2-135M (docs/export.md);
     # block 32 is the GGUF source's own block size (not measured against others).
     weight_block_size: int = 32
-    weight_symmetric: bool = True
+    weight_symmetric: bool = True  # rtn only
+    weight_algorithm: str = "rtn"  # rtn | hqq (onnxruntime's quantizers; docs/export.md)
     accuracy_level: int = 4  # MatMulNBits compute precision floor: 4 = int8 activations inside the kernel
     quantize_embeddings: bool = True  # int4-weight: embedding table as GatherBlockQuantized (needs opset 21)
     # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
@@ -79,6 +80,8 @@ class ExportConfig(FrozenConfig):
                   (self.weight_block_size >= 16 and self.weight_block_size & (self.weight_block_size - 1) == 0,
                    f"--block-size must be a power of two >= 16 (got {self.weight_block_size})"),
                   (self.accuracy_level in (0, 1, 2, 3, 4), f"--accuracy-level must be 0..4 (got {self.accuracy_level})"),
+                  (self.weight_algorithm in WEIGHT_ALGORITHMS,
+                   f"--weight-algorithm must be one of {', '.join(WEIGHT_ALGORITHMS)} (got {self.weight_algorithm!r})"),
                   (self.gate_tokens >= 64, f"--gate-tokens must be >= 64 (got {self.gate_tokens})"),
                   (self.max_ppl_ratio >= 1.0 and 0.0 <= self.min_greedy_agreement <= 1.0,
                    "decoder gate: max_ppl_ratio must be >= 1 and min_greedy_agreement in [0, 1]")]
@@ -506,7 +509,7 @@ def _quantize_step(run: _Run) -> None:
         elif config.quantize in WEIGHT_ONLY_BITS:
             run.steps["quantize"] = quant.quantize_weight_only(
                 current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
-                config.weight_symmetric, config.accuracy_level, config.quantize_embeddings)
+                config.weight_symmetric, config.accuracy_level, config.quantize_embeddings, config.weight_algorithm)
         else:
             if ctx.tokenizer is None:
                 raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")

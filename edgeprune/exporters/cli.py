@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=int, dest="weight_block_size",
                    help="weight-only: weights per quantization block along K, a power of two >= 16 (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
+    p.add_argument("--weight-algorithm", choices=["rtn", "hqq"],
+                   help="weight-only: rtn (round to nearest) or hqq (fitted scale and float zero point per block, "
+                        "no calibration data) (default rtn)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",
@@ -52,7 +55,7 @@ def register(subparsers) -> None:
 
 
 FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
-         "atol", "rtol", "weight_block_size", "accuracy_level", "gate_tokens", "max_ppl_ratio",
+         "atol", "rtol", "weight_block_size", "weight_algorithm", "accuracy_level", "gate_tokens", "max_ppl_ratio",
          "min_greedy_agreement")
 
 

@@ -12,6 +12,7 @@ from edgeprune.core.logs import quiet_logs
 
 MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}
+WEIGHT_ALGORITHMS = ("rtn", "hqq")
 # Gather: the embedding tables hold a third or more of a small encoder's weights; INT8 there shrinks the file
 # (MiniLM: 47 MB of 90 MB) at no measurable quality cost.
 # Attention: the fused operator of `--optimize` (its q/k/v weights become QAttention; fused + QAttention ran
@@ -166,16 +167,39 @@ def fold_transposed_weights(model) -> list[str]:
     return rewired
 
 
+def _hqq_matmuls(model, bits: int, block_size: int, accuracy_level: int):
+    """``model`` with every constant-weight MatMul quantized by onnxruntime's HQQ quantizer, at the requested
+    MatMulNBits compute precision (HQQ's nodes leave it unset)."""
+    from onnx import helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",),
+                                      quant_axes=(("MatMul", 0),))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    quantized = quantizer.model.model
+    for node in quantized.graph.node:
+        if node.op_type == "MatMulNBits" and accuracy_level:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.attribute.append(helper.make_attribute("accuracy_level", int(accuracy_level)))
+    return quantized
+
+
 @_quiet
 def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symmetric: bool,
-                         accuracy_level: int, embeddings: bool = True) -> dict[str, Any]:
+                         accuracy_level: int, embeddings: bool = True, algorithm: str = "rtn") -> dict[str, Any]:
     """Blockwise weight-only quantization with onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a
     constant weight (the LM head included) becomes ``MatMulNBits`` (``block_size`` weights along K share one
     fp32 scale, and a zero point when asymmetric); activations stay fp32. With ``embeddings`` and 4 bits, the
     embedding Gathers become ``GatherBlockQuantized`` (ORT 1.32 has no 8-bit Gather path in this quantizer, so
     INT8 keeps them fp32); that needs opset 21 for the int4 tensor type, so an older graph is converted with
     onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed meaning). ``accuracy_level``: the lowest
-    precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)."""
+    precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations). ``algorithm``:
+    ``rtn`` (round to nearest, symmetric or not) or ``hqq`` (Half-Quadratic Quantization: per-block scale and a
+    float zero point fitted to each block's weights, no calibration data; MatMuls only, since onnxruntime's
+    GatherBlockQuantized takes no float zero points, so the embedding table then goes through RTN)."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -197,11 +221,16 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
     quantize_gathers = embeddings and bits == 4 and bool(gathers) and opset_of(model) >= 21
     op_types = ("MatMul", "Gather") if quantize_gathers else ("MatMul",)
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, op_types_to_quantize=op_types,
-                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        if algorithm == "hqq":
+            model = _hqq_matmuls(model, bits, block_size, accuracy_level)
+            op_types = tuple(t for t in op_types if t != "MatMul")
+        if op_types:
+            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                             accuracy_level=accuracy_level, op_types_to_quantize=op_types,
+                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+            quantizer.process()
+            model = quantizer.model.model
+        onnx.save(model, str(dst))
     except Exception as exc:
         raise EdgePruneError(f"weight-only quantization failed: {exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -222,7 +251,8 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
         embedding_note = "fp32 (ORT 1.32's quantizer has a 4-bit Gather path only)"
     else:
         embedding_note = f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
-    return {"method": f"int{bits}-weight", "quantizer": "onnxruntime MatMulNBitsQuantizer (RTN)", "bits": bits,
-            "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+    return {"method": f"int{bits}-weight", "quantizer": f"onnxruntime MatMulNBitsQuantizer ({algorithm.upper()})",
+            "algorithm": algorithm, "bits": bits, "block_size": block_size,
+            "symmetric": symmetric if algorithm == "rtn" else None, "accuracy_level": accuracy_level,
             "embeddings": embedding_note, "transposed_weights_folded": tied, "opset": opset_of(out), "converted_from_opset": source_opset if converted else None,
             "nodes": counts}

@@ -184,6 +184,31 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
 
 
+def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
+    """HQQ: every block MatMul and the LM head become MatMulNBits with float zero points at the requested
+    accuracy level; the embedding Gather still goes through RTN (ORT's GatherBlockQuantized has no float zero
+    points); the KV-cache file passes the decoder gate and decodes like its own full recompute."""
+    artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(sample_texts(120, seed=4)) + "\n")
+    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", weight_algorithm="hqq",
+                                                               calib=str(calib), gate_tokens=256), progress=False)
+    manifest = read_manifest(out)
+    step = manifest["steps"]["quantize"]
+    assert step["algorithm"] == "hqq" and step["embeddings"] == "GatherBlockQuantized int4"
+    assert manifest["validation"]["weight_only"]["passed"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * len(plan.shapes) + 1
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nbits)
+    float_zero_points = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert all(len(n.input) > 3 and n.input[3] in float_zero_points for n in nbits)
+    prompt = np.array([5, 9, 17, 33], dtype=np.int64)
+    got = ort_greedy(ort_session(out / "model.onnx"), prompt, 6, manifest["kv_layout"])
+    full = ort_logits_fn(out / "model.onnx", manifest["kv_layout"])(np.concatenate([prompt, got[:-1]])[None])
+    assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
+
+
 def test_int8_weight_encoder(tiny_models, tmp_path):
     out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(quantize="int8-weight"), progress=False)
     manifest = read_manifest(out)
@@ -197,6 +222,7 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
     ({"target": "deepsparse"}, "cannot be combined with --target deepsparse"),
     ({"sparse_initializers": "on"}, "cannot be combined with --sparse-initializers on"),
     ({"weight_block_size": 24}, "--block-size must be a power of two"),
+    ({"weight_algorithm": "gptq"}, "--weight-algorithm must be one of rtn, hqq"),
 ])
 def test_weight_only_bad_combinations(flags, message):
     with pytest.raises(EdgePruneError, match=message):
