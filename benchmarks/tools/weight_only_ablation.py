@@ -76,7 +76,7 @@ def main() -> None:
 
     from edgeprune.core.artifacts import read_manifest
     from edgeprune.exporters.decoder_gate import decoder_quality_gate
-    from edgeprune.exporters.quantize import quantize_weight_only
+    from edgeprune.exporters.quantize import WeightOnlySpec, quantize_weight_only
     from edgeprune.exporters.validate import ort_logits_fn
 
     src = Path(args.export_dir) / "model.onnx"
@@ -89,7 +89,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "q.onnx"
         started = time.perf_counter()
-        info = quantize_weight_only(src, base, args.bits, args.block_size, not args.asymmetric, 4)
+        info = quantize_weight_only(src, base, WeightOnlySpec(bits=args.bits, block_size=args.block_size,
+                                                              symmetric=not args.asymmetric, head_bits=args.bits))
         print(json.dumps({"quantize_s": round(time.perf_counter() - started, 1), **info}), flush=True)
         bits = f"int{args.bits}"
         variants = [(f"{bits} acc4", 4, None), (f"{bits} acc1", 1, None),

@@ -56,6 +56,7 @@ class ExportConfig(FrozenConfig):
     weight_block_size: int = 32
     weight_symmetric: bool = True  # rtn only
     weight_algorithm: str = "rtn"  # rtn | hqq (onnxruntime's quantizers; docs/export.md)
+    lm_head_bits: int | None = None  # the LM head's bits (0: fp32); None: the same as the blocks
     accuracy_level: int = 4  # MatMulNBits compute precision floor: 4 = int8 activations inside the kernel
     quantize_embeddings: bool = True  # int4-weight: embedding table as GatherBlockQuantized (needs opset 21)
     # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
@@ -80,8 +81,12 @@ class ExportConfig(FrozenConfig):
                   (self.weight_block_size >= 16 and self.weight_block_size & (self.weight_block_size - 1) == 0,
                    f"--block-size must be a power of two >= 16 (got {self.weight_block_size})"),
                   (self.accuracy_level in (0, 1, 2, 3, 4), f"--accuracy-level must be 0..4 (got {self.accuracy_level})"),
+                  (self.lm_head_bits in (None, 0, 4, 8), f"--lm-head-bits must be 0 (fp32), 4 or 8 (got {self.lm_head_bits})"),
                   (self.weight_algorithm in WEIGHT_ALGORITHMS,
                    f"--weight-algorithm must be one of {', '.join(WEIGHT_ALGORITHMS)} (got {self.weight_algorithm!r})"),
+                  (self.weight_algorithm != "hqq" or self.quantize != "int8-weight",
+                   "--weight-algorithm hqq is for int4-weight: onnxruntime 1.32's CPU MatMulNBits does not load "
+                   "8-bit weights with HQQ's float zero points"),
                   (self.gate_tokens >= 64, f"--gate-tokens must be >= 64 (got {self.gate_tokens})"),
                   (self.max_ppl_ratio >= 1.0 and 0.0 <= self.min_greedy_agreement <= 1.0,
                    "decoder gate: max_ppl_ratio must be >= 1 and min_greedy_agreement in [0, 1]")]
@@ -507,9 +512,12 @@ def _quantize_step(run: _Run) -> None:
         if config.quantize == "int8-dynamic":
             run.steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
         elif config.quantize in WEIGHT_ONLY_BITS:
-            run.steps["quantize"] = quant.quantize_weight_only(
-                current, quantized, WEIGHT_ONLY_BITS[config.quantize], config.weight_block_size,
-                config.weight_symmetric, config.accuracy_level, config.quantize_embeddings, config.weight_algorithm)
+            bits = WEIGHT_ONLY_BITS[config.quantize]
+            spec = quant.WeightOnlySpec(bits=bits, block_size=config.weight_block_size, symmetric=config.weight_symmetric,
+                                        accuracy_level=config.accuracy_level, embeddings=config.quantize_embeddings,
+                                        algorithm=config.weight_algorithm,
+                                        head_bits=bits if config.lm_head_bits is None else config.lm_head_bits)
+            run.steps["quantize"] = quant.quantize_weight_only(current, quantized, spec)
         else:
             if ctx.tokenizer is None:
                 raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=int, dest="weight_block_size",
                    help="weight-only: weights per quantization block along K, a power of two >= 16 (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
+    p.add_argument("--lm-head-bits", type=int, choices=[0, 4, 8],
+                   help="weight-only: bits of the LM head (the MatMul writing logits), 0 = keep it fp32 "
+                        "(default: the same as the blocks)")
     p.add_argument("--weight-algorithm", choices=["rtn", "hqq"],
                    help="weight-only: rtn (round to nearest) or hqq (fitted scale and float zero point per block, "
                         "no calibration data) (default rtn)")
@@ -55,7 +58,7 @@ def register(subparsers) -> None:
 
 
 FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
-         "atol", "rtol", "weight_block_size", "weight_algorithm", "accuracy_level", "gate_tokens", "max_ppl_ratio",
+         "atol", "rtol", "weight_block_size", "weight_algorithm", "lm_head_bits", "accuracy_level", "gate_tokens", "max_ppl_ratio",
          "min_greedy_agreement")
 
 

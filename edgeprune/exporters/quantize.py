@@ -4,8 +4,9 @@ weights, fp32 activations)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.logs import quiet_logs
@@ -167,50 +168,78 @@ def fold_transposed_weights(model) -> list[str]:
     return rewired
 
 
-def _hqq_matmuls(model, bits: int, block_size: int, accuracy_level: int):
-    """``model`` with every constant-weight MatMul quantized by onnxruntime's HQQ quantizer, at the requested
-    MatMulNBits compute precision (HQQ's nodes leave it unset)."""
+@dataclass(frozen=True)
+class WeightOnlySpec:
+    """How ``quantize_weight_only`` quantizes: ``bits`` for the block MatMuls, ``head_bits`` for the LM head
+    (the MatMul producing ``logits``; 0 keeps it fp32), ``algorithm`` rtn or hqq, and the rest as documented
+    there."""
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    embeddings: bool = True
+    algorithm: str = "rtn"
+    head_bits: int = 8
+
+
+def _quantize_matmuls(model, spec: WeightOnlySpec, bits: int, include: list[str] | None = None,
+                      exclude: Sequence[str] = ()):
+    """``model`` with its constant-weight MatMuls (``include`` only, when given; never ``exclude``) as
+    ``bits``-bit MatMulNBits by the spec's algorithm, at the spec's compute precision (HQQ's nodes leave it
+    unset, so it is set here)."""
     from onnx import helper
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",),
-                                      quant_axes=(("MatMul", 0),))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    # HQQ's float zero points load in onnxruntime 1.32's CPU MatMulNBits at 4 bits only, so 8 bits is RTN
+    hqq = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=bits, op_types_to_quantize=("MatMul",),
+                                   quant_axes=(("MatMul", 0),)) if spec.algorithm == "hqq" and bits == 4 else None
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                     accuracy_level=spec.accuracy_level, op_types_to_quantize=("MatMul",),
+                                     quant_axes=(("MatMul", 0),), nodes_to_include=include,
+                                     nodes_to_exclude=list(exclude), algo_config=hqq)
     quantizer.process()
     quantized = quantizer.model.model
-    for node in quantized.graph.node:
-        if node.op_type == "MatMulNBits" and accuracy_level:
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-            node.attribute.append(helper.make_attribute("accuracy_level", int(accuracy_level)))
+    if hqq is not None and spec.accuracy_level:
+        for node in quantized.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("accuracy_level", int(spec.accuracy_level)))
     return quantized
 
 
+def _lm_head_nodes(model) -> list[str]:
+    """The MatMul(s) writing the graph's ``logits`` output directly (a decoder's LM head, a classifier's
+    head); none for an embedding model."""
+    outputs = {o.name for o in model.graph.output if o.name == "logits"}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.output) & outputs]
+
+
 @_quiet
-def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symmetric: bool,
-                         accuracy_level: int, embeddings: bool = True, algorithm: str = "rtn") -> dict[str, Any]:
+def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec) -> dict[str, Any]:
     """Blockwise weight-only quantization with onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a
-    constant weight (the LM head included) becomes ``MatMulNBits`` (``block_size`` weights along K share one
-    fp32 scale, and a zero point when asymmetric); activations stay fp32. With ``embeddings`` and 4 bits, the
+    constant weight becomes ``MatMulNBits`` (``block_size`` weights along K share one fp32 scale, and a zero
+    point when asymmetric); activations stay fp32. The LM head gets ``head_bits`` (measured on SmolLM2-135M: the
+    int4 LM head is where int4 loses its perplexity, docs/export.md). With ``embeddings`` and 4 bits, the
     embedding Gathers become ``GatherBlockQuantized`` (ORT 1.32 has no 8-bit Gather path in this quantizer, so
     INT8 keeps them fp32); that needs opset 21 for the int4 tensor type, so an older graph is converted with
-    onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed meaning). ``accuracy_level``: the lowest
-    precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations). ``algorithm``:
-    ``rtn`` (round to nearest, symmetric or not) or ``hqq`` (Half-Quadratic Quantization: per-block scale and a
-    float zero point fitted to each block's weights, no calibration data; MatMuls only, since onnxruntime's
-    GatherBlockQuantized takes no float zero points, so the embedding table then goes through RTN)."""
+    onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed meaning).
+    ``accuracy_level``: the lowest precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    activations). ``algorithm``: ``rtn`` (round to nearest, symmetric or not) or ``hqq`` (Half-Quadratic
+    Quantization: per-block scale and float zero point fitted to each block's weights, no calibration data;
+    MatMuls only, since onnxruntime's GatherBlockQuantized takes no float zero points, so the embedding table
+    then goes through RTN)."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from edgeprune.core.onnxio import opset_of
 
+    bits = spec.bits
     model = onnx.load(str(src))
     tied = fold_transposed_weights(model)
     gathers, _ = weight_nodes(src, ("Gather",))
     source_opset, converted = opset_of(model), False
-    if embeddings and bits == 4 and gathers and source_opset < 21:
+    if spec.embeddings and bits == 4 and gathers and source_opset < 21:
         try:  # the int4 tensor type needs opset 21; convert properly (Reduce*/Split changed since 17)
             model = onnx.version_converter.convert_version(model, 21)
             onnx.checker.check_model(model)
@@ -218,16 +247,15 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
         except Exception:  # noqa: BLE001 - keep the source opset and the embedding table fp32
             model = onnx.load(str(src))
             fold_transposed_weights(model)
-    quantize_gathers = embeddings and bits == 4 and bool(gathers) and opset_of(model) >= 21
-    op_types = ("MatMul", "Gather") if quantize_gathers else ("MatMul",)
+    quantize_gathers = spec.embeddings and bits == 4 and bool(gathers) and opset_of(model) >= 21
+    head = _lm_head_nodes(model) if spec.head_bits != bits else []
     try:
-        if algorithm == "hqq":
-            model = _hqq_matmuls(model, bits, block_size, accuracy_level)
-            op_types = tuple(t for t in op_types if t != "MatMul")
-        if op_types:
-            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                             accuracy_level=accuracy_level, op_types_to_quantize=op_types,
-                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+        model = _quantize_matmuls(model, spec, bits, exclude=head)
+        if head and spec.head_bits:
+            model = _quantize_matmuls(model, spec, spec.head_bits, include=head)
+        if quantize_gathers:  # RTN for both algorithms (see above)
+            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                             op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
             quantizer.process()
             model = quantizer.model.model
         onnx.save(model, str(dst))
@@ -245,14 +273,15 @@ def quantize_weight_only(src: Path, dst: Path, bits: int, block_size: int, symme
         embedding_note = "no embedding Gather in the graph"
     elif quantize_gathers:
         embedding_note = "GatherBlockQuantized int4"
-    elif not embeddings:
+    elif not spec.embeddings:
         embedding_note = "fp32 (not requested)"
     elif bits != 4:
         embedding_note = "fp32 (ORT 1.32's quantizer has a 4-bit Gather path only)"
     else:
         embedding_note = f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
-    return {"method": f"int{bits}-weight", "quantizer": f"onnxruntime MatMulNBitsQuantizer ({algorithm.upper()})",
-            "algorithm": algorithm, "bits": bits, "block_size": block_size,
-            "symmetric": symmetric if algorithm == "rtn" else None, "accuracy_level": accuracy_level,
+    return {"method": f"int{bits}-weight", "quantizer": f"onnxruntime MatMulNBitsQuantizer ({spec.algorithm.upper()})",
+            "algorithm": spec.algorithm, "bits": bits, "block_size": spec.block_size,
+            "symmetric": spec.symmetric if spec.algorithm == "rtn" else None, "accuracy_level": spec.accuracy_level,
+            "lm_head": ({"nodes": head, "bits": spec.head_bits or "fp32"} if head else "same as the blocks"),
             "embeddings": embedding_note, "transposed_weights_folded": tied, "opset": opset_of(out), "converted_from_opset": source_opset if converted else None,
             "nodes": counts}

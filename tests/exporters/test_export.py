@@ -209,6 +209,25 @@ def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
 
 
+@pytest.mark.parametrize("head_bits", [8, 0])
+def test_int4_weight_lm_head_bits(tiny_models, tmp_path, head_bits):
+    """--lm-head-bits: the MatMul writing logits gets its own width (8: RTN MatMulNBits bits=8; 0: stays an fp32
+    MatMul), every block MatMul stays int4 (HQQ)."""
+    out = export(str(tiny_models("llama")), tmp_path / "e", ExportConfig(quantize="int4-weight", weight_algorithm="hqq",
+                                                                          lm_head_bits=head_bits, gate_tokens=256),
+                 progress=False)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    head = next(n for n in graph.node if "logits" in n.output)
+    blocks = [n for n in graph.node if n.op_type == "MatMulNBits" and n is not head]
+    assert blocks and all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in blocks)
+    if head_bits:
+        assert head.op_type == "MatMulNBits" and next(a.i for a in head.attribute if a.name == "bits") == 8
+    else:
+        assert head.op_type == "MatMul"
+    step = read_manifest(out)["steps"]["quantize"]
+    assert step["lm_head"]["bits"] == (head_bits or "fp32") and len(step["lm_head"]["nodes"]) == 1
+
+
 def test_int8_weight_encoder(tiny_models, tmp_path):
     out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(quantize="int8-weight"), progress=False)
     manifest = read_manifest(out)
@@ -223,10 +242,13 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
     ({"sparse_initializers": "on"}, "cannot be combined with --sparse-initializers on"),
     ({"weight_block_size": 24}, "--block-size must be a power of two"),
     ({"weight_algorithm": "gptq"}, "--weight-algorithm must be one of rtn, hqq"),
+    ({"lm_head_bits": 2}, "--lm-head-bits must be 0"),
 ])
 def test_weight_only_bad_combinations(flags, message):
     with pytest.raises(EdgePruneError, match=message):
         ExportConfig(quantize="int4-weight", **flags)
+    with pytest.raises(EdgePruneError, match="hqq is for int4-weight"):
+        ExportConfig(quantize="int8-weight", weight_algorithm="hqq")
 
 
 def test_weight_only_for_deepsparse_is_one_line_before_any_work(tiny_models, tmp_path, capsys):
