@@ -185,9 +185,10 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
 
 
 def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
-    """HQQ: every block MatMul and the LM head become MatMulNBits with float zero points at the requested
-    accuracy level; the embedding Gather still goes through RTN (ORT's GatherBlockQuantized has no float zero
-    points); the KV-cache file passes the decoder gate and decodes like its own full recompute."""
+    """HQQ: every block MatMul and the LM head become 4-bit MatMulNBits at the requested accuracy level, their
+    float zero points folded into the symmetric fast-kernel form plus a per-block fp32 correction; the embedding
+    Gather still goes through RTN (ORT's GatherBlockQuantized has no float zero points); the KV-cache file
+    passes the decoder gate and decodes like its own full recompute."""
     artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(sample_texts(120, seed=4)) + "\n")
@@ -201,12 +202,43 @@ def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * len(plan.shapes) + 1
     assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nbits)
-    float_zero_points = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert all(len(n.input) > 3 and n.input[3] in float_zero_points for n in nbits)
+    assert all(len(n.input) == 3 for n in nbits) and step["float_zero_points_rewritten"] == len(nbits)
     prompt = np.array([5, 9, 17, 33], dtype=np.int64)
     got = ort_greedy(ort_session(out / "model.onnx"), prompt, 6, manifest["kv_layout"])
     full = ort_logits_fn(out / "model.onnx", manifest["kv_layout"])(np.concatenate([prompt, got[:-1]])[None])
     assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
+
+
+@pytest.mark.parametrize("k", [64, 40])  # 40: a pruned width, its last block partial
+def test_symmetric_zero_points_is_exact(tmp_path, k):
+    """s·(q − z) = s·(q − 8) + s·(8 − z): the rewritten HQQ node computes what the float-zero-point node does
+    (fp32 compute, accuracy level unset, so only float rounding differs)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from edgeprune.exporters.quantize import symmetric_zero_points
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, 48)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(
+        block_size=32, bits=4, op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),)))
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(tmp_path / "float.onnx"))
+    rewritten = onnx.load(str(tmp_path / "float.onnx"))
+    assert symmetric_zero_points(rewritten) == 1
+    assert [n for n in rewritten.graph.node if n.op_type == "MatMulNBits"][0].input[3:] == []
+    onnx.save(rewritten, str(tmp_path / "symmetric.onnx"))
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    want = ort_session(tmp_path / "float.onnx").run(None, {"x": x})[0]
+    got = ort_session(tmp_path / "symmetric.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want - x @ weight).max() > 1e-2  # it is a quantized product, not the fp32 one
 
 
 @pytest.mark.parametrize("head_bits", [8, 0])
