@@ -27,10 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
     p.add_argument("--lm-head-bits", type=int, choices=[0, 4, 8],
                    help="weight-only: bits of the LM head (the MatMul writing logits), 0 = keep it fp32 "
-                        "(default: the same as the blocks)")
-    p.add_argument("--weight-algorithm", choices=["rtn", "hqq"],
-                   help="weight-only: rtn (round to nearest) or hqq (fitted scale and float zero point per block, "
-                        "no calibration data) (default rtn)")
+                        "(default: 8 for hqq int4, else the same as the blocks)")
+    p.add_argument("--weight-algorithm", choices=["auto", "rtn", "hqq"],
+                   help="weight-only: rtn (round to nearest) or hqq (fitted scale and zero point per block, no "
+                        "calibration data; int4 only) (default auto: hqq for int4-weight, rtn for int8-weight)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",

@@ -164,8 +164,9 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(sample_texts(120, seed=4)) + "\n")
     # no shape folding: the tied LM head stays MatMul(x, Transpose(embedding)), as SmolLM2's does after folding
-    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", calib=str(calib), simplify=False,
-                                                               gate_tokens=256), progress=False)
+    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", weight_algorithm="rtn",
+                                                               calib=str(calib), simplify=False, gate_tokens=256),
+                 progress=False)
     manifest = read_manifest(out)
     gate = manifest["validation"]["weight_only"]
     assert gate["metric"] == "decoder_quality" and gate["passed"] and gate["data"].startswith(str(calib))
@@ -202,7 +203,9 @@ def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * len(plan.shapes) + 1
     assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nbits)
-    assert all(len(n.input) == 3 for n in nbits) and step["float_zero_points_rewritten"] == len(nbits)
+    # the LM head: 8-bit RTN by default with HQQ (symmetric, no zero points to rewrite)
+    assert all(len(n.input) == 3 for n in nbits) and step["float_zero_points_rewritten"] == len(nbits) - 1
+    assert step["lm_head"]["bits"] == 8
     prompt = np.array([5, 9, 17, 33], dtype=np.int64)
     got = ort_greedy(ort_session(out / "model.onnx"), prompt, 6, manifest["kv_layout"])
     full = ort_logits_fn(out / "model.onnx", manifest["kv_layout"])(np.concatenate([prompt, got[:-1]])[None])
@@ -260,6 +263,17 @@ def test_int4_weight_lm_head_bits(tiny_models, tmp_path, head_bits):
     assert step["lm_head"]["bits"] == (head_bits or "fp32") and len(step["lm_head"]["nodes"]) == 1
 
 
+def test_weight_only_defaults_resolve_per_width():
+    from edgeprune.exporters.api import _weight_only_spec
+
+    int4 = _weight_only_spec(ExportConfig(quantize="int4-weight"))
+    assert (int4.algorithm, int4.bits, int4.head_bits) == ("hqq", 4, 8)
+    int8 = _weight_only_spec(ExportConfig(quantize="int8-weight"))
+    assert (int8.algorithm, int8.bits, int8.head_bits) == ("rtn", 8, 8)
+    rtn = _weight_only_spec(ExportConfig(quantize="int4-weight", weight_algorithm="rtn"))
+    assert (rtn.algorithm, rtn.head_bits) == ("rtn", 4)
+
+
 def test_int8_weight_encoder(tiny_models, tmp_path):
     out = export(str(tiny_models("bert")), tmp_path / "e", ExportConfig(quantize="int8-weight"), progress=False)
     manifest = read_manifest(out)
@@ -273,7 +287,7 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
     ({"target": "deepsparse"}, "cannot be combined with --target deepsparse"),
     ({"sparse_initializers": "on"}, "cannot be combined with --sparse-initializers on"),
     ({"weight_block_size": 24}, "--block-size must be a power of two"),
-    ({"weight_algorithm": "gptq"}, "--weight-algorithm must be one of rtn, hqq"),
+    ({"weight_algorithm": "gptq"}, "--weight-algorithm must be one of auto, rtn, hqq"),
     ({"lm_head_bits": 2}, "--lm-head-bits must be 0"),
 ])
 def test_weight_only_bad_combinations(flags, message):
