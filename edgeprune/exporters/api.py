@@ -63,8 +63,9 @@ class ExportConfig(FrozenConfig):
     quantize_embeddings: bool = True  # int4-weight: embedding table as GatherBlockQuantized (needs opset 21)
     # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
     gate_tokens: int = 4096
-    max_ppl_ratio: float = 1.05
-    min_greedy_agreement: float = 0.75
+    # None: the format's own bounds (ONNX weight-only / INT8: 1.05 and 0.75; GGUF: per type, gguf_api.GATE)
+    max_ppl_ratio: float | None = None
+    min_greedy_agreement: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -90,7 +91,8 @@ class ExportConfig(FrozenConfig):
                    "--weight-algorithm hqq is for int4-weight: onnxruntime 1.32's CPU MatMulNBits does not load "
                    "8-bit weights with HQQ's float zero points"),
                   (self.gate_tokens >= 64, f"--gate-tokens must be >= 64 (got {self.gate_tokens})"),
-                  (self.max_ppl_ratio >= 1.0 and 0.0 <= self.min_greedy_agreement <= 1.0,
+                  ((self.max_ppl_ratio is None or self.max_ppl_ratio >= 1.0)
+                   and (self.min_greedy_agreement is None or 0.0 <= self.min_greedy_agreement <= 1.0),
                    "decoder gate: max_ppl_ratio must be >= 1 and min_greedy_agreement in [0, 1]")]
         for ok, message in checks:
             if not ok:
@@ -217,25 +219,28 @@ def _decoder_gate_tokens(ctx: _Context, config: ExportConfig) -> tuple[Any, str]
     return rng.integers(0, ctx.vocab_size, config.gate_tokens, dtype=np.int64), "random token ids"
 
 
+ONNX_DECODER_GATE = (1.05, 0.75)  # quantized ONNX decoders vs their fp32 export: (max ppl ratio, min greedy)
+
+
 def _decoder_gate(candidate: Path, reference: Path, ctx: _Context, config: ExportConfig, with_past: bool) -> dict:
     """Perplexity ratio and greedy agreement of a quantized decoder against its fp32 export; raises on failure."""
-    from edgeprune.exporters.decoder_gate import decoder_quality_gate
+    from edgeprune.exporters.decoder_gate import decoder_quality_gate, gate_bounds
     from edgeprune.exporters.validate import ort_logits_fn
 
     ids, source = _decoder_gate_tokens(ctx, config)
     layout = ctx.layout if with_past else None
+    max_ratio, min_greedy = gate_bounds(config, ONNX_DECODER_GATE)
     report = decoder_quality_gate(ort_logits_fn(reference, layout), ort_logits_fn(candidate, layout), ids,
                                   window=min(512, len(ids), ctx.max_positions or 512), greedy_prompt_len=32,
-                                  greedy_tokens=32,
-                                  max_ppl_ratio=config.max_ppl_ratio, min_greedy_agreement=config.min_greedy_agreement)
+                                  greedy_tokens=32, max_ppl_ratio=max_ratio, min_greedy_agreement=min_greedy)
     report["data"] = source
     if not report["passed"]:
         ppl, greedy = report["perplexity"], report["greedy"]
         ratio = "non-finite" if ppl["ratio"] is None else f"{ppl['ratio']:.4f}"
         raise EdgePruneError(
             f"{config.quantize} decoder fails the quality gate against the fp32 export on {source}: perplexity "
-            f"ratio {ratio} (max {config.max_ppl_ratio}), greedy agreement {greedy['agreement']:.3f} "
-            f"(min {config.min_greedy_agreement}); try --quantize int8-weight or int4-weight with a smaller --block-size")
+            f"ratio {ratio} (max {max_ratio}), greedy agreement {greedy['agreement']:.3f} "
+            f"(min {min_greedy}); try --quantize int8-weight or int4-weight with a smaller --block-size")
     return report
 
 

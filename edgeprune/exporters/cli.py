@@ -38,9 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--gate-tokens", type=int,
                    help="quantized decoders: tokens the perplexity gate scores (default 4096)")
     p.add_argument("--max-ppl-ratio", type=float,
-                   help="quantized decoders: largest perplexity / fp32-export perplexity accepted (default 1.05)")
+                   help="quantized decoders: largest perplexity ratio to the fp32 reference accepted (default: 1.05 for ONNX, per type for GGUF: q4_0 1.25)")
     p.add_argument("--min-greedy-agreement", type=float,
-                   help="quantized decoders: smallest greedy agreement with the fp32 export accepted (default 0.75)")
+                   help="quantized decoders: smallest greedy agreement with the fp32 reference accepted (default: 0.75 for ONNX, per type for GGUF: q4_0 0.6)")
     p.add_argument("--calib", help="calibration text (a built-in key such as stsb:train, STS tsv or text file) for "
                    "int8-static and the quantization checks (default for the check: stsb:train when reachable)")
     p.add_argument("--calib-samples", type=int, help="calibration sentences (default 128)")

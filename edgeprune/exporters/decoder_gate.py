@@ -114,3 +114,10 @@ def decoder_quality_gate(reference: LogitsFn, candidate: LogitsFn, token_ids, *,
         "window_top1_agreement": window_top1,
         "passed": bool(ppl_ok and greedy_ok),
     }
+
+
+def gate_bounds(config, defaults: tuple[float, float]) -> tuple[float, float]:
+    """The gate's (max perplexity ratio, min greedy agreement): the export config's ``max_ppl_ratio`` /
+    ``min_greedy_agreement`` where the user set them, else the format's ``defaults``."""
+    return (defaults[0] if config.max_ppl_ratio is None else config.max_ppl_ratio,
+            defaults[1] if config.min_greedy_agreement is None else config.min_greedy_agreement)

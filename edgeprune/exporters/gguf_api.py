@@ -69,7 +69,7 @@ def torch_logits(model):
 
 
 def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = None) -> dict[str, Any]:
-    from edgeprune.exporters.decoder_gate import decoder_quality_gate
+    from edgeprune.exporters.decoder_gate import decoder_quality_gate, gate_bounds
     from edgeprune.runtime.base import get_runtime
     from edgeprune.runtime.llamacpp_adapter import build_flags
 
@@ -88,7 +88,7 @@ def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = 
         scale = float(np.abs(ref).max())
         logits = {"tokens": int(short.shape[1]), "max_abs": max_abs, "max_abs_relative": max_abs / max(scale, 1e-12),
                   "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
-        max_ratio, min_greedy = GATE[qtype]
+        max_ratio, min_greedy = gate_bounds(config, GATE[qtype])
         window = min(GATE_WINDOW, session.n_ctx, len(ids))
         prompt = min(32, len(ids) // 2)
         gate = decoder_quality_gate(reference, session.logits, ids, window=window, greedy_prompt_len=prompt,

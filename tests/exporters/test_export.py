@@ -475,3 +475,15 @@ def test_sparse_break_even():
     assert not should_sparsify(tensor(np.int8, 2600), "on") and should_sparsify(tensor(np.int8, 2700), "on")
     assert not should_sparsify(tensor(np.float32, 2050), "auto")  # saves 5 %, below the 10 % bar
     assert should_sparsify(tensor(np.float32, 2700), "auto") and not should_sparsify(tensor(np.float32, 2700), "off")
+
+
+def test_decoder_gate_bounds_are_the_users_where_given_else_the_formats():
+    """--max-ppl-ratio / --min-greedy-agreement reach every decoder gate (the GGUF one ignored them before)."""
+    from edgeprune.exporters.decoder_gate import gate_bounds
+    from edgeprune.exporters.gguf_api import GATE
+
+    assert gate_bounds(ExportConfig(), GATE["q4_0"]) == GATE["q4_0"]
+    assert gate_bounds(ExportConfig(max_ppl_ratio=1.5), GATE["q4_0"]) == (1.5, GATE["q4_0"][1])
+    assert gate_bounds(ExportConfig(min_greedy_agreement=0.0), (1.05, 0.75)) == (1.05, 0.0)
+    with pytest.raises(EdgePruneError, match="max_ppl_ratio must be >= 1"):
+        ExportConfig(max_ppl_ratio=0.5)
