@@ -90,7 +90,8 @@ def main() -> None:
         base = Path(tmp) / "q.onnx"
         started = time.perf_counter()
         info = quantize_weight_only(src, base, WeightOnlySpec(bits=args.bits, block_size=args.block_size,
-                                                              symmetric=not args.asymmetric, head_bits=args.bits))
+                                                              symmetric=not args.asymmetric, accuracy_level=4,
+                                                              embeddings=True, algorithm="rtn", head_bits=args.bits))
         print(json.dumps({"quantize_s": round(time.perf_counter() - started, 1), **info}), flush=True)
         bits = f"int{args.bits}"
         variants = [(f"{bits} acc4", 4, None), (f"{bits} acc1", 1, None),

@@ -172,15 +172,15 @@ def fold_transposed_weights(model) -> list[str]:
 class WeightOnlySpec:
     """How ``quantize_weight_only`` quantizes: ``bits`` for the block MatMuls, ``head_bits`` for the LM head
     (the MatMul producing ``logits``; 0 keeps it fp32), ``algorithm`` rtn or hqq, and the rest as documented
-    there."""
+    there. No defaults: an export resolves them from its config (``exporters.api._weight_only_spec``)."""
 
-    bits: int = 4
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 4
-    embeddings: bool = True
-    algorithm: str = "rtn"
-    head_bits: int = 8
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    embeddings: bool
+    algorithm: str
+    head_bits: int
 
 
 def _quantize_matmuls(model, spec: WeightOnlySpec, bits: int, include: list[str] | None = None,
