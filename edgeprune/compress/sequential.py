@@ -281,6 +281,87 @@ class BlockLoader:
         release_memory()
 
 
+HEAD_CHUNK_ROWS = 8192  # vocabulary rows of the LM head multiplied at a time (bounds its float32 copy)
+
+
+class BlockwiseLogits:
+    """``fn(ids [1, T]) -> float32 logits [1, T, V]`` of a safetensors checkpoint or compressed artifact on disk,
+    computed in float32 with one decoder block resident at a time (the rest of the model on the meta device).
+
+    The streaming GGUF export's reference: it gives the in-memory model's logits (tested) without ever holding
+    the model. Every call reads every block again (from the page cache after the first), so it suits the few
+    dozen calls of an export gate, not generation."""
+
+    def __init__(self, directory: str | Path) -> None:
+        import transformers
+        from accelerate import init_empty_weights
+
+        from edgeprune.compress.lazy_weights import SafetensorsWeights
+        from edgeprune.core.arch import get_adapter
+        from edgeprune.core.loading import TASK_CLASSES
+
+        self.config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        if self.config.model_type not in FAMILIES:
+            raise EdgePruneError(f"block-by-block inference supports the Llama family ({', '.join(FAMILIES)}), "
+                                 f"not {self.config.model_type!r}")
+        self.adapter = get_adapter(self.config)
+        with init_empty_weights():
+            self.skeleton = getattr(transformers, TASK_CLASSES["text-generation"]).from_config(self.config)
+        self.adapter.resize_to(self.skeleton, self.adapter.shapes(self.config))  # meta tensors: shapes only
+        self.skeleton.eval()
+        self.weights = SafetensorsWeights(directory, prefix=self.skeleton.base_model_prefix + ".")
+        self.loader = BlockLoader(self.skeleton, self.adapter, self.weights, torch.float32)
+        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in self.weights
+        self.head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+
+    @torch.no_grad()
+    def __call__(self, ids) -> "np.ndarray":
+        import numpy as np
+
+        from edgeprune.compress.reconstruct import _run_layer, _with_hidden, capture_layer_inputs
+
+        # only the looked-up rows in float32 (exact from bf16/f16), not the whole table: the model is given
+        # its input embeddings, which is the same computation as given the ids
+        table = self.weights.get("model.embed_tokens.weight")
+        embeds = table[torch.from_numpy(np.asarray(ids, dtype=np.int64))].float()
+        del table
+        self.weights.close()
+        (call,) = capture_layer_inputs(self.skeleton, self.adapter, [{"inputs_embeds": embeds}])
+        for index in range(len(self.adapter.layers(self.skeleton))):
+            (hidden,) = _run_layer(self.loader.load(index), [call])
+            call = _with_hidden(call, hidden)
+            self.loader.free(index)
+        hidden = call[0][0] if call[0] else call[1]["hidden_states"]
+        norm = self.skeleton.model.norm
+        _set_module_tensor(norm, "weight", self.weights.get("model.norm.weight", torch.float32))
+        hidden = norm(hidden)
+        norm.to("meta")
+        table = self.weights.get(self.head)  # stored dtype; float32 a chunk of rows at a time
+        logits = torch.empty(*hidden.shape[:-1], table.shape[0], dtype=torch.float32)
+        for start in range(0, table.shape[0], HEAD_CHUNK_ROWS):
+            logits[..., start:start + HEAD_CHUNK_ROWS] = hidden @ table[start:start + HEAD_CHUNK_ROWS].float().T
+        del table
+        self.weights.close()
+        return logits.numpy()
+
+    def tensors(self):
+        """``(read(hf_name) -> float32 numpy, {hf_name: shape})`` straight from the shards, one tensor at a time
+        (what ``ggufio.export_tensors`` streams); an LM head tied to the embeddings is not listed."""
+        shapes = {}
+        for name, piece in zip(self.weights.names(), self.weights._slices()):
+            shapes[name] = tuple(int(d) for d in piece.get_shape())
+        if self.head != "lm_head.weight":
+            shapes.pop("lm_head.weight", None)
+        self.weights.close()
+
+        def read(name: str):
+            tensor = self.weights.get(name, torch.float32)
+            self.weights.close()  # unmap the shard: pages read for earlier tensors leave the RSS
+            return tensor.numpy()
+
+        return read, shapes
+
+
 def _set_module_tensor(module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
 

@@ -192,11 +192,11 @@ def check_model_for_gguf(model_config, shapes) -> str:
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
-def source_gguf(loaded) -> Path | None:
-    """The GGUF file a model (or the compressed artifact made from it) was read from, if it still exists."""
+def source_gguf(source) -> Path | None:
+    """The GGUF file a model (its ``ModelSource``; or the compressed artifact made from it) was read from, if it
+    still exists."""
     from edgeprune.core.artifacts import read_manifest
 
-    source = loaded.source
     if source.kind == "gguf":
         return Path(source.path)
     parent, seen = None, 0
@@ -353,14 +353,27 @@ def _metadata(writer, arch: str, model_config, shapes, head_dim: int, vocab_size
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _encode(array: np.ndarray, qtype: str) -> np.ndarray:
+ENCODE_CHUNK_BYTES = 16 * 2**20  # float32 rows quantized per step: the numpy quantizer's temporaries are
+# several times its input, which for a large embedding table would be gigabytes
+
+
+def _encode(array: np.ndarray, qtype: str, chunk_bytes: int = ENCODE_CHUNK_BYTES) -> np.ndarray:
     import gguf
 
     if qtype == "f32":
         return np.ascontiguousarray(array, dtype=np.float32)
     if qtype == "f16":
         return np.ascontiguousarray(array, dtype=np.float16)
-    return gguf.quantize(np.ascontiguousarray(array, dtype=np.float32), _ggml_type(qtype))
+    kind = _ggml_type(qtype)
+    if array.ndim < 2:
+        return gguf.quantize(np.ascontiguousarray(array, dtype=np.float32), kind)
+    # blocks never cross a row, so quantizing row chunks into the output gives the same bytes
+    out = np.empty(gguf.quant_shape_to_byte_shape(array.shape, kind), dtype=np.uint8)
+    rows = max(1, chunk_bytes // (4 * int(np.prod(array.shape[1:]))))
+    for start in range(0, array.shape[0], rows):
+        out[start:start + rows] = gguf.quantize(np.ascontiguousarray(array[start:start + rows], dtype=np.float32),
+                                                kind)
+    return out
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], Any, int]:
@@ -442,21 +455,29 @@ def model_tensors(model) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[i
 
 def export_loaded(loaded, path: Path, qtype: str, progress: bool = True) -> dict[str, Any]:
     """Write ``loaded`` (an ``edgeprune.core.loading.LoadedModel``) to ``path`` as GGUF; returns what was written."""
+    read, tensor_shapes = model_tensors(loaded.model)
+    return export_tensors(loaded.model.config, loaded.adapter, loaded.tokenizer, loaded.source, read, tensor_shapes,
+                          path, qtype, progress)
+
+
+def export_tensors(config, adapter, tokenizer, source, read: Callable[[str], np.ndarray],
+                   tensor_shapes: dict[str, tuple[int, ...]], path: Path, qtype: str,
+                   progress: bool = True) -> dict[str, Any]:
+    """Write a model given as ``read(hf_name) -> float32 array`` (one tensor at a time: from a model in memory
+    or straight from a checkpoint's shards) to ``path`` as GGUF; ``source`` is its ``ModelSource``."""
     check_gguf_type(qtype)
-    config = loaded.model.config
-    shapes = loaded.adapter.shapes(config)
+    shapes = adapter.shapes(config)
     arch = check_model_for_gguf(config, shapes)
-    gguf_source = source_gguf(loaded)
+    gguf_source = source_gguf(source)
     if gguf_source is not None:
         tokenizer_items = tokenizer_from_gguf(gguf_source)
         tokenizer_info = {"from": str(gguf_source)}
     else:
-        tokenizer_items, tokenizer_info = tokenizer_from_hf(loaded.tokenizer)
+        tokenizer_items, tokenizer_info = tokenizer_from_hf(tokenizer)
         tokenizer_info["from"] = "Hugging Face tokenizer"
-    read, tensor_shapes = model_tensors(loaded.model)
     vocab_size = tensor_shapes["model.embed_tokens.weight"][0]
-    name = loaded.source.alias or Path(loaded.source.path).stem
-    info = write_gguf(path, read, tensor_shapes, arch, config, shapes, loaded.adapter.head_dim(config), vocab_size,
+    name = source.alias or Path(source.path).stem
+    info = write_gguf(path, read, tensor_shapes, arch, config, shapes, adapter.head_dim(config), vocab_size,
                       qtype, tokenizer_items, name, progress)
     info.update({"quantization": qtype, "tokenizer": tokenizer_info, "bytes": path.stat().st_size,
                  "layer_shapes": [s.to_dict() for s in shapes]})

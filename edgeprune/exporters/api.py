@@ -646,19 +646,26 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
 
 
 def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
-           allow_pickle: bool = False, progress: bool = True) -> Path:
-    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``."""
+           allow_pickle: bool = False, progress: bool = True, streaming: bool | None = None) -> Path:
+    """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``.
+
+    ``streaming`` (GGUF only): True writes the file tensor by tensor from the checkpoint's shards, never the
+    whole model in memory; None chooses it when loading would not fit."""
     from edgeprune.exporters.onnx_export import io_signature
     from edgeprune.exporters.validate import check_onnx_file
 
     config = config or ExportConfig()
     out = Path(out)
     target = get_target(config.target)
+    if streaming and target.file_format != "gguf":
+        raise EdgePruneError("--streaming writes GGUF files (--target llamacpp); the ONNX export traces the model "
+                             "in memory (docs/sequential.md gives its peak)")
     config, calib_sentences = _check_request(source, out, config, overwrite, target)
     if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 
-        return export_gguf(source, out, config, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+        return export_gguf(source, out, config, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+                           streaming=streaming)
 
     def say(message: str) -> None:
         if progress:

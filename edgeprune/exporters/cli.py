@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--rtol", type=float, help="numeric gate tolerance relative to the output's largest magnitude")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights you trust")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="--target llamacpp: write the GGUF file tensor by tensor from the checkpoint's shards and "
+                        "check it against a block-by-block PyTorch reference, never holding the whole model "
+                        "(default: when loading it would need over half the available memory)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=run_export)
 
@@ -91,7 +95,8 @@ def run_export(args) -> int:
     from edgeprune.exporters.api import export
 
     config = config_from_args(args)
-    out = export(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    out = export(args.model, args.output, config, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                 streaming=args.streaming)
     manifest = read_manifest(out)
     for variant in manifest["variants"]:
         if variant.get("format") == "gguf":

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeprune.core.artifacts import staged_output, write_manifest
 from edgeprune.core.errors import EdgePruneError
-from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_loaded
+from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_tensors
+from edgeprune.core.loading import ModelSource
 
 # (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type, on the gate's
 # tokens. Measured on SmolLM2-135M (docs/llamacpp.md, "GGUF gate tolerances"): q4_0 ratio 1.141, greedy
@@ -68,7 +70,7 @@ def torch_logits(model):
     return run
 
 
-def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = None) -> dict[str, Any]:
+def validate_gguf(path: Path, model: "GGUFInput", qtype: str, config, threads: int | None = None) -> dict[str, Any]:
     from edgeprune.exporters.decoder_gate import decoder_quality_gate, gate_bounds
     from edgeprune.runtime.base import get_runtime
     from edgeprune.runtime.llamacpp_adapter import build_flags
@@ -76,11 +78,11 @@ def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = 
     started = time.perf_counter()
     session = get_runtime("llamacpp").load(str(path), threads=threads or os.cpu_count())
     try:
-        reference = torch_logits(loaded.model)
-        vocab = int(loaded.model.config.vocab_size)
+        reference = model.reference
+        vocab = int(model.config.vocab_size)
         if session.vocab_size != vocab:
             raise EdgePruneError(f"llama.cpp reads {session.vocab_size} tokens from {path.name}, the model has {vocab}")
-        ids, where = gate_tokens(loaded.tokenizer, config.calib, vocab, config.seed)
+        ids, where = gate_tokens(model.tokenizer, config.calib, vocab, config.seed)
         ids = ids[: max(64, min(len(ids), session.n_ctx))]
         short = ids[None, :LOGITS_TOKENS]
         ref, got = reference(short), session.logits(short)
@@ -95,10 +97,11 @@ def validate_gguf(path: Path, loaded, qtype: str, config, threads: int | None = 
                                     greedy_tokens=min(32, session.n_ctx - prompt), max_ppl_ratio=max_ratio,
                                     min_greedy_agreement=min_greedy)
         gate["data"] = where
-        tokenizer = _tokenizer_check(loaded.tokenizer, session)
+        tokenizer = _tokenizer_check(model.tokenizer, session)
     finally:
         session.close()
-    return {"reference": "PyTorch fp32", "runtime": "llamacpp", "llamacpp_build": build_flags(), "logits": logits,
+    reference_kind = "PyTorch fp32, block by block (streaming)" if model.streaming else "PyTorch fp32"
+    return {"reference": reference_kind, "runtime": "llamacpp", "llamacpp_build": build_flags(), "logits": logits,
             "decoder_gate": gate, "tokenizer": tokenizer, "passed": bool(gate["passed"]),
             "seconds": round(time.perf_counter() - started, 2)}
 
@@ -114,57 +117,147 @@ def _tokenizer_check(tokenizer, session) -> dict[str, Any]:
     return {"text": SAMPLE_TEXT, "same_ids": hf == ours, "hf_tokens": len(hf), "llamacpp_tokens": len(ours)}
 
 
-def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle: bool = False,
-                progress: bool = True) -> Path:
-    from edgeprune.core.loading import load_model
+@dataclass(frozen=True)
+class GGUFInput:
+    """What the GGUF export reads: the model in memory, or (``streaming``) a checkpoint on disk read one tensor
+    at a time, with a block-by-block PyTorch reference for the gate."""
+
+    config: Any
+    adapter: Any
+    tokenizer: Any
+    source: Any  # edgeprune.core.loading.ModelSource
+    reference: Callable[[np.ndarray], np.ndarray]  # ids [1, T] -> float32 logits [1, T, V]
+    tensors: Callable[[], tuple]  # () -> (read(hf_name) -> float32 array, {hf_name: shape})
+    streaming: bool
+
+
+def in_memory_input(loaded) -> GGUFInput:
+    from edgeprune.core.ggufio import model_tensors
+
+    return GGUFInput(loaded.model.config, loaded.adapter, loaded.tokenizer, loaded.source, torch_logits(loaded.model),
+                     lambda: model_tensors(loaded.model), streaming=False)
+
+
+def streaming_input(source) -> GGUFInput:
+    """``source`` (a resolved ``ModelSource``): a compressed artifact or a local Hugging Face directory with
+    safetensors; nothing but its config, tokenizer and shard headers is read here."""
+    import transformers
+
+    from edgeprune.compress.sequential import BlockwiseLogits
+    from edgeprune.core.artifacts import check_integrity, read_manifest
+    from edgeprune.core.loading import prepare_tokenizer
+
+    if source.kind not in STREAMABLE:
+        raise EdgePruneError(f"--streaming reads a compressed artifact or a local Hugging Face directory with "
+                             f"safetensors, not a {source.kind} source ({source.path}); drop --streaming")
+    if source.kind == "artifact":
+        manifest = read_manifest(source.path)
+        if manifest.get("stage") != "compress":
+            raise EdgePruneError(f"{source.path}: a {manifest.get('stage')!r} artifact, not a compressed model")
+        check_integrity(Path(source.path), manifest)
+    blockwise = BlockwiseLogits(source.directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory)
+    prepare_tokenizer(tokenizer)
+    return GGUFInput(blockwise.config, blockwise.adapter, tokenizer, source, blockwise, blockwise.tensors,
+                     streaming=True)
+
+
+STREAMABLE = ("artifact", "local")
+
+
+def wants_streaming(source, say) -> bool:
+    """Stream when loading the model would not fit (the rule ``compress`` uses to go --sequential)."""
+    import psutil
+
+    from edgeprune.compress.lazy_weights import checkpoint_numel
+    from edgeprune.compress.sequential import IN_MEMORY_PEAK_RATIO, MEMORY_FRACTION
+
+    if source.kind not in STREAMABLE:
+        return False
+    numel = checkpoint_numel(ModelSource("local", source.path)) if source.kind == "artifact" else checkpoint_numel(source)
+    if numel is None:
+        return False
+    need, available = numel * 4 * IN_MEMORY_PEAK_RATIO, psutil.virtual_memory().available
+    if need <= MEMORY_FRACTION * available:
+        return False
+    say(f"loading the model needs ~{need / 1e9:.1f} GB, more than {MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} "
+        "GB available: writing the GGUF file tensor by tensor from the shards (--streaming)")
+    return True
+
+
+def _check_gguf_request(config) -> None:
+    """Everything that can be refused before the (slow) load."""
     from edgeprune.runtime.base import get_runtime
+
+    check_gguf_type("f16" if config.quantize == "none" else config.quantize)
+    runtime = get_runtime("llamacpp", require_available=False)
+    if not runtime.available():  # every GGUF export is validated in llama.cpp
+        raise EdgePruneError(f"--target llamacpp validates the GGUF file in llama.cpp: {runtime.why_unavailable()}")
+    if config.calib and not Path(config.calib).is_file():
+        raise EdgePruneError(f"calibration data not found: {config.calib}")
+    if config.task not in ("auto", "text-generation"):
+        raise EdgePruneError(f"--target llamacpp exports text-generation models (got --task {config.task})")
+
+
+def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle: bool = False,
+                progress: bool = True, streaming: bool | None = None) -> Path:
+    """``streaming``: True reads the checkpoint one tensor at a time (never the whole model in memory), False
+    loads it, None chooses by the available memory."""
+    from edgeprune.core.loading import load_model, resolve
 
     def say(message: str) -> None:
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
 
     qtype = "f16" if config.quantize == "none" else config.quantize
-    check_gguf_type(qtype)
-    runtime = get_runtime("llamacpp", require_available=False)
-    if not runtime.available():  # checked before the (slow) load: every GGUF export is validated in llama.cpp
-        raise EdgePruneError(f"--target llamacpp validates the GGUF file in llama.cpp: {runtime.why_unavailable()}")
-    if config.calib and not Path(config.calib).is_file():
-        raise EdgePruneError(f"calibration data not found: {config.calib}")
-    if config.task not in ("auto", "text-generation"):
-        raise EdgePruneError(f"--target llamacpp exports text-generation models (got --task {config.task})")
+    _check_gguf_request(config)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    say(f"loading {source}")
-    loaded = load_model(source, task="text-generation", allow_pickle=allow_pickle)
+    resolved = resolve(source)
+    if streaming is None:
+        streaming = wants_streaming(resolved, say)
+    say(f"{'opening' if streaming else 'loading'} {source}")
+    model = (streaming_input(resolved) if streaming
+             else in_memory_input(load_model(source, task="text-generation", allow_pickle=allow_pickle)))
     timings["load_s"] = round(time.perf_counter() - started, 3)
     with staged_output(out, overwrite) as tmp:
         step = time.perf_counter()
-        say(f"writing {GGUF_FILE} ({qtype})")
-        info = export_loaded(loaded, tmp / GGUF_FILE, qtype, progress)
+        say(f"writing {GGUF_FILE} ({qtype}{', streamed from the shards' if streaming else ''})")
+        read, tensor_shapes = model.tensors()
+        info = export_tensors(model.config, model.adapter, model.tokenizer, model.source, read, tensor_shapes,
+                              tmp / GGUF_FILE, qtype, progress)
+        info["streaming"] = streaming
         timings["write_s"] = round(time.perf_counter() - step, 3)
-        loaded.model.config.save_pretrained(tmp)  # vocab size, layer shapes etc. for tools that read config.json
+        model.config.save_pretrained(tmp)  # vocab size, layer shapes etc. for tools that read config.json
         step = time.perf_counter()
         say("validating the GGUF file in llama.cpp against PyTorch")
-        validation = {qtype: validate_gguf(tmp / GGUF_FILE, loaded, qtype, config)}
+        validation = {qtype: validate_gguf(tmp / GGUF_FILE, model, qtype, config)}
         timings["validate_s"] = round(time.perf_counter() - step, 3)
-        report = validation[qtype]
-        if not report["passed"]:
-            gate = report["decoder_gate"]
-            raise EdgePruneError(f"the {qtype} GGUF file fails the quality gate: perplexity ratio "
-                                 f"{gate['perplexity']['ratio']} (max {gate['perplexity']['max_ratio']}), greedy "
-                                 f"agreement {gate['greedy']['agreement']:.3f} (min {gate['greedy']['min_agreement']})")
+        _raise_if_failed(validation[qtype], qtype)
         timings["total_s"] = round(time.perf_counter() - started, 3)
-        shapes = info["layer_shapes"]
-        head_dim = loaded.adapter.head_dim(loaded.model.config)
-        parent = source if loaded.source.kind == "artifact" else {"model": loaded.source.to_dict()}
-        variant = {"file": GGUF_FILE, "format": "gguf", "bytes": info["bytes"], "quantization": qtype,
-                   "architecture": info["architecture"], "tensor_types": info["tensor_types"]}
-        write_manifest(tmp, "export", config.replace(quantize=qtype).to_dict(), parent,
-                       task="text-generation", with_past=True,
-                       files_by_role={"llamacpp": GGUF_FILE, "onnxruntime": None, "deepsparse": None},
-                       variants=[variant], validation=validation,
-                       kv_layout=[{"kv_heads": s["kv_heads"], "head_dim": head_dim} for s in shapes],
-                       steps={"gguf": info}, model_type=loaded.model.config.model_type,
-                       source_kind=loaded.source.kind, timings=timings)
+        _write_gguf_manifest(tmp, source, model, config.replace(quantize=qtype), info, validation, timings)
         say(f"wrote {out}")
     return out
+
+
+def _raise_if_failed(report: dict[str, Any], qtype: str) -> None:
+    if not report["passed"]:
+        gate = report["decoder_gate"]
+        raise EdgePruneError(f"the {qtype} GGUF file fails the quality gate: perplexity ratio "
+                             f"{gate['perplexity']['ratio']} (max {gate['perplexity']['max_ratio']}), greedy "
+                             f"agreement {gate['greedy']['agreement']:.3f} (min {gate['greedy']['min_agreement']})")
+
+
+def _write_gguf_manifest(tmp: Path, source, model: GGUFInput, config, info, validation, timings) -> None:
+    shapes = info["layer_shapes"]
+    head_dim = model.adapter.head_dim(model.config)
+    parent = source if model.source.kind == "artifact" else {"model": model.source.to_dict()}
+    variant = {"file": GGUF_FILE, "format": "gguf", "bytes": info["bytes"], "quantization": config.quantize,
+               "architecture": info["architecture"], "tensor_types": info["tensor_types"]}
+    write_manifest(tmp, "export", config.to_dict(), parent,
+                   task="text-generation", with_past=True,
+                   files_by_role={"llamacpp": GGUF_FILE, "onnxruntime": None, "deepsparse": None},
+                   variants=[variant], validation=validation,
+                   kv_layout=[{"kv_heads": s["kv_heads"], "head_dim": head_dim} for s in shapes],
+                   steps={"gguf": info}, model_type=model.config.model_type,
+                   source_kind=model.source.kind, timings=timings)

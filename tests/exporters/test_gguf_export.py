@@ -166,3 +166,101 @@ def test_export_validates_in_llamacpp(bpe_llama, pruned_llama, llamacpp_runtime,
     tolerance = {"f32": 2e-3, "f16": 2e-2, "q8_0": 5e-2}[qtype]
     assert np.abs(got - ref).max() <= tolerance * max(1.0, np.abs(ref).max())
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+# --- streaming (tensor by tensor from the shards; docs/sequential.md) ---------------------------------------------
+def _bf16_copy(source: Path, directory: Path) -> Path:
+    """``source`` re-saved in bfloat16 (the dtype large checkpoints ship in)."""
+    import torch
+
+    loaded = load_model(source)
+    loaded.model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("which", ["even", "uneven", "bf16"])
+def test_blockwise_reference_gives_the_loaded_models_logits(bpe_llama, pruned_llama, which, tmp_path):
+    import torch
+
+    from edgeprune.compress.sequential import BlockwiseLogits
+
+    source = {"even": bpe_llama, "uneven": pruned_llama}.get(which) or _bf16_copy(bpe_llama, tmp_path / "bf16")
+    blockwise = BlockwiseLogits(source)
+    ids = np.random.default_rng(0).integers(0, blockwise.config.vocab_size, size=(1, 40))
+    model = load_model(source).model
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = blockwise(ids)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert blockwise.loader.max_resident == 1  # one decoder block in memory at a time
+    assert blockwise(ids[:, :7]).shape == (1, 7, ref.shape[-1])  # another call, another length
+
+
+@pytest.mark.parametrize("which", ["even", "uneven"])
+def test_streamed_gguf_is_byte_identical_to_the_in_memory_file(bpe_llama, pruned_llama, which, tmp_path):
+    from edgeprune.core.ggufio import export_tensors
+    from edgeprune.core.loading import resolve
+    from edgeprune.exporters.gguf_api import in_memory_input, streaming_input
+
+    source = bpe_llama if which == "even" else pruned_llama
+    files = {}
+    for kind, model in (("memory", in_memory_input(load_model(source))), ("streamed", streaming_input(resolve(source)))):
+        read, shapes = model.tensors()
+        files[kind] = tmp_path / f"{kind}.gguf"
+        export_tensors(model.config, model.adapter, model.tokenizer, model.source, read, shapes, files[kind], "q8_0",
+                       progress=False)
+    assert files["memory"].read_bytes() == files["streamed"].read_bytes()
+
+
+def test_streaming_refuses_what_it_cannot_stream_in_one_line(bpe_llama, tmp_path, capsys):
+    from edgeprune.core.loading import resolve
+    from edgeprune.exporters.gguf_api import streaming_input
+
+    with pytest.raises(EdgePruneError, match="--streaming writes GGUF files"):
+        export(bpe_llama, tmp_path / "out", ExportConfig(), streaming=True, progress=False)
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    with pytest.raises(EdgePruneError, match="not a gguf source"):
+        streaming_input(resolve(gguf_file))
+    assert main(["export", str(bpe_llama), "-o", str(tmp_path / "o2"), "--streaming"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeprune: error: --streaming writes GGUF") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.llamacpp
+def test_streaming_export_validates_like_the_in_memory_one(pruned_llama, llamacpp_runtime, tmp_path, monkeypatch,
+                                                           capsys):
+    import psutil
+
+    from edgeprune.core.artifacts import read_manifest
+
+    config = ExportConfig(target="llamacpp", quantize="q8_0")
+    memory = read_manifest(export(pruned_llama, tmp_path / "memory", config, progress=False))
+    # a machine too small to load the model: the export streams by itself, and says so
+    small = psutil.virtual_memory()._replace(available=1000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    streamed = read_manifest(export(pruned_llama, tmp_path / "streamed", config, progress=True))
+    assert "tensor by tensor from the shards (--streaming)" in capsys.readouterr().err
+    assert streamed["steps"]["gguf"]["streaming"] and not memory["steps"]["gguf"]["streaming"]
+    assert (tmp_path / "memory" / GGUF_FILE).read_bytes() == (tmp_path / "streamed" / GGUF_FILE).read_bytes()
+    got, ref = streamed["validation"]["q8_0"], memory["validation"]["q8_0"]
+    assert got["passed"] and got["reference"].startswith("PyTorch fp32, block by block")
+    for key in ("ratio", "reference", "candidate"):
+        assert got["decoder_gate"]["perplexity"][key] == pytest.approx(ref["decoder_gate"]["perplexity"][key], rel=1e-5)
+    assert got["decoder_gate"]["greedy"]["reference_tokens"] == ref["decoder_gate"]["greedy"]["reference_tokens"]
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_quantizing_row_chunks_gives_the_whole_tensors_bytes(qtype):
+    import gguf
+
+    from edgeprune.core.ggufio import _encode, _ggml_type
+
+    array = np.random.default_rng(1).normal(size=(37, 96)).astype(np.float32)
+    whole = gguf.quantize(array, _ggml_type(qtype))
+    chunked = _encode(array, qtype, chunk_bytes=5 * 96 * 4)  # 5 rows at a time, the last chunk short
+    assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
+    assert chunked.tobytes() == whole.tobytes()
