@@ -106,6 +106,18 @@ class SafetensorsWeights(LazyWeights):
         for name, (file, stored) in self._files.items():
             yield self._handle(file).get_slice(stored)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a matrix; only their bytes are read (then the shard is unmapped again)."""
+        file, stored = self._files[name]
+        try:
+            return self._handle(file).get_slice(stored)[start:stop]
+        finally:
+            self.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, stored = self._files[name]
+        return tuple(int(d) for d in self._handle(file).get_slice(stored).get_shape())
+
     def stored_dtype(self) -> torch.dtype:
         dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         for piece in self._slices():

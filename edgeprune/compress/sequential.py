@@ -320,12 +320,12 @@ class BlockwiseLogits:
 
         from edgeprune.compress.reconstruct import _run_layer, _with_hidden, capture_layer_inputs
 
-        # only the looked-up rows in float32 (exact from bf16/f16), not the whole table: the model is given
-        # its input embeddings, which is the same computation as given the ids
-        table = self.weights.get("model.embed_tokens.weight")
-        embeds = table[torch.from_numpy(np.asarray(ids, dtype=np.int64))].float()
-        del table
-        self.weights.close()
+        # only the looked-up rows, in float32 (exact from bf16/f16), not the table: the model is given its input
+        # embeddings, which is the same computation as given the ids
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = {int(i): self.weights.rows("model.embed_tokens.weight", int(i), int(i) + 1)[0].float()
+                for i in np.unique(ids)}
+        embeds = torch.stack([rows[int(i)] for i in ids.reshape(-1)]).reshape(*ids.shape, -1)
         (call,) = capture_layer_inputs(self.skeleton, self.adapter, [{"inputs_embeds": embeds}])
         for index in range(len(self.adapter.layers(self.skeleton))):
             (hidden,) = _run_layer(self.loader.load(index), [call])
@@ -336,11 +336,11 @@ class BlockwiseLogits:
         _set_module_tensor(norm, "weight", self.weights.get("model.norm.weight", torch.float32))
         hidden = norm(hidden)
         norm.to("meta")
-        table = self.weights.get(self.head)  # stored dtype; float32 a chunk of rows at a time
-        logits = torch.empty(*hidden.shape[:-1], table.shape[0], dtype=torch.float32)
-        for start in range(0, table.shape[0], HEAD_CHUNK_ROWS):
-            logits[..., start:start + HEAD_CHUNK_ROWS] = hidden @ table[start:start + HEAD_CHUNK_ROWS].float().T
-        del table
+        vocab = self.weights.shape(self.head)[0]
+        logits = torch.empty(*hidden.shape[:-1], vocab, dtype=torch.float32)
+        for start in range(0, vocab, HEAD_CHUNK_ROWS):  # the LM head read and widened a chunk of rows at a time
+            rows = self.weights.rows(self.head, start, start + HEAD_CHUNK_ROWS).float()
+            logits[..., start:start + HEAD_CHUNK_ROWS] = hidden @ rows.T
         self.weights.close()
         return logits.numpy()
 

@@ -23,6 +23,7 @@ runtime. numpy only: importable without torch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -64,14 +65,31 @@ def greedy_path(reference: LogitsFn, prompt: np.ndarray, steps: int) -> list[int
     return generated
 
 
-def decoder_quality_gate(reference: LogitsFn, candidate: LogitsFn, token_ids, *, window: int = 512,
-                         greedy_prompt_len: int = 32, greedy_tokens: int = 32, max_ppl_ratio: float,
-                         min_greedy_agreement: float) -> dict[str, Any]:
-    """Compare ``candidate`` with ``reference`` on ``token_ids`` (1-D); returns a JSON-able report whose
-    ``passed`` is true when the perplexity ratio and the greedy agreement are both within tolerance.
+@dataclass(frozen=True)
+class ReferenceRun:
+    """Everything the gate needs from the reference, computed before the candidate is loaded: a large model's
+    reference and the candidate's copy of it need not be in memory together."""
 
-    See the module docstring for the exact definitions. Raises ``EdgePruneError`` for unusable inputs only;
-    a failing candidate is reported, not raised."""
+    token_ids: tuple[int, ...]
+    window: int
+    greedy_prompt_len: int
+    perplexity: float
+    scored: int
+    window_top1: tuple[np.ndarray, ...]  # per window, the reference's top-1 id at every position
+    greedy_path: tuple[int, ...]
+
+
+def reference_run(reference: LogitsFn, token_ids, *, window: int = 512, greedy_prompt_len: int = 32,
+                  greedy_tokens: int = 32) -> ReferenceRun:
+    ids = _check_gate_input(token_ids, window, greedy_prompt_len, greedy_tokens)
+    recorder = _ArgmaxRecorder(reference)
+    ppl, scored = sliding_window_perplexity(ids, recorder, window, max(window // 2, 1))
+    path = greedy_path(reference, ids[:greedy_prompt_len], greedy_tokens)
+    return ReferenceRun(tuple(int(i) for i in ids), int(window), int(greedy_prompt_len), float(ppl), int(scored),
+                        tuple(recorder.top1), tuple(path))
+
+
+def _check_gate_input(token_ids, window: int, greedy_prompt_len: int, greedy_tokens: int) -> np.ndarray:
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if window < 2:
         raise EdgePruneError(f"decoder gate: window must be >= 2 (got {window})")
@@ -79,19 +97,37 @@ def decoder_quality_gate(reference: LogitsFn, candidate: LogitsFn, token_ids, *,
         raise EdgePruneError("decoder gate: greedy_prompt_len and greedy_tokens must be >= 1")
     if len(ids) < max(greedy_prompt_len, 2):
         raise EdgePruneError(f"decoder gate: {len(ids)} tokens given, need at least {max(greedy_prompt_len, 2)}")
-    stride = max(window // 2, 1)
+    return ids
 
-    ref_rec, cand_rec = _ArgmaxRecorder(reference), _ArgmaxRecorder(candidate)
-    ref_ppl, scored = sliding_window_perplexity(ids, ref_rec, window, stride)
-    cand_ppl, _ = sliding_window_perplexity(ids, cand_rec, window, stride)
+
+def decoder_quality_gate(reference: LogitsFn | ReferenceRun, candidate: LogitsFn, token_ids, *, window: int = 512,
+                         greedy_prompt_len: int = 32, greedy_tokens: int = 32, max_ppl_ratio: float,
+                         min_greedy_agreement: float) -> dict[str, Any]:
+    """Compare ``candidate`` with ``reference`` (a logits callable, or its ``reference_run`` on the same
+    tokens and settings) on ``token_ids`` (1-D); returns a JSON-able report whose ``passed`` is true when the
+    perplexity ratio and the greedy agreement are both within tolerance.
+
+    See the module docstring for the exact definitions. Raises ``EdgePruneError`` for unusable inputs only;
+    a failing candidate is reported, not raised."""
+    ids = _check_gate_input(token_ids, window, greedy_prompt_len, greedy_tokens)
+    if not isinstance(reference, ReferenceRun):
+        reference = reference_run(reference, ids, window=window, greedy_prompt_len=greedy_prompt_len,
+                                  greedy_tokens=greedy_tokens)
+    elif (reference.token_ids != tuple(int(i) for i in ids) or reference.window != window
+          or reference.greedy_prompt_len != greedy_prompt_len or len(reference.greedy_path) != greedy_tokens):
+        raise EdgePruneError("decoder gate: the reference run was computed on other tokens or settings")
+    ref_ppl, scored = reference.perplexity, reference.scored
+    cand_rec = _ArgmaxRecorder(candidate)
+    cand_ppl, _ = sliding_window_perplexity(ids, cand_rec, window, max(window // 2, 1))
+    stride = max(window // 2, 1)
     # Both saw the same windows in the same order: position-wise top-1 agreement comes for free (informational;
     # overlapping window positions count once per window).
     window_top1 = float(np.mean(np.concatenate(
-        [r == c for r, c in zip(ref_rec.top1, cand_rec.top1)]))) if ref_rec.top1 else 0.0
+        [r == c for r, c in zip(reference.window_top1, cand_rec.top1)]))) if reference.window_top1 else 0.0
     ratio = cand_ppl / ref_ppl if ref_ppl > 0 else float("inf")
 
     prompt = ids[:greedy_prompt_len]
-    path = greedy_path(reference, prompt, greedy_tokens)
+    path = list(reference.greedy_path)
     forced = np.concatenate([prompt, np.asarray(path[:-1], dtype=np.int64)]).reshape(1, -1)
     cand_logits = np.asarray(candidate(forced))[0]
     cand_top1 = cand_logits[greedy_prompt_len - 1:].argmax(-1).astype(np.int64).tolist()

@@ -71,30 +71,39 @@ def torch_logits(model):
 
 
 def validate_gguf(path: Path, model: "GGUFInput", qtype: str, config, threads: int | None = None) -> dict[str, Any]:
-    from edgeprune.exporters.decoder_gate import decoder_quality_gate, gate_bounds
+    from edgeprune.exporters.decoder_gate import decoder_quality_gate, gate_bounds, reference_run
     from edgeprune.runtime.base import get_runtime
-    from edgeprune.runtime.llamacpp_adapter import build_flags
+    from edgeprune.runtime.llamacpp_adapter import DEFAULT_CONTEXT, build_flags
 
     started = time.perf_counter()
-    session = get_runtime("llamacpp").load(str(path), threads=threads or os.cpu_count())
+    vocab = int(model.config.vocab_size)
+    context = min(DEFAULT_CONTEXT, int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_CONTEXT))
+    ids, where = gate_tokens(model.tokenizer, config.calib, vocab, config.seed)
+    ids = ids[: max(64, min(len(ids), context))]
+    short = ids[None, :LOGITS_TOKENS]
+    window, prompt = min(GATE_WINDOW, context, len(ids)), min(32, len(ids) // 2)
+    greedy_tokens = min(32, context - prompt)
+    # The reference's side first, then llama.cpp: for a streamed (large) model the block-by-block reference
+    # and llama.cpp's copy of the file are then never in memory together.
+    ref = model.reference(short)
+    ref_run = reference_run(model.reference, ids, window=window, greedy_prompt_len=prompt, greedy_tokens=greedy_tokens)
+    # not mapped: a mapped file's pages stay resident beside llama.cpp's repacked copy of the weights (a q4_0
+    # file then counts twice in the RSS)
+    session = get_runtime("llamacpp").load(str(path), threads=threads or os.cpu_count(), use_mmap=False)
     try:
-        reference = model.reference
-        vocab = int(model.config.vocab_size)
         if session.vocab_size != vocab:
             raise EdgePruneError(f"llama.cpp reads {session.vocab_size} tokens from {path.name}, the model has {vocab}")
-        ids, where = gate_tokens(model.tokenizer, config.calib, vocab, config.seed)
-        ids = ids[: max(64, min(len(ids), session.n_ctx))]
-        short = ids[None, :LOGITS_TOKENS]
-        ref, got = reference(short), session.logits(short)
+        if session.n_ctx < context:
+            raise EdgePruneError(f"llama.cpp opens {path.name} with {session.n_ctx} positions, fewer than the "
+                                 f"{context} the model has")
+        got = session.logits(short)
         max_abs = float(np.abs(ref - got).max())
         scale = float(np.abs(ref).max())
         logits = {"tokens": int(short.shape[1]), "max_abs": max_abs, "max_abs_relative": max_abs / max(scale, 1e-12),
                   "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
         max_ratio, min_greedy = gate_bounds(config, GATE[qtype])
-        window = min(GATE_WINDOW, session.n_ctx, len(ids))
-        prompt = min(32, len(ids) // 2)
-        gate = decoder_quality_gate(reference, session.logits, ids, window=window, greedy_prompt_len=prompt,
-                                    greedy_tokens=min(32, session.n_ctx - prompt), max_ppl_ratio=max_ratio,
+        gate = decoder_quality_gate(ref_run, session.logits, ids, window=window, greedy_prompt_len=prompt,
+                                    greedy_tokens=greedy_tokens, max_ppl_ratio=max_ratio,
                                     min_greedy_agreement=min_greedy)
         gate["data"] = where
         tokenizer = _tokenizer_check(model.tokenizer, session)

@@ -110,7 +110,7 @@ class LlamaCppSession:
     stateful_decoder = True
 
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, use_mmap: bool = True):
         llama_cpp = llama_cpp_module()
         self.path, self.threads, self.flash_attn = path, threads, flash_attn
         self._lib = llama_cpp
@@ -121,7 +121,7 @@ class LlamaCppSession:
             # slower than llama-bench and makes decode speed depend on n_ctx (the V cache is then transposed).
             return llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=min(n_batch, ctx),
                                    n_ubatch=min(n_batch, ctx), n_threads=threads, n_threads_batch=threads,
-                                   flash_attn=flash_attn, logits_all=False, verbose=False)
+                                   flash_attn=flash_attn, logits_all=False, use_mmap=use_mmap, verbose=False)
 
         try:
             self.llm = open_context(n_ctx or DEFAULT_CONTEXT)
@@ -305,8 +305,10 @@ class LlamaCppRuntime:
     def load(self, model_path: str, threads: int | None = None, **options) -> LlamaCppSession:
         path = gguf_file(model_path)  # checks the file before paying for the import
         llama_cpp_module()
+        # use_mmap=False: where llama.cpp repacks weights for its CPU kernels (q4_0 on AVX2/AVX-512) the mapped
+        # file pages stay resident beside the repacked copy, so a mapped model counts twice in the RSS
         return LlamaCppSession(path, threads=threads, n_ctx=options.get("n_ctx"),
-                               flash_attn=options.get("flash_attn", True))
+                               flash_attn=options.get("flash_attn", True), use_mmap=options.get("use_mmap", True))
 
 
 class LlamaCppBackend:

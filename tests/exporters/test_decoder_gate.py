@@ -85,3 +85,19 @@ def test_bad_inputs_are_one_clear_error(setup):
     with pytest.raises(EdgePruneError, match=r"expected \[1, T, V\]"):
         decoder_quality_gate(bigram(table), lambda x: np.zeros((x.shape[1], VOCAB)), np.arange(100) % VOCAB,
                              max_ppl_ratio=1.1, min_greedy_agreement=0.5)
+
+
+def test_a_reference_run_computed_first_gives_the_same_report():
+    from edgeprune.exporters.decoder_gate import reference_run
+
+    rng = np.random.default_rng(3)
+    table, cand = rng.normal(size=(VOCAB, VOCAB)), rng.normal(size=(VOCAB, VOCAB))
+    ids = rng.integers(0, VOCAB, size=200)
+    settings = dict(window=64, greedy_prompt_len=8, greedy_tokens=6)
+    direct = decoder_quality_gate(bigram(table), bigram(cand), ids, max_ppl_ratio=2.0, min_greedy_agreement=0.5,
+                                  **settings)
+    run = reference_run(bigram(table), ids, **settings)
+    assert decoder_quality_gate(run, bigram(cand), ids, max_ppl_ratio=2.0, min_greedy_agreement=0.5,
+                                **settings) == direct
+    with pytest.raises(EdgePruneError, match="other tokens or settings"):
+        decoder_quality_gate(run, bigram(cand), ids[:150], max_ppl_ratio=2.0, min_greedy_agreement=0.5, **settings)
