@@ -307,7 +307,7 @@ class LlamaCppRuntime:
         llama_cpp_module()
         # use_mmap=False: where llama.cpp repacks weights for its CPU kernels (q4_0 on AVX2/AVX-512) the mapped
         # file pages stay resident beside the repacked copy, so a mapped model counts twice in the RSS
-        return LlamaCppSession(path, threads=threads, n_ctx=options.get("n_ctx"),
+        return LlamaCppSession(path, threads=threads, n_ctx=options.get("n_ctx"), n_batch=options.get("n_batch", 512),
                                flash_attn=options.get("flash_attn", True), use_mmap=options.get("use_mmap", True))
 
 
