@@ -48,13 +48,22 @@ def sts_spearman(embed: Callable[[list[str]], np.ndarray], pairs, batch_size: in
     return 100.0 * spearman(cosines, [p.score for p in pairs]), cosines
 
 
+NLL_CHUNK_ROWS = 64  # rows widened to float64 at a time: a whole 512 x 49k window's temporaries were ~0.6 GB
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of each target under float64 log-softmax of its logits row."""
-    logits = logits.astype(np.float64)
-    peak = logits.max(axis=-1, keepdims=True)
-    log_norm = peak[..., 0] + np.log(np.exp(logits - peak).sum(axis=-1))
-    chosen = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_norm - chosen
+    """Negative log-likelihood of each target under float64 log-softmax of its logits row (row chunks: the
+    same numbers, bounded temporaries)."""
+    targets = np.asarray(targets)
+    rows, wanted = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    out = np.empty(len(wanted), dtype=np.float64)
+    for start in range(0, len(wanted), NLL_CHUNK_ROWS):
+        chunk = rows[start:start + NLL_CHUNK_ROWS].astype(np.float64)
+        peak = chunk.max(axis=-1, keepdims=True)
+        log_norm = peak[:, 0] + np.log(np.exp(chunk - peak).sum(axis=-1))
+        chosen = np.take_along_axis(chunk, wanted[start:start + NLL_CHUNK_ROWS, None], axis=-1)[:, 0]
+        out[start:start + NLL_CHUNK_ROWS] = log_norm - chosen
+    return out.reshape(targets.shape)
 
 
 def sliding_window_perplexity(token_ids: np.ndarray, logits_fn: Callable[[np.ndarray], np.ndarray],
@@ -72,10 +81,10 @@ def sliding_window_perplexity(token_ids: np.ndarray, logits_fn: Callable[[np.nda
         new_from = max(previous_end, start + 1)  # first target position not yet scored (absolute)
         logits = logits_fn(chunk[None, :])[0]
         # logits at position i predict token i+1
-        positions = np.arange(new_from - 1 - start, len(chunk) - 1)
-        if len(positions):
-            total_nll += float(token_nll(logits[positions], chunk[positions + 1]).sum())
-            scored += len(positions)
+        first = new_from - 1 - start
+        if first < len(chunk) - 1:  # a view of the scored rows, not a copy
+            total_nll += float(token_nll(logits[first:len(chunk) - 1], chunk[first + 1:]).sum())
+            scored += len(chunk) - 1 - first
         previous_end = end
         if end == len(token_ids):
             break

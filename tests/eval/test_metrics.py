@@ -81,3 +81,15 @@ def test_sts_batches_do_not_depend_on_string_hashing():
                            env=dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)).stdout
             for seed in ("1", "2", "3", "4")}
     assert len(runs) == 1
+
+
+def test_token_nll_in_row_chunks_equals_the_whole_computation():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 70, 50)).astype(np.float32)  # 210 rows: several chunks, the last one short
+    targets = rng.integers(0, 50, size=(3, 70))
+    wide = logits.astype(np.float64)
+    peak = wide.max(axis=-1, keepdims=True)
+    whole = peak[..., 0] + np.log(np.exp(wide - peak).sum(axis=-1)) - np.take_along_axis(wide, targets[..., None], -1)[..., 0]
+    got = token_nll(logits, targets)
+    assert got.shape == targets.shape
+    np.testing.assert_array_equal(got, whole)
