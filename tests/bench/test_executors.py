@@ -138,7 +138,14 @@ def test_ray_sweep_equals_serial_sweep(tiny_models, tmp_path):
                            executor=ExecutorConfig(kind="ray", local_cpus=2))
     quality = lambda r: {p["model"]: p["quality"] for p in r["points"]}  # noqa: E731
     assert quality(ray_result) == pytest.approx(quality(serial), rel=1e-6)
-    assert ray_result["chosen"]["model"] == serial["chosen"]["model"]
+    # the choice: the best quality; variants that tie on it (the tiny model's int8 and fp32 forms can score
+    # alike) are ordered by latency, which is timing noise between two runs
+    def best(result):
+        top = max(p["quality_ratio"] for p in result["points"])
+        return {p["model"] for p in result["points"] if p["quality_ratio"] == top}
+
+    assert best(ray_result) == best(serial), (ray_result["points"], serial["points"])
+    assert ray_result["chosen"]["model"] in best(serial) and serial["chosen"]["model"] in best(serial)
     assert set(ray_result["executor"]["built_on"]) == {"dense", "dense-int8-dynamic", "prune-25",
                                                        "prune-25-int8-dynamic", "prune-50", "prune-50-int8-dynamic"}
     assert json.loads((tmp_path / "ray" / "summary.json").read_text())["executor"]["kind"] == "ray"
