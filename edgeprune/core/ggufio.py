@@ -284,7 +284,21 @@ def tokenizer_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
 
 def pre_tokenizer_name(tokenizer) -> str | None:
     digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
-    return KNOWN_PRE_TOKENIZERS.get(digest)
+    return KNOWN_PRE_TOKENIZERS.get(digest) or _plain_byte_level(tokenizer)
+
+
+def _plain_byte_level(tokenizer) -> str | None:
+    """``gpt-2`` for a tokenizer whose whole pre-tokenization is GPT-2's byte-level split (what transformers
+    builds when it converts a GGUF tokenizer, and many small BPE models): llama.cpp's ``gpt-2`` pre-tokenizer
+    is that regex, where its ``default`` one splits digits and punctuation differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    plain = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"))
+    no_normalizer = normalizer is None or normalizer == {"type": "Sequence", "normalizers": []}
+    return "gpt-2" if plain and no_normalizer else None
 
 
 def tokenizer_from_hf(tokenizer) -> tuple[list[tuple[str, Any, Any, Any]], dict[str, Any]]:

@@ -264,3 +264,42 @@ def test_quantizing_row_chunks_gives_the_whole_tensors_bytes(qtype):
     chunked = _encode(array, qtype, chunk_bytes=5 * 96 * 4)  # 5 rows at a time, the last chunk short
     assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
     assert chunked.tobytes() == whole.tobytes()
+
+
+def test_a_plain_byte_level_tokenizer_is_written_with_llamacpps_gpt2_pre_tokenizer(bpe_llama):
+    import transformers
+
+    from edgeprune.core.ggufio import pre_tokenizer_name
+
+    assert pre_tokenizer_name(transformers.AutoTokenizer.from_pretrained(bpe_llama)) == "gpt-2"
+
+
+@pytest.mark.llamacpp
+def test_smollm2_tokenizer_saved_by_transformers_splits_like_llamacpp(llamacpp_runtime, tmp_path):
+    """transformers' conversion of SmolLM2's GGUF tokenizer pre-tokenizes with plain GPT-2 byte-level rules; the
+    exported GGUF must tell llama.cpp so (with its ``default`` rules digits split differently)."""
+    import torch
+    import transformers
+
+    from edgeprune.core.loading import smollm2_path
+    from edgeprune.exporters.gguf_api import SAMPLE_TEXT
+
+    if not smollm2_path().is_file():
+        pytest.skip("smollm2-135m not fetched (edgeprune models fetch smollm2-135m)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_path().parent), gguf_file=smollm2_path().name)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = export(tmp_path / "m", tmp_path / "out", ExportConfig(target="llamacpp", quantize="f32",
+                                                                 min_greedy_agreement=0.0, max_ppl_ratio=10.0),
+                 progress=False)
+    assert read_fields(out / GGUF_FILE)["tokenizer.ggml.pre"] == "gpt-2"
+    session = llamacpp_runtime.load(str(out / GGUF_FILE), threads=1)
+    try:
+        text = SAMPLE_TEXT + " In 2024, 12345 people paid $3.50."
+        assert session.encode(text, add_special_tokens=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        session.close()
