@@ -114,6 +114,15 @@ class SafetensorsWeights(LazyWeights):
         finally:
             self.close()
 
+    def lookup(self, name: str, ids) -> dict[int, torch.Tensor]:
+        """Rows ``ids`` of a matrix (an embedding table), each read on its own; the shard is opened once."""
+        file, stored = self._files[name]
+        try:
+            piece = self._handle(file).get_slice(stored)
+            return {int(i): piece[int(i):int(i) + 1][0] for i in ids}
+        finally:
+            self.close()
+
     def shape(self, name: str) -> tuple[int, ...]:
         file, stored = self._files[name]
         return tuple(int(d) for d in self._handle(file).get_slice(stored).get_shape())
@@ -234,12 +243,14 @@ class _TensorInfo(NamedTuple):
     logical_shape: tuple  # numpy shape of the dequantized tensor
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so parsing peaks do not add up."""
+def release_memory(collect: bool = True) -> None:
+    """Collect garbage (``collect``) and hand freed heap pages back to the OS (glibc), so parsing peaks do not
+    add up."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
