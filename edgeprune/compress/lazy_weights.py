@@ -273,7 +273,7 @@ def checkpoint_numel(source) -> int | None:
             from edgeprune.core.ggufio import read_gguf_metadata
 
             return sum(math.prod(dims) for _, dims, _ in read_gguf_metadata(source.path, tensors=True)[1])
-        if source.kind == "local":
+        if source.kind in ("local", "artifact"):  # a compressed artifact is a safetensors directory too
             return SafetensorsWeights(source.path).numel()
     except (EdgePruneError, OSError, ValueError):
         return None

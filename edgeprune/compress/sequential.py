@@ -92,24 +92,35 @@ def compute_dtype(requested: str | None, stored: torch.dtype) -> tuple[torch.dty
     return output, output
 
 
-def should_run_sequential(model, config) -> bool:
-    """True (and one line on stderr) when the in-memory path would not fit in MEMORY_FRACTION of the
-    available memory and the model and recipe can be compressed block by block."""
+def exceeds_memory(source) -> tuple[float, float] | None:
+    """(bytes the in-memory path needs, bytes available) when it would not fit in MEMORY_FRACTION of the
+    available memory, else None (also when the checkpoint's size cannot be read from its headers)."""
     import psutil
 
     from edgeprune.compress.lazy_weights import checkpoint_numel
+
+    numel = checkpoint_numel(source)
+    if numel is None:
+        return None
+    need, available = numel * 4 * IN_MEMORY_PEAK_RATIO, psutil.virtual_memory().available
+    return (need, available) if need > MEMORY_FRACTION * available else None
+
+
+def should_run_sequential(model, config) -> bool:
+    """True (and one line on stderr) when the in-memory path would not fit in MEMORY_FRACTION of the
+    available memory and the model and recipe can be compressed block by block."""
     from edgeprune.core.loading import resolve
 
     try:
         source = resolve(model)
     except EdgePruneError:
         return False  # the in-memory path reports it
-    numel = checkpoint_numel(source) if source.kind in ("local", "gguf") else None
-    if numel is None:
+    if source.kind not in ("local", "gguf"):
         return False
-    need, available = numel * 4 * IN_MEMORY_PEAK_RATIO, psutil.virtual_memory().available
-    if need <= MEMORY_FRACTION * available:
+    too_big = exceeds_memory(source)
+    if too_big is None:
         return False
+    need, available = too_big
     try:
         check_supported(config, _read_config(source).model_type)
     except EdgePruneError as exc:
@@ -349,9 +360,7 @@ class BlockwiseLogits:
     def tensors(self):
         """``(read(hf_name) -> float32 numpy, {hf_name: shape})`` straight from the shards, one tensor at a time
         (what ``ggufio.export_tensors`` streams); an LM head tied to the embeddings is not listed."""
-        shapes = {}
-        for name, piece in zip(self.weights.names(), self.weights._slices()):
-            shapes[name] = tuple(int(d) for d in piece.get_shape())
+        shapes = {name: self.weights.shape(name) for name in self.weights.names()}
         if self.head != "lm_head.weight":
             shapes.pop("lm_head.weight", None)
         self.weights.close()

@@ -64,6 +64,15 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def compressed_manifest(directory: Path) -> dict:
+    """The manifest of a compressed-model artifact whose files match their recorded hashes (else one line)."""
+    manifest = read_manifest(directory)
+    if manifest.get("stage") != "compress":
+        raise EdgePruneError(f"{directory}: a {manifest.get('stage')!r} artifact, not a compressed model")
+    check_integrity(directory, manifest)
+    return manifest
+
+
 def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
     """Rebuild a compressed model: dense skeleton -> stored shapes -> load weights strictly."""
     import transformers
@@ -71,10 +80,7 @@ def load_artifact(path: str | Path, task: str | None = None) -> LoadedModel:
     from edgeprune.core.arch import get_adapter
 
     directory = Path(path)
-    manifest = read_manifest(directory)
-    if manifest.get("stage") != "compress":
-        raise EdgePruneError(f"{directory}: a {manifest.get('stage')!r} artifact, not a compressed model")
-    check_integrity(directory, manifest)
+    manifest = compressed_manifest(directory)
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     adapter = get_adapter(config)
     task = task_for(adapter, task or manifest.get("task"))

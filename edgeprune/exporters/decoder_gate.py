@@ -117,9 +117,9 @@ def decoder_quality_gate(reference: LogitsFn | ReferenceRun, candidate: LogitsFn
           or reference.greedy_prompt_len != greedy_prompt_len or len(reference.greedy_path) != greedy_tokens):
         raise EdgePruneError("decoder gate: the reference run was computed on other tokens or settings")
     ref_ppl, scored = reference.perplexity, reference.scored
-    cand_rec = _ArgmaxRecorder(candidate)
-    cand_ppl, _ = sliding_window_perplexity(ids, cand_rec, window, max(window // 2, 1))
     stride = max(window // 2, 1)
+    cand_rec = _ArgmaxRecorder(candidate)
+    cand_ppl, _ = sliding_window_perplexity(ids, cand_rec, window, stride)
     # Both saw the same windows in the same order: position-wise top-1 agreement comes for free (informational;
     # overlapping window positions count once per window).
     window_top1 = float(np.mean(np.concatenate(

@@ -20,7 +20,6 @@ import numpy as np
 from edgeprune.core.artifacts import staged_output, write_manifest
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.ggufio import GGUF_FILE, check_gguf_type, export_tensors
-from edgeprune.core.loading import ModelSource
 
 # (max perplexity ratio vs PyTorch fp32, min greedy agreement over 32 tokens) per GGUF type, on the gate's
 # tokens. Measured on SmolLM2-135M (docs/llamacpp.md, "GGUF gate tolerances"): q4_0 ratio 1.141, greedy
@@ -159,17 +158,14 @@ def streaming_input(source) -> GGUFInput:
     import transformers
 
     from edgeprune.compress.sequential import BlockwiseLogits
-    from edgeprune.core.artifacts import check_integrity, read_manifest
     from edgeprune.core.loading import prepare_tokenizer
+    from edgeprune.core.model_artifact import compressed_manifest
 
     if source.kind not in STREAMABLE:
         raise EdgePruneError(f"--streaming reads a compressed artifact or a local Hugging Face directory with "
                              f"safetensors, not a {source.kind} source ({source.path}); drop --streaming")
     if source.kind == "artifact":
-        manifest = read_manifest(source.path)
-        if manifest.get("stage") != "compress":
-            raise EdgePruneError(f"{source.path}: a {manifest.get('stage')!r} artifact, not a compressed model")
-        check_integrity(Path(source.path), manifest)
+        compressed_manifest(Path(source.path))
     blockwise = BlockwiseLogits(source.directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory)
     prepare_tokenizer(tokenizer)
@@ -182,19 +178,12 @@ STREAMABLE = ("artifact", "local")
 
 def wants_streaming(source, say) -> bool:
     """Stream when loading the model would not fit (the rule ``compress`` uses to go --sequential)."""
-    import psutil
+    from edgeprune.compress.sequential import MEMORY_FRACTION, exceeds_memory
 
-    from edgeprune.compress.lazy_weights import checkpoint_numel
-    from edgeprune.compress.sequential import IN_MEMORY_PEAK_RATIO, MEMORY_FRACTION
-
-    if source.kind not in STREAMABLE:
+    too_big = exceeds_memory(source) if source.kind in STREAMABLE else None
+    if too_big is None:
         return False
-    numel = checkpoint_numel(ModelSource("local", source.path)) if source.kind == "artifact" else checkpoint_numel(source)
-    if numel is None:
-        return False
-    need, available = numel * 4 * IN_MEMORY_PEAK_RATIO, psutil.virtual_memory().available
-    if need <= MEMORY_FRACTION * available:
-        return False
+    need, available = too_big
     say(f"loading the model needs ~{need / 1e9:.1f} GB, more than {MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} "
         "GB available: writing the GGUF file tensor by tensor from the shards (--streaming)")
     return True
