@@ -1,6 +1,7 @@
 """Peak memory of ``edgeprune compress --sequential`` phase by phase: runs the ``edgeprune`` command line in
 this process and prints the current RSS and the kernel's high-water mark (VmHWM) at the entry and exit of
-each phase of the sequential path (config, weights directory, tokenizer, calibration, captures, passes).
+each phase of the sequential path (config, weights directory, tokenizer, calibration, captures, passes, the
+sequential Fisher's sweeps).
 
     python benchmarks/tools/rss_phases.py compress smollm2-135m -o OUT --sequential --recipe ... --calib ...
 
@@ -55,6 +56,10 @@ def main(argv: list[str]) -> int:
     for name in ("_parse_gguf", "_read_config", "_load_tokenizer", "_capture_inputs", "_score_pass", "_write_pass"):
         wrap(sequential, name)
     import edgeprune.compress.reconstruct as reconstruct
+    import edgeprune.compress.sequential_fisher as sequential_fisher
+
+    for name in ("sequential_scores", "_head_gradients"):  # pass 1 of the gradient criteria
+        wrap(sequential_fisher, name)
 
     wrap(reconstruct, "refit_block")  # per block of pass 2 (imported by _write_pass when it runs)
     wrap(sequential.ShardWriter, "flush")

@@ -6,8 +6,11 @@ The model skeleton lives on the meta device; weights are read lazily one tensor 
 
 * pass 1 (scores): for each block, load it, run the cached inputs through it with hooks that collect the
   statistics its criterion needs (FLAP fluctuation moments; none for magnitude), score its heads / KV groups
-  and FFN neurons, keep its outputs as the next block's inputs, free it;
-* allocation over all blocks at once (uniform, global or a FLOPs budget: the same allocators as in memory);
+  and FFN neurons, keep its outputs as the next block's inputs, free it; for the gradient criteria (fisher,
+  taylor) the whole model's mask gradients instead, a forward and a backward sweep over the blocks with the
+  block inputs on disk (:mod:`edgeprune.compress.sequential_fisher`);
+* allocation over all blocks at once (uniform, global, a FLOPs budget or the joint search on the Fisher
+  blocks: the same allocators as in memory);
 * pass 2 (write): for each block, load it, slice it to the plan (whole KV groups or query heads within
   groups, FFN neurons), optionally re-fit its output projections by least squares from the *pruned*
   model's inputs to the dense block's outputs (what ``--reconstruct`` does in memory), run the cached
@@ -15,8 +18,8 @@ The model skeleton lives on the meta device; weights are read lazily one tensor 
 
 At most one decoder block is materialised at a time (plus, during calibration and at the very end, the
 embedding table).
-Criteria that need gradients of the whole model (fisher, taylor, movement) and allocators that need their
-interaction blocks (joint, --rearrange) are refused; sparsity and fine-tuning run in memory on the artifact.
+Movement (which fine-tunes the whole model) and --rearrange are refused; sparsity and fine-tuning run in
+memory on the artifact.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ import torch
 from edgeprune.core.errors import EdgePruneError
 
 FAMILIES = ("llama", "mistral", "qwen2")
-IMPORTANCE = ("flap", "magnitude")  # forward-only / weight-only criteria that score one block at a time
-ALLOCATIONS = ("uniform", "global", "flops_budget")  # need only the per-unit scores of every block
+# forward-only / weight-only criteria that score one block at a time, and the whole model's mask gradients
+# computed block by block (sequential_fisher: a forward sweep, then a backward sweep from the LM head)
+IMPORTANCE = ("flap", "magnitude", "fisher", "taylor")
+GRADIENT_IMPORTANCE = ("fisher", "taylor")
+ALLOCATIONS = ("uniform", "global", "flops_budget", "joint")  # joint: on the fisher's blocks (rows on disk)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The in-memory path peaked at 2.4x the fp32 weight bytes (SmolLM2-135M: 1.29 GB for 538 MB); it is chosen
 # only while that fits in this fraction of the available memory.
@@ -54,13 +60,16 @@ def check_supported(config, model_type: str | None = None) -> None:
     if not s.active:
         raise EdgePruneError("--sequential prunes heads/FFN neurons: pass --heads/--ffn or --flops-budget")
     if s.importance not in IMPORTANCE:
-        raise EdgePruneError(f"--sequential: importance {s.importance!r} needs gradients of the whole model; "
-                             f"use one scored block by block ({', '.join(IMPORTANCE)}) or drop --sequential")
+        raise EdgePruneError(f"--sequential: importance {s.importance!r} cannot be computed block by block; "
+                             f"use one that can ({', '.join(IMPORTANCE)}) or drop --sequential")
     if s.rearrange or s.allocation not in ALLOCATIONS:
         what = "--rearrange" if s.rearrange else f"allocation {s.allocation!r}"
-        raise EdgePruneError(f"--sequential: {what} needs the Fisher interaction blocks of the whole model; "
-                             f"use --allocation {' | '.join(ALLOCATIONS[:2])} (with --flops-budget for a global "
-                             "budget) or drop --sequential")
+        raise EdgePruneError(f"--sequential: {what} needs the whole model at once; use --allocation "
+                             f"{' | '.join(ALLOCATIONS[:2])} (with --flops-budget for a global budget) or joint "
+                             "(with --importance fisher), or drop --sequential")
+    if s.allocation == "joint" and s.importance != "fisher":
+        raise EdgePruneError(f"--sequential: allocation 'joint' needs the Fisher interaction blocks; use "
+                             f"--importance fisher, not {s.importance!r}")
     if config.sparsity.active or config.finetune.enabled:
         raise EdgePruneError("--sequential does structured pruning only; run sparsity / fine-tuning on its "
                              "artifact afterwards (edgeprune compress OUT ...) or drop --sequential")
@@ -489,7 +498,8 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
     from edgeprune.compress.calibration import load_calibration, load_texts
     from edgeprune.compress.importance import Scores
     from edgeprune.compress.lazy_weights import open_weights, release_memory
-    from edgeprune.compress.plan import effective_allocation, get_allocation
+    from edgeprune.compress.plan import (ALLOCATIONS_NEEDING_INTERACTIONS, budget_for_fractions, effective_allocation,
+                                         get_allocation)
     from edgeprune.core.anatomy import record_shapes
     from edgeprune.core.loading import TASK_CLASSES, prepare_tokenizer, resolve
 
@@ -533,14 +543,29 @@ def compress_sequential(model, out, config, overwrite: bool = False, dtype: str 
                              seed=config.seed) if calibrated else []
     timings = {"load_s": round(time.perf_counter() - started, 3)}
     step = time.perf_counter()
-    score_inputs = s.importance == "flap"  # magnitude scores need no activations
+    score_inputs = s.importance != "magnitude"  # magnitude scores need no activations
     inputs = _capture_inputs(skeleton, adapter, weights, calib, run_dtype) if score_inputs else []
-    heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
-    del inputs
-    timings["score_pass_s"] = round(time.perf_counter() - step, 3)
-    scores = Scores(heads, kv_heads, neurons, comparable=False)
     allocation = effective_allocation(s)
+    scratch = None
+    if s.importance in GRADIENT_IMPORTANCE:
+        from edgeprune.compress.sequential_fisher import scratch_directory, sequential_scores
+
+        scratch = scratch_directory(out)  # the block inputs, then the FFN Fisher blocks (joint) until allocated
+        scores = sequential_scores(loader, skeleton, adapter, weights, calib, inputs, run_dtype, s.importance,
+                                   allocation in ALLOCATIONS_NEEDING_INTERACTIONS, Path(scratch.name),
+                                   config.seed, progress)
+    else:
+        heads, kv_heads, neurons = _score_pass(loader, skeleton, adapter, calib, inputs, s.importance, progress)
+        scores = Scores(heads, kv_heads, neurons, comparable=False)
+    del inputs
+    release_memory()
+    timings["score_pass_s"] = round(time.perf_counter() - step, 3)
+    if s.flops_budget is None and allocation in ALLOCATIONS_NEEDING_INTERACTIONS:
+        s = s.replace(flops_budget=budget_for_fractions(adapter.dense_shapes(hf_config), s, adapter, hf_config))
     plan = get_allocation(allocation)(scores, adapter.dense_shapes(hf_config), s, adapter, hf_config)
+    del scores
+    if scratch is not None:
+        scratch.cleanup()
     plan.meta.update({"importance": s.importance, "allocation": allocation, "gqa_mode": s.gqa_mode,
                       "sequential": True})
     reconstruct_cfg = config.reconstruct if config.reconstruct.enabled else None

@@ -46,6 +46,9 @@ def _logits(directory, ids):
 @pytest.mark.parametrize("importance,allocation,extra", [
     ("flap", "uniform", {}),
     ("magnitude", "global", {"flops_budget": 0.7, "seq_len": 1}),
+    ("fisher", "global", {"flops_budget": 0.7, "seq_len": 1}),
+    ("fisher", "joint", {"flops_budget": 0.7, "seq_len": 1}),
+    ("taylor", "uniform", {}),
 ])
 def test_sequential_equals_in_memory(tiny_models, tmp_path, family, importance, allocation, extra):
     models, calib = tiny_models
@@ -299,12 +302,49 @@ def test_gguf_metadata_parsed_once_equals_transformers(tiny_models, tmp_path, mo
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_sequential_fisher_scores_equal_whole_model_fisher(tiny_models, tmp_path, monkeypatch, batch_size):
+    """The block-by-block backward sweep gives the whole model's Fisher: its diagonal, the heads' and the
+    neurons' interaction blocks (rows read from disk) and the Taylor sums. With one sequence per batch the
+    pseudo-labels are the same draws, so the scores agree to float rounding; with larger batches the
+    in-memory path draws a batch's labels in one call (other draws), so only the plan's test above applies."""
+    from edgeprune.compress import sequential_fisher
+    from edgeprune.compress.plan import base
+
+    models, calib = tiny_models
+    recorded = {}
+    joint = base._ALLOCATORS["joint"]
+
+    def recording(scores, *args, **kwargs):  # the sequential rows are on disk only until the plan is made
+        blocks = [b.materialize() if hasattr(b, "materialize") else b for b in scores.neuron_interactions]
+        recorded[len(recorded)] = (scores, blocks)
+        return joint(scores, *args, **kwargs)
+
+    monkeypatch.setitem(base._ALLOCATORS, "joint", recording)
+    monkeypatch.setattr(sequential_fisher, "HEAD_TOKENS", 5)  # the LM head's logits in chunks of tokens
+    config = _config(calib, "fisher", "joint", flops_budget=0.7, seq_len=1)
+    config = config.replace(calibration=config.calibration.replace(batch_size=batch_size))
+    compress(models["llama"], tmp_path / "mem", config, sequential=False)
+    compress(models["llama"], tmp_path / "seq", config, sequential=True, dtype="fp32")
+    (mem, mem_blocks), (seq, seq_blocks) = recorded[0], recorded[1]
+    assert seq.comparable and mem.comparable
+    assert not list(tmp_path.glob(".edgeprune-fisher-*"))  # the scratch directory is gone
+    if batch_size > 1:
+        return
+    for a, b in zip(mem.heads + mem.kv_heads + mem.neurons, seq.heads + seq.kv_heads + seq.neurons):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-9)
+    for a, b in zip(mem.head_interactions, seq.head_interactions):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-9)
+    for a, b, rows in zip(mem_blocks, seq_blocks, seq.neuron_interactions):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(rows.diagonal(), a.diagonal(), rtol=1e-4, atol=1e-9)
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("structured,message", [
-    ({"importance": "fisher"}, "importance 'fisher' needs gradients of the whole model; use one scored block by block (flap, magnitude)"),
-    ({"importance": "fisher", "allocation": "joint", "flops_budget": 0.7}, "needs gradients"),
-    ({"importance": "flap", "allocation": "joint", "flops_budget": 0.7}, "allocation 'joint' needs the Fisher interaction blocks"),
-    ({"importance": "flap", "rearrange": True}, "--rearrange needs the Fisher interaction blocks"),
+    ({"importance": "movement"}, "importance 'movement' cannot be computed block by block; use one that can (flap, magnitude, fisher, taylor)"),
+    ({"importance": "flap", "allocation": "joint", "flops_budget": 0.7}, "allocation 'joint' needs the Fisher interaction blocks; use --importance fisher"),
+    ({"importance": "fisher", "rearrange": True}, "--rearrange needs the whole model at once"),
 ])
 def test_whole_model_criteria_are_refused(tiny_models, tmp_path, structured, message):
     models, calib = tiny_models
@@ -325,8 +365,8 @@ def test_cli_one_line_errors(tiny_models, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("edgeprune: error: --sequential supports the Llama family")
     result = run(str(models["llama"]), "-o", str(tmp_path / "f"), "--sequential", "--heads", "0.3",
-                 "--importance", "fisher", "--calib", str(calib))
-    assert result.returncode != 0 and "needs gradients of the whole model" in result.stderr.strip().splitlines()[-1]
+                 "--importance", "movement", "--calib", str(calib))
+    assert result.returncode != 0 and "cannot be computed block by block" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "b").exists() and not (tmp_path / "f").exists()
 
 

@@ -22,7 +22,9 @@ class _Block:
 
     layer: int
     kind: str  # "heads" | "neurons"
-    fisher: torch.Tensor  # [units, units], float64
+    # [units, units], symmetric, in any float dtype (rows are widened to float64 as they are used), or any
+    # object with ``shape``, ``diagonal()`` and row indexing (the sequential path's rows on disk)
+    fisher: torch.Tensor
     cost: float  # block FLOPs of one unit
     removed: torch.Tensor  # bool [units]
     marginal: torch.Tensor  # loss added by removing each unit now: F_uu + 2 sum_{v removed} F_uv
@@ -39,7 +41,7 @@ class _Block:
 
     def remove(self, unit: int) -> None:
         self.removed[unit] = True
-        self.marginal += 2 * self.fisher[:, unit]
+        self.marginal += 2 * self.fisher[unit].double()  # the row: equal to the column, and contiguous
 
     @property
     def kept(self) -> tuple[int, ...]:
@@ -58,14 +60,14 @@ def _joint_blocks(scores, shapes: list[LayerShape], cfg: StructuredConfig, adapt
             head_block = _kv_group_block(head_block, shape)
         removed_shape = units.without_one()
         full = adapter.block_flops(config, shape, cfg.seq_len)
-        neuron_block = scores.neuron_interactions[i].double()
+        neuron_block = scores.neuron_interactions[i]  # not widened whole: float32 is half the memory
         for kind, fisher, smaller in (("heads", head_block, removed_shape),
                                       ("neurons", neuron_block, LayerShape(shape.heads, shape.kv_heads, shape.ffn - 1))):
             flops = float(full - adapter.block_flops(config, smaller, cfg.seq_len))
             cost = flops if price is None else price.unit_cost(kind, shape.heads - smaller.heads)
             # a sublayer that depth pruning removes anyway is frozen: no budget is spent on it
             blocks.append(_Block(i, kind, fisher, cost, torch.zeros(fisher.shape[0], dtype=torch.bool),
-                                 fisher.diagonal().clone(), flops,
+                                 fisher.diagonal().to(torch.float64, copy=True), flops,
                                  price is not None and price.removed_with_depth(i, kind)))
     return blocks
 
