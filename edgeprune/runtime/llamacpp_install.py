@@ -54,7 +54,7 @@ INSTALL_HINT = "run `edgeprune runtime install llamacpp` (builds llama-cpp-pytho
 
 SELF_TEST = r"""
 import json, sys
-sys.path.append(sys.argv[1])
+sys.path.insert(0, sys.argv[1])  # the build under test, never another llama_cpp the environment holds
 import llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[2], n_ctx=64, n_threads=int(sys.argv[3]), verbose=False)
 ids = llm.tokenize(b"The capital of France is", add_bos=True)

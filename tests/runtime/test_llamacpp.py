@@ -183,3 +183,35 @@ def test_target_logits_equal_full_logits(tiny_gguf, llamacpp_runtime):
         np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-4)
     finally:
         backend.session.close()
+
+
+FAKE_LLAMA = {
+    "crashes": "import os, signal\nclass Llama:\n    def __init__(self, **kw):\n        os.kill(os.getpid(), signal.SIGSEGV)\n",
+    "works": ("class Llama:\n    def __init__(self, **kw): pass\n    def tokenize(self, text, add_bos=True): return [1, 2]\n"
+              "    def generate(self, ids, **kw):\n        yield from range(3, 20)\n"
+              "    def detokenize(self, ids): return b'text'\n"),
+}
+
+
+@pytest.mark.parametrize("behaviour", ["crashes", "works"])
+def test_a_llama_cpp_from_elsewhere_is_self_tested_before_use(tmp_path, behaviour):
+    # another package's llama-cpp-python (a native build that segfaults on AMX CPUs) must not take the caller down
+    package = tmp_path / "elsewhere" / "llama_cpp"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LLAMA[behaviour])
+    (package / "lib" / "libggml-cpu.so").write_bytes(b"\0")
+    code = ("from edgeprune.runtime.base import get_runtime; r = get_runtime('llamacpp', require_available=False); "
+            "print(repr(r.why_unavailable()))")
+    env = {"EDGEPRUNE_LLAMACPP_SITE": str(tmp_path / "nowhere"), "EDGEPRUNE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": f"{package.parent}:{Path(__file__).parents[2]}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for attempt in range(2):  # the second call reads the cached verdict
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        reason = eval(result.stdout.strip().splitlines()[-1])
+        if behaviour == "works":
+            assert reason == ""
+        else:
+            assert f"the llama_cpp installed in this environment ({package}) fails its self-test" in reason
+            assert "signal 11" in reason and "edgeprune runtime install llamacpp" in reason
+        verdicts = list((tmp_path / "cache" / "llamacpp" / "existing-installs").glob("*.json"))
+        assert len(verdicts) == 1 and json.loads(verdicts[0].read_text())["ok"] == (behaviour == "works")
