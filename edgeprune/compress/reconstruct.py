@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from edgeprune.core.arch.base import ArchAdapter, ParamSlice
+from edgeprune.compress.lazy_weights import release_memory
 from edgeprune.core.errors import EdgePruneError
 
 
@@ -87,10 +88,13 @@ def _weight_out_in(spec: ParamSlice) -> torch.Tensor:
 
 def _current_params(spec: ParamSlice) -> torch.Tensor:
     """[out, in+1]: weight with the bias (or zeros) as the last column."""
-    weight = _weight_out_in(spec).double()
+    weight = _weight_out_in(spec)
+    params = torch.zeros(weight.shape[0], weight.shape[1] + 1, dtype=torch.float64)  # one float64 copy
+    params[:, :-1] = weight
     bias = getattr(spec.module, "bias", None)
-    bias = bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    return torch.cat([weight, bias[:, None]], dim=1)
+    if bias is not None:
+        params[:, -1] = bias.detach()
+    return params
 
 
 def _error(params: torch.Tensor, normal: _Normal) -> float:
@@ -108,35 +112,91 @@ def _solve(normal: _Normal, current: torch.Tensor, damping: float, has_bias: boo
         reg[d] = 0.0  # the bias is cheap to fit and should absorb mean shifts freely
     elif has_bias:
         reg[d] = 1e12 * max(ridge, 1.0)  # effectively pinned to its current value
-    gram = normal.gram + torch.diag(reg)
     rhs = normal.cross + reg[:, None] * current.T
-    if not has_bias:  # no bias parameter: pin that column to zero
-        gram, rhs = gram[:d, :d], rhs[:d]
-    solution = torch.linalg.solve(gram, rhs).T
-    if not has_bias:
-        solution = torch.cat([solution, torch.zeros(solution.shape[0], 1, dtype=solution.dtype)], dim=1)
+    # The ridge goes onto the Gram matrix in place and comes off exactly (its diagonal saved): at
+    # d = 8192 each [d+1, d+1] float64 copy is 537 MB, and the solve's factorisation is one already.
+    diagonal = normal.gram.diagonal().clone()
+    normal.gram.diagonal().add_(reg)
+    try:
+        if has_bias:
+            solution = torch.linalg.solve(normal.gram, rhs).T
+        else:  # no bias parameter: pin that column to zero
+            solution = torch.linalg.solve(normal.gram[:d, :d], rhs[:d]).T
+            solution = torch.cat([solution, torch.zeros(solution.shape[0], 1, dtype=solution.dtype)], dim=1)
+    finally:
+        normal.gram.diagonal().copy_(diagonal)
     return solution
 
 
-def _solve_scales(normal: _Normal, current: torch.Tensor, width: int, damping: float) -> torch.Tensor:
+def _fit_scales(normal: _Normal, current: torch.Tensor, width: int, damping: float) -> tuple[torch.Tensor, float, float]:
     """Kwon et al.'s mask tuning: keep the weights' directions, re-fit one scale per unit (head of
     ``width`` columns, or neuron) by ridge least squares toward 1; the bias stays as it is.
+    Returns (parameters, error before, error after). Consumes ``normal``: its Gram matrix and cross terms are
+    released as the units' equations are built (for neurons in the Gram matrix's own memory), and those
+    are factorised in place: one [d, d] float64 matrix at a time (537 MB at d = 8192), not three.
 
-    With contributions c_u = W[:, u] x[u], the normal equations are built from the same Gram matrix:
-    G_s[u, v] = sum_{i in u, j in v} G[i, j] (W^T W)[i, j] and r_u = sum_{i in u} W[:, i] . (C[i] - G[i, 1] b).
+    With contributions c_u = W[:, u] x[u], everything is in the units' space: the error of scales s is
+    (s^T A s - 2 r^T s + const) / tokens, A[u, v] = sum_{i in u, j in v} G[i, j] (W^T W)[i, j],
+    r_u = sum_{i in u} W[:, i] . (C[i] - G[i, d] b), const = b.b G[d, d] - 2 b.C[d] + sum Y^2
+    (the same value as the error of [W diag(s), b] from the full normal equations); s = 1 is the weight as it is.
     """
-    d = normal.gram.shape[0] - 1
+    gram = normal.gram
+    normal.gram = None
+    d = gram.shape[0] - 1
     weight, bias = current[:, :d], current[:, d]
     units = d // width
-    gram_s = (weight.T @ weight).mul_(normal.gram[:d, :d])  # in place: one [d, d] temporary, not three
-    if width > 1:
-        gram_s = gram_s.view(units, width, units, width).sum((1, 3))
-    resid_cross = normal.cross[:d] - normal.gram[:d, d:d + 1] * bias[None, :]
-    r = (weight.T * resid_cross).sum(1).view(units, width).sum(1)
-    ridge = damping * float(gram_s.diagonal().mean().clamp_min(1e-12))
-    gram_s.diagonal().add_(ridge)
-    scales = torch.linalg.solve(gram_s, r + ridge)
-    return torch.cat([weight * scales.repeat_interleave(width)[None, :], bias[:, None]], dim=1)
+    resid_cross = torch.einsum("oi,io->i", weight, normal.cross[:d]) - gram[:d, d] * (bias @ weight)
+    r = resid_cross.view(units, width).sum(1)
+    const = float(bias @ bias) * float(gram[d, d]) - 2 * float(bias @ normal.cross[d]) + normal.target_sq
+    normal.cross = None
+    rows = max(1, 256 // width)  # units per chunk: one [chunk, d] temporary, not a [d, d] one
+    if width == 1:  # A is G[:d, :d] * W^T W: built in G's own memory, then packed to a contiguous [d, d]
+        for start in range(0, d, rows):
+            stop = min(d, start + rows)
+            gram[start:stop, :d].mul_(weight[:, start:stop].T @ weight)
+        unit_gram = _pack_leading_block(gram)
+    else:
+        unit_gram = torch.empty(units, units, dtype=torch.float64)
+        for start in range(0, units, rows):
+            cols = slice(start * width, min(units, start + rows) * width)
+            block = (weight[:, cols].T @ weight).mul_(gram[cols, :d])
+            unit_gram[start:start + rows] = block.view(-1, width, units, width).sum((1, 3))
+    del gram
+    tokens = max(normal.tokens, 1)
+    before = float(unit_gram.sum() - 2 * r.sum() + const) / tokens
+    ridge = damping * float(unit_gram.diagonal().mean().clamp_min(1e-12))
+    unit_gram.diagonal().add_(ridge)
+    scales = _solve_positive_in_place(unit_gram, r + ridge)
+    if scales is None:  # not numerically positive definite: keep the weights as they are
+        return current, before, before
+    # (A + ridge I) s = r + ridge 1 gives s^T A s without A (factorised in place above)
+    after = float(ridge * (scales.sum() - scales @ scales) - r @ scales + const) / tokens
+    return torch.cat([weight * scales.repeat_interleave(width)[None, :], bias[:, None]], dim=1), before, after
+
+
+def _pack_leading_block(square: torch.Tensor) -> torch.Tensor:
+    """``square[:-1, :-1]`` as a contiguous matrix in ``square``'s own memory (rows moved down in place;
+    numpy copies overlapping slices correctly); ``square`` is overwritten."""
+    n = square.shape[0] - 1
+    flat = square.view(-1).numpy()
+    for i in range(1, n):
+        flat[i * n:(i + 1) * n] = flat[i * (n + 1):i * (n + 1) + n]
+    return square.view(-1)[:n * n].view(n, n)
+
+
+def _solve_positive_in_place(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    """Solve ``matrix @ x = rhs`` for a symmetric positive definite float64 ``matrix``, overwriting it with
+    its Cholesky factor (LAPACK through scipy): torch's solvers factorise a copy, another [d, d] matrix.
+    None when the factorisation fails (not positive definite in floating point)."""
+    from scipy.linalg import lapack
+
+    assert matrix.dtype == torch.float64 and matrix.is_contiguous()
+    column_major = matrix.numpy().T  # the same memory; symmetric, so the same matrix
+    factor, info = lapack.dpotrf(column_major, lower=0, overwrite_a=1, clean=0)
+    if info != 0:
+        return None
+    solution, info = lapack.dpotrs(factor, rhs.numpy(), lower=0)
+    return torch.from_numpy(solution) if info == 0 else None
 
 
 @torch.no_grad()
@@ -165,8 +225,9 @@ def _run_layer(layer, inputs, hooks: dict | None = None):
 def _accumulate(normal: _Normal | None, x: torch.Tensor, y: torch.Tensor) -> _Normal:
     """Add one batch's (consumer inputs ``x`` [tokens, d], targets ``y`` [tokens, out]) to the normal
     equations of [x, 1]: the sums over batches equal those of all batches' activations concatenated."""
-    x = x.double()
-    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    x_one = torch.ones(x.shape[0], x.shape[1] + 1, dtype=torch.float64)  # one float64 copy of x, not two
+    x_one[:, :-1] = x
+    x = x_one
     y = y.double()
     if normal is None:
         return _Normal(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.shape[0])
@@ -197,14 +258,15 @@ def _consumer_input(layer, module, call) -> torch.Tensor:
 
 
 def _fit_consumer(spec: ParamSlice, normal: _Normal, mode: str, damping: float, fit_bias: bool, width: int) -> dict:
-    """Solve one consumer's re-fit from its normal equations and set it, unless it would be worse."""
+    """Solve one consumer's re-fit from its normal equations (the scale fit consumes them) and set it,
+    unless it would be worse."""
     current = _current_params(spec)
     has_bias = getattr(spec.module, "bias", None) is not None
     if mode == "scales":
-        solution = _solve_scales(normal, current, width, damping)
+        solution, before, after = _fit_scales(normal, current, width, damping)
     else:
         solution = _solve(normal, current, damping, has_bias, fit_bias)
-    before, after = _error(current, normal), _error(solution, normal)
+        before, after = _error(current, normal), _error(solution, normal)
     if after < before:  # guard against numerically bad solves: never make a layer worse
         _set_params(spec, solution)
     else:
@@ -254,6 +316,8 @@ def refit_block(layer_d, consumers_d, inputs_d: list, inputs_p: list, calib: Seq
     finally:
         for handle in handles:
             handle.remove()
+    # the dense sweep's activations were freed into the heap: hand those pages back before the solves
+    release_memory(collect=False)
     layer_p, consumers_p = pruned()
     entry = {"attention": _fit_consumer(consumers_p[0], normal, mode, damping, fit_bias, head_dim)}
     normal = None
@@ -262,6 +326,7 @@ def refit_block(layer_d, consumers_d, inputs_d: list, inputs_p: list, calib: Seq
         normal = _accumulate(normal, x1[_token_mask(calib[i], x1.shape)], ffn_targets[i])
         ffn_targets[i] = None  # freed as it is used
         del x1
+    release_memory(collect=False)
     entry["ffn"] = _fit_consumer(consumers_p[1], normal, mode, damping, fit_bias, 1)
     del normal
     if advance:

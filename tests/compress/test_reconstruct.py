@@ -168,3 +168,61 @@ def test_batchwise_refit_equals_all_at_once(tiny_models, calib_file, mode, in_pl
         assert torch.equal(_hidden_of(got), want)
     for got, want in zip(stream_p, ref_out):  # and its pruned inputs, through the re-fitted block
         torch.testing.assert_close(_hidden_of(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width,has_bias", [(1, True), (4, True), (4, False)])
+def test_scale_fit_in_units_space_equals_the_full_equations(width, has_bias):
+    """_fit_scales frees the Gram matrix before its solve and reports its errors from the units' equations:
+    they must equal the errors of the same parameters from the full normal equations."""
+    from edgeprune.compress.reconstruct import _accumulate, _error, _fit_scales
+
+    gen = torch.Generator().manual_seed(3)
+    x, out = torch.randn(200, 24, generator=gen), 7
+    weight = torch.randn(out, 24, generator=gen)
+    bias = torch.randn(out, generator=gen) if has_bias else torch.zeros(out)
+    y = x @ (weight * (1 + 0.3 * torch.randn(24, generator=gen))).T + 0.1 * torch.randn(200, out, generator=gen)
+    current = torch.cat([weight, bias[:, None]], dim=1).double()
+    full = _accumulate(None, x, y)
+    expected_before = _error(current, full)
+    solution, before, after = _fit_scales(_accumulate(None, x, y), current, width, 1e-2)
+    assert before == pytest.approx(expected_before, rel=1e-7)
+    assert after == pytest.approx(_error(solution, full), rel=1e-7)
+    assert after < before
+    scales = solution[:, :24] / current[:, :24]  # one scale per unit of ``width`` columns, bias kept
+    assert torch.allclose(scales, scales[:1].expand_as(scales))
+    assert torch.allclose(scales[0].view(-1, width), scales[0].view(-1, width)[:, :1].expand(-1, width))
+    assert torch.equal(solution[:, 24], current[:, 24])
+
+
+@pytest.mark.parametrize("has_bias,fit_bias", [(True, True), (True, False), (False, False)])
+def test_full_solve_leaves_the_normal_equations_as_they_were(has_bias, fit_bias):
+    from edgeprune.compress.reconstruct import _accumulate, _solve
+
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(100, 12, generator=gen), torch.randn(100, 5, generator=gen)
+    normal = _accumulate(None, x, y)
+    gram = normal.gram.clone()
+    current = torch.randn(5, 13, generator=gen, dtype=torch.float64)
+    solution = _solve(normal, current, 1e-2, has_bias, fit_bias)
+    assert torch.equal(normal.gram, gram)  # the ridge went on in place and came off exactly
+    reference = torch.linalg.lstsq(torch.cat([x, torch.ones(100, 1)], 1).double(), y.double()).solution.T
+    if has_bias and fit_bias:  # a small ridge: near the plain least-squares fit
+        assert torch.allclose(solution, reference, atol=0.05)
+    if not has_bias:
+        assert torch.equal(solution[:, 12], torch.zeros(5, dtype=torch.float64))
+    elif not fit_bias:
+        assert torch.allclose(solution[:, 12], current[:, 12], atol=1e-6)
+
+
+def test_in_place_positive_solve_and_its_refusal():
+    from edgeprune.compress.reconstruct import _pack_leading_block, _solve_positive_in_place
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    square = a @ a.T + torch.eye(9, dtype=torch.float64)
+    leading, rhs = square[:-1, :-1].clone(), torch.randn(8, generator=gen, dtype=torch.float64)
+    packed = _pack_leading_block(square)
+    assert torch.equal(packed, leading) and packed.data_ptr() == square.data_ptr()
+    x = _solve_positive_in_place(packed, rhs)
+    assert torch.allclose(leading @ x, rhs)
+    assert _solve_positive_in_place(-leading.clone(), rhs) is None  # not positive definite: no solution
