@@ -80,13 +80,19 @@ def permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
 def _tensor_type(qtype: str, name: str, shape: tuple[int, ...], tied_output: bool) -> str:
     """Norms and biases stay f32; a row length the block size does not divide falls back to f16 (as
     convert_hf_to_gguf does). The LM head (the token embedding when tied) stays q8_0 under 4/5-bit types:
-    llama.cpp's own quantizer keeps it at higher precision too (Q6_K, which gguf cannot write)."""
+    llama.cpp's own quantizer keeps it at higher precision too (Q6_K, which gguf cannot write). Under q8_0,
+    the type chosen for fidelity, it stays f16: measured on SmolLM2-135M (WikiText-2, 4,095 tokens), an
+    all-q8_0 file is +0.51 % perplexity over PyTorch fp32 and the f16 LM head +0.07 % (f16 alone: +0.01 %),
+    for an 18 % larger file and ~9 % slower decode (docs/llamacpp.md)."""
     import gguf
 
     if len(shape) < 2 or qtype == "f32":
         return "f32"
-    if qtype in LOW_BIT and (name == "output.weight" or (tied_output and name == "token_embd.weight")):
+    lm_head = name == "output.weight" or (tied_output and name == "token_embd.weight")
+    if lm_head and qtype in LOW_BIT:
         qtype = "q8_0"
+    elif lm_head and qtype == "q8_0":
+        return "f16"
     if qtype in ("f16", "bf16"):
         return qtype
     block, _ = gguf.GGML_QUANT_SIZES[_ggml_type(qtype)]

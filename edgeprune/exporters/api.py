@@ -645,6 +645,28 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
     return config, calib_sentences
 
 
+ONNX_SINGLE_FILE_BYTES = 2**31  # protobuf's limit on one serialised ModelProto
+
+
+def _check_onnx_fits_one_file(source) -> None:
+    """Refuse, before loading, a model whose float32 weights exceed one ONNX file's 2 GB: every step here
+    (optimum's tied-weight pass, the shape folding, quantization) saves the graph as one protobuf. Measured:
+    a 1.07 B Llama failed in optimum's post-processing after 1 min 52 s at a 17.0 GB peak."""
+    from edgeprune.compress.lazy_weights import checkpoint_numel
+    from edgeprune.core.loading import resolve
+
+    try:
+        resolved = resolve(source)
+    except EdgePruneError:
+        return  # loading reports it
+    numel = checkpoint_numel(resolved)
+    if numel is not None and numel * 4 > ONNX_SINGLE_FILE_BYTES:
+        raise EdgePruneError(
+            f"{source}: {numel / 1e9:.2f} B parameters are {numel * 4 / 1e9:.1f} GB in float32, over one ONNX "
+            "file's 2 GB (protobuf limit) and ONNX external data is not supported yet; export it with "
+            "--target llamacpp (GGUF, streamed from the shards)")
+
+
 def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,
            allow_pickle: bool = False, progress: bool = True, streaming: bool | None = None) -> Path:
     """Export ``source`` (alias, model dir, compressed artifact, export dir or .onnx) to ``out``; returns ``out``.
@@ -661,6 +683,8 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         raise EdgePruneError("--streaming writes GGUF files (--target llamacpp); the ONNX export traces the model "
                              "in memory (docs/sequential.md gives its peak)")
     config, calib_sentences = _check_request(source, out, config, overwrite, target)
+    if target.file_format != "gguf" and _onnx_source(source) is None:
+        _check_onnx_fits_one_file(source)
     if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 

@@ -306,6 +306,23 @@ def test_weight_only_for_deepsparse_is_one_line_before_any_work(tiny_models, tmp
     assert not leftovers(tmp_path, "out")
 
 
+def test_a_model_over_one_onnx_file_is_refused_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
+    """Over 2 GB of float32 weights (read from the shards' headers) the ONNX path would fail late (optimum's
+    post-processing, at a 17 GB peak for a 1 B model): one line naming the GGUF target instead, nothing written."""
+    from test_cli_errors import assert_one_line_error, leftovers, run_cli
+
+    import edgeprune.compress.lazy_weights as lazy_weights
+
+    monkeypatch.setattr(lazy_weights, "checkpoint_numel", lambda source: 1_073_809_408)
+    code, _, err = run_cli(["export", tiny_models("llama"), "-o", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "1.07 B parameters", "4.3 GB in float32", "--target llamacpp")
+    assert not leftovers(tmp_path, "out")
+    monkeypatch.setattr(lazy_weights, "checkpoint_numel", lambda source: 500_000_000)  # 2.0 GB < 2 GiB: goes on
+    from edgeprune.exporters.api import _check_onnx_fits_one_file
+
+    _check_onnx_fits_one_file(tiny_models("llama"))
+
+
 def test_int8_static_with_calibration(tiny_models, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(sample_texts(80, seed=3)) + "\n")

@@ -303,3 +303,16 @@ def test_smollm2_tokenizer_saved_by_transformers_splits_like_llamacpp(llamacpp_r
         assert session.encode(text, add_special_tokens=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
     finally:
         session.close()
+
+
+def test_the_lm_head_keeps_more_precision_than_the_blocks():
+    from edgeprune.core.ggufio import _tensor_type
+
+    matrix = (64, 96)
+    assert _tensor_type("q8_0", "token_embd.weight", matrix, tied_output=True) == "f16"  # q8_0: fidelity
+    assert _tensor_type("q8_0", "output.weight", matrix, tied_output=False) == "f16"
+    assert _tensor_type("q8_0", "token_embd.weight", matrix, tied_output=False) == "q8_0"  # input lookup only
+    assert _tensor_type("q8_0", "blk.0.ffn_down.weight", matrix, tied_output=True) == "q8_0"
+    assert _tensor_type("q4_0", "token_embd.weight", matrix, tied_output=True) == "q8_0"
+    assert _tensor_type("q4_0", "blk.0.ffn_down.weight", matrix, tied_output=True) == "q4_0"
+    assert _tensor_type("q4_0", "blk.0.attn_norm.weight", (96,), tied_output=True) == "f32"
