@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from edgeprune.core.arch.base import ArchAdapter, ParamSlice
 from edgeprune.compress.lazy_weights import release_memory
+from edgeprune.core.arch.base import ArchAdapter, ParamSlice
 from edgeprune.core.errors import EdgePruneError
 
 

@@ -631,6 +631,8 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
     check_output_dir(out, overwrite)
     if not target.kv_cache and config.with_past and _source_is_decoder(source):
         raise EdgePruneError(_kv_refusal(target))
+    if target.file_format != "gguf" and _onnx_source(source) is None:
+        _check_onnx_fits_one_file(source)
     if not config.calib:
         return config, None
     from edgeprune.core.data_sources import resolve_data
@@ -683,8 +685,6 @@ def export(source: str | Path, out: str | Path, config: ExportConfig | None = No
         raise EdgePruneError("--streaming writes GGUF files (--target llamacpp); the ONNX export traces the model "
                              "in memory (docs/sequential.md gives its peak)")
     config, calib_sentences = _check_request(source, out, config, overwrite, target)
-    if target.file_format != "gguf" and _onnx_source(source) is None:
-        _check_onnx_fits_one_file(source)
     if target.file_format == "gguf":
         from edgeprune.exporters.gguf_api import export_gguf
 
