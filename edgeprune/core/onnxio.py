@@ -46,11 +46,11 @@ def default_session_settings() -> dict:
             "execution_provider": "CPUExecutionProvider", "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS)}
 
 
-def ort_session(path: str | Path, threads: int | None = None, inter_op_threads: int | None = None,
+def ort_session(path: str | Path | bytes, threads: int | None = None, inter_op_threads: int | None = None,
                 optimization: str = DEFAULT_OPTIMIZATION,
                 disabled_optimizers: Sequence[str] = DEFAULT_DISABLED_OPTIMIZERS):
     """An ``onnxruntime.InferenceSession`` on the CPU provider with edgeprune's options; the only place the
-    package constructs one."""
+    package constructs one. ``path``: a file, or a serialized graph (bytes)."""
     import onnxruntime as ort
 
     if optimization not in OPT_LEVELS:
@@ -67,10 +67,11 @@ def ort_session(path: str | Path, threads: int | None = None, inter_op_threads: 
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=list(disabled_optimizers))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise EdgePruneError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+        where = "the in-memory graph" if isinstance(path, bytes) else path
+        raise EdgePruneError(f"onnxruntime cannot load {where}: {str(exc).splitlines()[0][:300]}") from None
 
 
 def run_session(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

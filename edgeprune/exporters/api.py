@@ -55,12 +55,16 @@ class ExportConfig(FrozenConfig):
     # block 32 is the GGUF source's own block size (not measured against others).
     weight_block_size: int = 32
     weight_symmetric: bool = True  # rtn only
-    # auto: hqq with an 8-bit LM head for int4-weight, rtn for int8-weight (measured on SmolLM2-135M: HQQ +0.85 %
-    # perplexity at 1.80x fp32 decode, RTN +21 % at 2.28x; docs/export.md)
-    weight_algorithm: str = "auto"  # auto | rtn | hqq
+    # auto: gptq with an 8-bit LM head for int4-weight (hqq when no calibration text is reachable), rtn for
+    # int8-weight. Measured on SmolLM2-135M (docs/export.md): dense, HQQ +0.85 % perplexity at 1.80x fp32
+    # decode, RTN +21 % at 2.28x; 25 % pruned, GPTQ (256 windows of 256 tokens) +1.8 %, HQQ +11.6 %.
+    weight_algorithm: str = "auto"  # auto | rtn | hqq | gptq
+    # GPTQ's calibration: windows of the --calib text run together (decoders; sentences for encoders)
+    gptq_windows: int = 256
+    gptq_window_tokens: int = 256
     lm_head_bits: int | None = None  # the LM head's bits (0: fp32); None: 8 with auto/hqq int4, else the blocks' bits
     accuracy_level: int = 4  # MatMulNBits compute precision floor: 4 = int8 activations inside the kernel
-    quantize_embeddings: bool = True  # int4-weight: embedding table as GatherBlockQuantized (needs opset 21)
+    quantize_embeddings: bool = True  # embedding table as GatherBlockQuantized, 8-bit beside an 8-bit LM head
     # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
     gate_tokens: int = 4096
     # None: the format's own bounds (ONNX weight-only / INT8: 1.05 and 0.75; GGUF: per type, gguf_api.GATE)
@@ -79,7 +83,8 @@ class ExportConfig(FrozenConfig):
                   (self.sparse_initializers in SPARSE_MODES,
                    f"--sparse-initializers must be one of {', '.join(SPARSE_MODES)} (got {self.sparse_initializers!r})"),
                   (9 <= self.opset <= 21, f"--opset must be between 9 and 21 (got {self.opset})"),
-                  (self.calib_samples >= 1 and self.calib_max_length >= 2, "calibration sizes must be positive"),
+                  (self.calib_samples >= 1 and self.calib_max_length >= 2 and self.gptq_windows >= 1
+                   and self.gptq_window_tokens >= 2, "calibration sizes must be positive"),
                   (self.atol > 0 and self.rtol > 0, "tolerances must be positive"),
                   (self.weight_block_size >= 16 and self.weight_block_size & (self.weight_block_size - 1) == 0,
                    f"--block-size must be a power of two >= 16 (got {self.weight_block_size})"),
@@ -138,7 +143,7 @@ def _max_positions(config: dict) -> int | None:
 
 
 def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportConfig, offset: int = 0,
-                         count: int | None = None):
+                         count: int | None = None, max_length: int | None = None):
     from edgeprune.core.datasets import read_sentences
     from edgeprune.core.onnxio import text_feeds
 
@@ -147,7 +152,8 @@ def _calibration_batches(ctx: _Context, path: str, input_names, config: ExportCo
     if not sentences:
         raise EdgePruneError(f"{path}: fewer than {offset + 1} sentences for calibration/checking")
     batch = 16
-    return [text_feeds(ctx.tokenizer, sentences[i:i + batch], input_names, ctx.layout, config.calib_max_length)
+    return [text_feeds(ctx.tokenizer, sentences[i:i + batch], input_names, ctx.layout,
+                       max_length or config.calib_max_length)
             for i in range(0, len(sentences), batch)]
 
 
@@ -183,6 +189,48 @@ def _check_batches(ctx: _Context, input_names, config: ExportConfig) -> tuple[li
             feeds["token_type_ids"][:] = 0
         batches.append(feeds)
     return batches, "random token ids"
+
+
+def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_past: bool | None) -> tuple[list, str]:
+    """Feeds for GPTQ's Hessians and where they came from: ``--calib`` or the default calibration text
+    (STS-B train, never the WikiText-2 the decoder gate and the docs score). Decoders get
+    ``gptq_windows`` windows of ``gptq_window_tokens`` tokens of the text run together (GPTQ wants every
+    position of long sequences); encoders get as many of the text's sentences, padded (the padding is masked
+    out)."""
+    import numpy as np
+
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.core.datasets import read_sentences
+    from edgeprune.core.onnxio import empty_past
+
+    if ctx.tokenizer is None:
+        raise EdgePruneError("--weight-algorithm gptq needs the tokenizer beside the model for its calibration text")
+    source = config.calib or str(resolve_data(DEFAULT_CHECK_DATA))
+    length, count = config.gptq_window_tokens, config.gptq_windows
+    if ctx.task != "text-generation":
+        return _calibration_batches(ctx, source, input_names, config, count=count, max_length=length), source
+    ids: list[int] = []
+    for start in range(0, 10 ** 9, 512):  # tokenize only as much text as the windows need
+        sentences = read_sentences(source, limit=start + 512)[start:]
+        if not sentences:
+            break
+        ids += ctx.tokenizer("\n".join(sentences) + "\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= length * count:
+            break
+    windows = len(ids) // length
+    if windows < 1:
+        raise EdgePruneError(f"{source}: {len(ids)} tokens, GPTQ calibration needs at least {length}")
+    windows = min(windows, count)
+    tokens = np.asarray(ids[:windows * length], dtype=np.int64).reshape(windows, length)
+    layout = ctx.layout if with_past else None
+    batches = []
+    for i in range(0, windows, 8):
+        chunk = tokens[i:i + 8]
+        feeds = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
+                 "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), chunk.shape).copy(),
+                 **empty_past(layout, len(chunk))}
+        batches.append({k: v for k, v in feeds.items() if k in input_names})
+    return batches, f"{source} ({windows} windows of {length} tokens)"
 
 
 # Text for the decoder quality gate when no --calib is given: the *end* of WikiText-2 valid, so the gate never
@@ -519,7 +567,15 @@ def _quantize_step(run: _Run) -> None:
         if config.quantize == "int8-dynamic":
             run.steps["quantize"] = quant.quantize_dynamic(current, quantized, config.per_channel)
         elif config.quantize in WEIGHT_ONLY_BITS:
-            run.steps["quantize"] = quant.quantize_weight_only(current, quantized, _weight_only_spec(config))
+            spec = _weight_only_spec(config)
+            if spec.algorithm == "gptq" and ctx.tokenizer is None and config.weight_algorithm == "auto":
+                run.say("no tokenizer beside the model for GPTQ's calibration text: int4-weight uses HQQ")
+                spec = _weight_only_spec(config.replace(weight_algorithm="hqq"))
+            calibration, calibration_source = (_gptq_calibration(ctx, config, names, run.meta.get("with_past"))
+                                               if spec.algorithm == "gptq" else (None, None))
+            run.steps["quantize"] = quant.quantize_weight_only(current, quantized, spec, calibration)
+            if calibration_source:
+                run.steps["quantize"]["calibration"] = {"source": calibration_source}
         else:
             if ctx.tokenizer is None:
                 raise EdgePruneError("int8-static needs the tokenizer beside the model for --calib text")
@@ -554,12 +610,15 @@ def _weight_only_spec(config: ExportConfig):
     bits = WEIGHT_ONLY_BITS[config.quantize]
     algorithm = config.weight_algorithm
     if algorithm == "auto":
-        algorithm = "hqq" if bits == 4 else "rtn"
+        algorithm = "gptq" if bits == 4 else "rtn"
     head_bits = config.lm_head_bits
     if head_bits is None:
-        head_bits = 8 if algorithm == "hqq" else bits
+        head_bits = 8 if algorithm in ("hqq", "gptq") else bits
+    # the embedding table at the LM head's 8 bits when the head has them (a tied table is the same matrix);
+    # measured on the 25 % pruned SmolLM2, GPTQ: int4 table +0.55 % perplexity vs fp32 (docs/export.md)
+    embedding_bits = (8 if 8 in (bits, head_bits) else 4) if config.quantize_embeddings else 0
     return WeightOnlySpec(bits=bits, block_size=config.weight_block_size, symmetric=config.weight_symmetric,
-                          accuracy_level=config.accuracy_level, embeddings=config.quantize_embeddings,
+                          accuracy_level=config.accuracy_level, embedding_bits=embedding_bits,
                           algorithm=algorithm, head_bits=head_bits)
 
 
@@ -633,6 +692,7 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
         raise EdgePruneError(_kv_refusal(target))
     if target.file_format != "gguf" and _onnx_source(source) is None:
         _check_onnx_fits_one_file(source)
+    config = _resolve_gptq_data(config)
     if not config.calib:
         return config, None
     from edgeprune.core.data_sources import resolve_data
@@ -645,6 +705,26 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
 
         warn_if_few(calib_sentences, config.calib_samples, config.calib)
     return config, calib_sentences
+
+
+def _resolve_gptq_data(config: ExportConfig) -> ExportConfig:
+    """GPTQ without --calib reads the default calibration text; check it is reachable before the slow work.
+    When it is not, ``auto`` falls back to HQQ (no data needed) with one line; an explicit ``gptq`` fails."""
+    import sys
+
+    from edgeprune.core.data_sources import resolve_data
+
+    if config.calib or config.quantize not in WEIGHT_ONLY_BITS or _weight_only_spec(config).algorithm != "gptq":
+        return config
+    try:
+        resolve_data(DEFAULT_CHECK_DATA)
+    except EdgePruneError as exc:
+        if config.weight_algorithm == "gptq":
+            raise EdgePruneError(f"--weight-algorithm gptq needs calibration text: pass --calib PATH ({exc})") from None
+        print(f"edgeprune: int4-weight uses HQQ, not GPTQ: no calibration text ({exc}); pass --calib PATH for GPTQ",
+              file=sys.stderr)
+        return config.replace(weight_algorithm="hqq")
+    return config
 
 
 ONNX_SINGLE_FILE_BYTES = 2**31  # protobuf's limit on one serialised ModelProto

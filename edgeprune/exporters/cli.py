@@ -27,14 +27,17 @@ def register(subparsers) -> None:
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
     p.add_argument("--lm-head-bits", type=int, choices=[0, 4, 8],
                    help="weight-only: bits of the LM head (the MatMul writing logits), 0 = keep it fp32 "
-                        "(default: 8 for hqq int4, else the same as the blocks)")
-    p.add_argument("--weight-algorithm", choices=["auto", "rtn", "hqq"],
-                   help="weight-only: rtn (round to nearest) or hqq (fitted scale and zero point per block, no "
-                        "calibration data; int4 only) (default auto: hqq for int4-weight, rtn for int8-weight)")
+                        "(default: 8 for hqq and gptq int4, else the same as the blocks)")
+    p.add_argument("--weight-algorithm", choices=["auto", "rtn", "hqq", "gptq"],
+                   help="weight-only: rtn (round to nearest), hqq (fitted scale and zero point per block, no "
+                        "calibration data; int4 only) or gptq (error-compensated rounding from --calib text, "
+                        "default STS-B train) (default auto: gptq for int4-weight, hqq when no calibration text "
+                        "is reachable; rtn for int8-weight)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",
-                   help="int4-weight: keep the embedding table fp32 (default: GatherBlockQuantized, the graph converted to opset 21)")
+                   help="weight-only: keep the embedding table fp32 (default: GatherBlockQuantized, 8-bit beside an "
+                        "8-bit LM head, else 4-bit with the graph converted to opset 21)")
     p.add_argument("--gate-tokens", type=int,
                    help="quantized decoders: tokens the perplexity gate scores (default 4096)")
     p.add_argument("--max-ppl-ratio", type=float,
@@ -44,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--calib", help="calibration text (a built-in key such as stsb:train, STS tsv or text file) for "
                    "int8-static and the quantization checks (default for the check: stsb:train when reachable)")
     p.add_argument("--calib-samples", type=int, help="calibration sentences (default 128)")
+    p.add_argument("--gptq-windows", type=int,
+                   help="gptq: calibration windows (decoders; sentences for encoders) (default 256)")
+    p.add_argument("--gptq-window-tokens", type=int, help="gptq: tokens per calibration window (default 256)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel INT8 weights")
     p.add_argument("--sparse-initializers", choices=["auto", "on", "off"],
                    help="store zero-heavy weights as sparse initializers where that shrinks them (default auto)")
@@ -61,7 +67,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_export)
 
 
-FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "sparse_initializers", "target",
+FLAGS = ("task", "opset", "optimize", "quantize", "calib", "calib_samples", "gptq_windows", "gptq_window_tokens",
+         "sparse_initializers", "target",
          "atol", "rtol", "weight_block_size", "weight_algorithm", "lm_head_bits", "accuracy_level", "gate_tokens", "max_ppl_ratio",
          "min_greedy_agreement")
 

@@ -13,7 +13,7 @@ from edgeprune.core.logs import quiet_logs
 
 MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}
-WEIGHT_ALGORITHMS = ("rtn", "hqq")
+WEIGHT_ALGORITHMS = ("rtn", "hqq", "gptq")
 # Gather: the embedding tables hold a third or more of a small encoder's weights; INT8 there shrinks the file
 # (MiniLM: 47 MB of 90 MB) at no measurable quality cost.
 # Attention: the fused operator of `--optimize` (its q/k/v weights become QAttention; fused + QAttention ran
@@ -178,7 +178,7 @@ class WeightOnlySpec:
     block_size: int
     symmetric: bool
     accuracy_level: int
-    embeddings: bool
+    embedding_bits: int  # 0: the embedding tables stay fp32
     algorithm: str
     head_bits: int
 
@@ -207,18 +207,129 @@ def _quantize_matmuls(model, spec: WeightOnlySpec, bits: int, include: list[str]
     return quantized
 
 
+def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude: Sequence[str] = ()) -> dict:
+    """Replace, in place, every MatMul with a constant 2-D weight (never ``exclude``) by a symmetric
+    ``spec.bits``-bit MatMulNBits whose codes GPTQ chose from the Hessians of its input over ``calibration``
+    (feeds of the fp32 graph); returns what the manifest records."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    from edgeprune.core.onnxio import ort_session
+    from edgeprune.exporters import gptq
+
+    inits = {i.name: i for i in model.graph.initializer}
+    targets = [node for node in model.graph.node
+               if node.op_type == "MatMul" and node.name not in set(exclude) and node.input[1] in inits
+               and len(inits[node.input[1]].dims) == 2]
+    if not targets:
+        return {"nodes": 0}
+    inputs = sorted({node.input[0] for node in targets})
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    known = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs if name not in known)
+    session = ort_session(augmented.SerializeToString())
+    del augmented
+    masks = [feeds["attention_mask"] if "attention_mask" in feeds else np.ones(feeds["input_ids"].shape)
+             for feeds in calibration]
+    hessians, tokens = gptq.accumulate_hessians(session, calibration, inputs, masks)
+    del session
+    # float zero points at 4 bits: on the 25 % pruned SmolLM2 (a dequantized Q4_1 source) integer ones scored
+    # ratio 1.097 against 1.018 (docs/export.md); 8 bits symmetric, the form ORT 1.32's CPU kernel loads
+    settings = gptq.GPTQSettings(block_size=spec.block_size, bits=spec.bits,
+                                 zero_point="float" if spec.bits == 4 else "none")
+    replaced = 0
+    for node in _progress(targets, "GPTQ"):
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        k, n = weight.shape
+        codes, scales, zeros = gptq.gptq_quantize(weight, hessians[node.input[0]], settings)
+        base = f"{node.input[1]}_gptq{spec.bits}"
+        names = [node.input[0], base, f"{base}_scales"]
+        model.graph.initializer.extend([numpy_helper.from_array(gptq.pack_codes(codes, spec.block_size, spec.bits), base),
+                                        numpy_helper.from_array(scales, f"{base}_scales")])
+        if settings.zero_point != "none":
+            stored = gptq.pack_zero_points(zeros) if settings.zero_point == "integer" else zeros
+            model.graph.initializer.append(numpy_helper.from_array(stored, f"{base}_zeros"))
+            names.append(f"{base}_zeros")
+        attrs = {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size}
+        if spec.accuracy_level:
+            attrs["accuracy_level"] = int(spec.accuracy_level)
+        node.CopyFrom(helper.make_node("MatMulNBits", names, list(node.output), name=f"{node.name}_Q{spec.bits}",
+                                       domain="com.microsoft", **attrs))
+        replaced += 1
+    _drop_unused_initializers(model)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"nodes": replaced, "calibration_tokens": tokens, "damp": settings.damp, "zero_point": settings.zero_point,
+            "clip_search": settings.clip_search, "act_order": settings.act_order}
+
+
+def _gathers_to_8bit(model, block_size: int) -> int:
+    """Replace, in place, every Gather of a constant 2-D table along axis 0 (an embedding) by an 8-bit
+    ``GatherBlockQuantized``: symmetric round-to-nearest blocks of ``block_size`` along each row, uint8 codes
+    around the operator's implied zero point 128 (onnxruntime 1.32's quantizer writes only 4-bit tables).
+    Returns the number of tables quantized."""
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done: dict[str, tuple[str, str]] = {}
+    count = 0
+    for node in model.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or len(table.dims) != 2 or axis != 0 or table.dims[1] % block_size:
+            continue
+        if table.name not in done:
+            values = numpy_helper.to_array(table).astype(np.float32)
+            rows, width = values.shape
+            blocks = values.reshape(rows, width // block_size, block_size)
+            scales = np.abs(blocks).max(axis=2) / 127.0
+            scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+            codes = (np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, width)
+            names = (f"{table.name}_Q8", f"{table.name}_Q8_scales")
+            model.graph.initializer.extend([numpy_helper.from_array(codes, names[0]),
+                                            numpy_helper.from_array(scales, names[1])])
+            done[table.name] = names
+        codes_name, scales_name = done[table.name]
+        node.CopyFrom(helper.make_node("GatherBlockQuantized", [codes_name, node.input[1], scales_name],
+                                       list(node.output), name=f"{node.name}_Q8", domain="com.microsoft",
+                                       gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
+        count += 1
+    _drop_unused_initializers(model)
+    return count
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _progress(items, label: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit="matmul", leave=False)
+
+
 def symmetric_zero_points(model) -> int:
-    """Rewrite, in place, every 4-bit MatMulNBits with float zero points (HQQ's) into the symmetric form that
-    onnxruntime's fast CPU kernel runs, plus an exact fp32 correction: s·(q − z) = s·(q − 8) + s·(8 − z), and
-    the second term is constant over each block of K, so ``X·W = MatMulNBits_sym(X) + (per-block sums of X)·C``
-    with ``C[block, n] = s·(8 − z)`` (K / block_size rows). Measured: float zero points run 0.25x fp32 decode in
-    onnxruntime 1.32 (docs/export.md). Returns the number of nodes rewritten."""
+    """Rewrite, in place, every 4-bit MatMulNBits with float zero points (HQQ's, GPTQ's) into the symmetric form
+    that onnxruntime's fast CPU kernel runs, plus an exact fp32 correction: s·(q − z) = s·(q − 8) + s·(8 − z),
+    and the second term is constant over each block of K, so ``X·W = MatMulNBits_sym(X) + (per-block sums of
+    X)·C`` with ``C[block, n] = s·(8 − z)`` (K / block_size rows). The block sums are computed once per input
+    tensor (q/k/v share theirs, and gate/up), so each node adds only a small MatMul and an Add. Measured: float
+    zero points run 0.25x fp32 decode in onnxruntime 1.32 (docs/export.md). Returns the number of nodes
+    rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
     import numpy as np
 
     inits = {i.name: i for i in model.graph.initializer}
-    rewritten, nodes = 0, []
+    rewritten, nodes, sums_of = 0, [], {}
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         zero = inits.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
@@ -229,34 +340,45 @@ def symmetric_zero_points(model) -> int:
         blocks = -(-k // block)  # a last partial block (a pruned width) is zero-padded, as in the packed weights
         scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
         zeros = numpy_helper.to_array(zero).reshape(n, blocks)
+        key = (node.input[0], k, block)
+        if key not in sums_of:
+            sums_of[key], shared = _block_sums(model, node.input[0], k, block, len(sums_of))
+            nodes += shared
         base = node.output[0]
         correction = np.ascontiguousarray((scales * (8.0 - zeros)).T.astype(np.float32))  # [blocks, N]
-        model.graph.initializer.extend([
-            numpy_helper.from_array(correction, f"{base}__zp_correction"),
-            numpy_helper.from_array(np.array([-1, k], np.int64), f"{base}__zp_rows"),
-            numpy_helper.from_array(np.array([0, 0, 0, blocks * block - k], np.int64), f"{base}__zp_pad"),
-            numpy_helper.from_array(np.array([-1, blocks, block], np.int64), f"{base}__zp_blocks"),
-            numpy_helper.from_array(np.array([2], np.int64), f"{base}__zp_axis")])
-        symmetric = helper.make_node("MatMulNBits", list(node.input[:3]), [f"{base}__sym"], name=node.name,
-                                     domain=node.domain, **attrs)
-        rows = [helper.make_node("Reshape", [node.input[0], f"{base}__zp_rows"], [f"{base}__zp_rows_x"])]
-        if blocks * block != k:
-            rows.append(helper.make_node("Pad", [f"{base}__zp_rows_x", f"{base}__zp_pad"], [f"{base}__zp_padded"]))
-        nodes += [symmetric, *rows,
-                  helper.make_node("Reshape", [rows[-1].output[0], f"{base}__zp_blocks"], [f"{base}__zp_x"]),
-                  helper.make_node("ReduceSum", [f"{base}__zp_x", f"{base}__zp_axis"], [f"{base}__zp_sums"], keepdims=0),
-                  helper.make_node("MatMul", [f"{base}__zp_sums", f"{base}__zp_correction"], [f"{base}__zp_flat"]),
-                  helper.make_node("Shape", [f"{base}__sym"], [f"{base}__zp_shape"]),
-                  helper.make_node("Reshape", [f"{base}__zp_flat", f"{base}__zp_shape"], [f"{base}__zp_add"]),
+        model.graph.initializer.append(numpy_helper.from_array(correction, f"{base}__zp_correction"))
+        nodes += [helper.make_node("MatMulNBits", list(node.input[:3]), [f"{base}__sym"], name=node.name,
+                                   domain=node.domain, **attrs),
+                  helper.make_node("MatMul", [sums_of[key], f"{base}__zp_correction"], [f"{base}__zp_add"]),
                   helper.make_node("Add", [f"{base}__sym", f"{base}__zp_add"], [base])]
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {i for node in model.graph.node for i in node.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    _drop_unused_initializers(model)
     return rewritten
+
+
+def _block_sums(model, x: str, k: int, block: int, index: int) -> tuple[str, list]:
+    """Nodes computing the sums of ``x`` [..., K] over each block of ``block`` along K (zero-padded to whole
+    blocks), shaped [..., blocks]; and the name of that tensor."""
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    blocks = -(-k // block)
+    p = f"/zero_point_sums_{index}"
+    consts = {f"{p}/rows": [-1, k], f"{p}/pad": [0, 0, 0, blocks * block - k], f"{p}/blocks": [-1, blocks, block],
+              f"{p}/axis": [2], f"{p}/width": [blocks]}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), name) for name, v in consts.items())
+    nodes = [helper.make_node("Reshape", [x, f"{p}/rows"], [f"{p}/x_rows"])]
+    if blocks * block != k:
+        nodes.append(helper.make_node("Pad", [f"{p}/x_rows", f"{p}/pad"], [f"{p}/x_padded"]))
+    nodes += [helper.make_node("Reshape", [nodes[-1].output[0], f"{p}/blocks"], [f"{p}/x_blocks"]),
+              helper.make_node("ReduceSum", [f"{p}/x_blocks", f"{p}/axis"], [f"{p}/flat"], keepdims=0),
+              helper.make_node("Shape", [x], [f"{p}/lead"], end=-1),
+              helper.make_node("Concat", [f"{p}/lead", f"{p}/width"], [f"{p}/shape"], axis=0),
+              helper.make_node("Reshape", [f"{p}/flat", f"{p}/shape"], [f"{p}/sums"])]
+    return f"{p}/sums", nodes
 
 
 def _lm_head_nodes(model) -> list[str]:
@@ -267,19 +389,21 @@ def _lm_head_nodes(model) -> list[str]:
 
 
 @_quiet
-def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec) -> dict[str, Any]:
+def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
+                         calibration: list[dict] | None = None) -> dict[str, Any]:
     """Blockwise weight-only quantization with onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a
     constant weight becomes ``MatMulNBits`` (``block_size`` weights along K share one fp32 scale, and a zero
     point when asymmetric); activations stay fp32. The LM head gets ``head_bits`` (measured on SmolLM2-135M: the
-    int4 LM head is where int4 loses its perplexity, docs/export.md). With ``embeddings`` and 4 bits, the
-    embedding Gathers become ``GatherBlockQuantized`` (ORT 1.32 has no 8-bit Gather path in this quantizer, so
-    INT8 keeps them fp32); that needs opset 21 for the int4 tensor type, so an older graph is converted with
-    onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed meaning).
+    int4 LM head is where int4 loses its perplexity, docs/export.md). The embedding Gathers become
+    ``GatherBlockQuantized`` with ``embedding_bits``: 8 written here (onnxruntime's quantizer has a 4-bit path
+    only), 4 through that quantizer, which needs opset 21 for the int4 tensor type, so an older graph is
+    converted with onnx's version converter first (relabelling alone would be wrong: Reduce*/Split changed).
     ``accuracy_level``: the lowest precision MatMulNBits may compute in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     activations). ``algorithm``: ``rtn`` (round to nearest, symmetric or not) or ``hqq`` (Half-Quadratic
     Quantization: per-block scale and float zero point fitted to each block's weights, no calibration data;
     MatMuls only, since onnxruntime's GatherBlockQuantized takes no float zero points, so the embedding table
-    then goes through RTN)."""
+    then goes through RTN); ``gptq`` (error-compensated rounding from the Hessians of each MatMul's input over
+    ``calibration``, feeds of the source graph; symmetric, like RTN's fast form)."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -291,7 +415,8 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec) -> dict[str
     tied = fold_transposed_weights(model)
     gathers, _ = weight_nodes(src, ("Gather",))
     source_opset, converted = opset_of(model), False
-    if spec.embeddings and bits == 4 and gathers and source_opset < 21:
+    gather_bits = spec.embedding_bits if gathers else 0
+    if gather_bits == 4 and source_opset < 21:
         try:  # the int4 tensor type needs opset 21; convert properly (Reduce*/Split changed since 17)
             model = onnx.version_converter.convert_version(model, 21)
             onnx.checker.check_model(model)
@@ -299,19 +424,28 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec) -> dict[str
         except Exception:  # noqa: BLE001 - keep the source opset and the embedding table fp32
             model = onnx.load(str(src))
             fold_transposed_weights(model)
-    quantize_gathers = spec.embeddings and bits == 4 and bool(gathers) and opset_of(model) >= 21
+            gather_bits = 0
     head = _lm_head_nodes(model) if spec.head_bits != bits else []
     try:
-        model = _quantize_matmuls(model, spec, bits, exclude=head)
+        if spec.algorithm == "gptq":
+            if not calibration:
+                raise EdgePruneError("GPTQ needs calibration feeds")
+            gptq_record = _gptq_matmuls(model, spec, calibration, exclude=head)
+        else:
+            model, gptq_record = _quantize_matmuls(model, spec, bits, exclude=head), None
         if head and spec.head_bits:
             model = _quantize_matmuls(model, spec, spec.head_bits, include=head)
-        fast_zero_points = symmetric_zero_points(model) if spec.algorithm == "hqq" else 0
-        if quantize_gathers:  # RTN for both algorithms (see above)
-            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
+        fast_zero_points = symmetric_zero_points(model) if spec.algorithm in ("hqq", "gptq") else 0
+        if gather_bits == 8:
+            _gathers_to_8bit(model, spec.block_size)
+        elif gather_bits == 4:  # RTN for every algorithm (see above)
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
                                              op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
             quantizer.process()
             model = quantizer.model.model
         onnx.save(model, str(dst))
+    except EdgePruneError:
+        raise
     except Exception as exc:
         raise EdgePruneError(f"weight-only quantization failed: {exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -324,18 +458,16 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec) -> dict[str
         raise EdgePruneError("weight-only quantization: no MatMul with a constant weight was quantized")
     if not gathers:
         embedding_note = "no embedding Gather in the graph"
-    elif quantize_gathers:
-        embedding_note = "GatherBlockQuantized int4"
-    elif not spec.embeddings:
+    elif gather_bits:
+        embedding_note = f"GatherBlockQuantized int{gather_bits}"
+    elif not spec.embedding_bits:
         embedding_note = "fp32 (not requested)"
-    elif bits != 4:
-        embedding_note = "fp32 (ORT 1.32's quantizer has a 4-bit Gather path only)"
     else:
         embedding_note = f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
     return {"method": f"int{bits}-weight", "quantizer": f"onnxruntime MatMulNBitsQuantizer ({spec.algorithm.upper()})",
             "algorithm": spec.algorithm, "bits": bits, "block_size": spec.block_size,
             "symmetric": spec.symmetric if spec.algorithm == "rtn" else None, "accuracy_level": spec.accuracy_level,
             "lm_head": ({"nodes": head, "bits": spec.head_bits or "fp32"} if head else "same as the blocks"),
-            "float_zero_points_rewritten": fast_zero_points,
+            "float_zero_points_rewritten": fast_zero_points, "gptq": gptq_record,
             "embeddings": embedding_note, "transposed_weights_folded": tied, "opset": opset_of(out), "converted_from_opset": source_opset if converted else None,
             "nodes": counts}

@@ -212,6 +212,35 @@ def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
 
 
+def test_int4_weight_gptq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
+    """GPTQ: every block MatMul becomes a 4-bit MatMulNBits from the Hessians of the --calib windows, the LM head 8-bit RTN; the manifest names the calibration; the
+    KV-cache file passes the decoder gate and decodes like its own full recompute."""
+    artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(sample_texts(200, seed=4)) + "\n")
+    out = export(str(artifact), tmp_path / "e", ExportConfig(quantize="int4-weight", weight_algorithm="gptq",
+                                                               lm_head_bits=8, calib=str(calib), gptq_windows=16,
+                                                               gptq_window_tokens=32, gate_tokens=256), progress=False)
+    manifest = read_manifest(out)
+    step = manifest["steps"]["quantize"]
+    assert step["algorithm"] == "gptq" and step["gptq"]["symmetric"] is False
+    assert step["gptq"]["nodes"] == 7 * len(plan.shapes) and step["gptq"]["calibration_tokens"] > 32
+    assert step["calibration"]["source"].startswith(str(calib)) and "windows of 32 tokens" in step["calibration"]["source"]
+    assert manifest["validation"]["weight_only"]["passed"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    # float zero points rewritten to the fast symmetric kernel plus the exact per-block correction
+    assert len(nbits) == 7 * len(plan.shapes) + 1 and all(len(n.input) == 3 for n in nbits)
+    assert step["float_zero_points_rewritten"] == 7 * len(plan.shapes)
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nbits)
+    weights = {i.name for i in graph.initializer if not i.name.endswith("__zp_correction")}
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    prompt = np.array([5, 9, 17, 33], dtype=np.int64)
+    got = ort_greedy(ort_session(out / "model.onnx"), prompt, 6, manifest["kv_layout"])
+    full = ort_logits_fn(out / "model.onnx", manifest["kv_layout"])(np.concatenate([prompt, got[:-1]])[None])
+    assert full[0, len(prompt) - 1:].argmax(-1).tolist() == got
+
+
 @pytest.mark.parametrize("k", [64, 40])  # 40: a pruned width, its last block partial
 def test_symmetric_zero_points_is_exact(tmp_path, k):
     """s·(q − z) = s·(q − 8) + s·(8 − z): the rewritten HQQ node computes what the float-zero-point node does
@@ -223,10 +252,12 @@ def test_symmetric_zero_points_is_exact(tmp_path, k):
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((k, 48)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(weight, "w")])
+    other = rng.standard_normal((k, 16)).astype(np.float32)  # a second reader of x (as k_proj beside q_proj)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("MatMul", ["x", "v"], ["u"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("u", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(other, "v")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(
@@ -234,14 +265,16 @@ def test_symmetric_zero_points_is_exact(tmp_path, k):
     quantizer.process()
     onnx.save(quantizer.model.model, str(tmp_path / "float.onnx"))
     rewritten = onnx.load(str(tmp_path / "float.onnx"))
-    assert symmetric_zero_points(rewritten) == 1
-    assert [n for n in rewritten.graph.node if n.op_type == "MatMulNBits"][0].input[3:] == []
+    assert symmetric_zero_points(rewritten) == 2
+    assert all(n.input[3:] == [] for n in rewritten.graph.node if n.op_type == "MatMulNBits")
+    assert [n.op_type for n in rewritten.graph.node].count("ReduceSum") == 1  # the block sums of x, shared
     onnx.save(rewritten, str(tmp_path / "symmetric.onnx"))
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
-    want = ort_session(tmp_path / "float.onnx").run(None, {"x": x})[0]
-    got = ort_session(tmp_path / "symmetric.onnx").run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    assert np.abs(want - x @ weight).max() > 1e-2  # it is a quantized product, not the fp32 one
+    want = ort_session(tmp_path / "float.onnx").run(None, {"x": x})
+    got = ort_session(tmp_path / "symmetric.onnx").run(None, {"x": x})
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(want[0] - x @ weight).max() > 1e-2  # it is a quantized product, not the fp32 one
 
 
 @pytest.mark.parametrize("head_bits", [8, 0])
@@ -267,7 +300,7 @@ def test_weight_only_defaults_resolve_per_width():
     from edgeprune.exporters.api import _weight_only_spec
 
     int4 = _weight_only_spec(ExportConfig(quantize="int4-weight"))
-    assert (int4.algorithm, int4.bits, int4.head_bits) == ("hqq", 4, 8)
+    assert (int4.algorithm, int4.bits, int4.head_bits) == ("gptq", 4, 8)
     int8 = _weight_only_spec(ExportConfig(quantize="int8-weight"))
     assert (int8.algorithm, int8.bits, int8.head_bits) == ("rtn", 8, 8)
     rtn = _weight_only_spec(ExportConfig(quantize="int4-weight", weight_algorithm="rtn"))
@@ -287,7 +320,7 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
     ({"target": "deepsparse"}, "cannot be combined with --target deepsparse"),
     ({"sparse_initializers": "on"}, "cannot be combined with --sparse-initializers on"),
     ({"weight_block_size": 24}, "--block-size must be a power of two"),
-    ({"weight_algorithm": "gptq"}, "--weight-algorithm must be one of auto, rtn, hqq"),
+    ({"weight_algorithm": "awq"}, "--weight-algorithm must be one of auto, rtn, hqq, gptq"),
     ({"lm_head_bits": 2}, "--lm-head-bits must be 0"),
 ])
 def test_weight_only_bad_combinations(flags, message):
@@ -504,3 +537,21 @@ def test_decoder_gate_bounds_are_the_users_where_given_else_the_formats():
     assert gate_bounds(ExportConfig(min_greedy_agreement=0.0), (1.05, 0.75)) == (1.05, 0.0)
     with pytest.raises(EdgePruneError, match="max_ppl_ratio must be >= 1"):
         ExportConfig(max_ppl_ratio=0.5)
+
+
+def test_int4_weight_without_calibration_text_falls_back_to_hqq(tmp_path, monkeypatch, capsys):
+    """auto = GPTQ needs calibration text; when the default one is unreachable the check before any work
+    switches to HQQ in one line, and an explicit --weight-algorithm gptq is one clear error instead."""
+    from edgeprune.exporters.api import _resolve_gptq_data
+
+    monkeypatch.setenv("EDGEPRUNE_DATA", str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    resolved = _resolve_gptq_data(ExportConfig(quantize="int4-weight"))
+    assert resolved.weight_algorithm == "hqq"
+    assert "int4-weight uses HQQ, not GPTQ" in capsys.readouterr().err
+    with pytest.raises(EdgePruneError, match="--weight-algorithm gptq needs calibration text"):
+        _resolve_gptq_data(ExportConfig(quantize="int4-weight", weight_algorithm="gptq"))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text for the windows\n")
+    assert _resolve_gptq_data(ExportConfig(quantize="int4-weight", calib=str(calib))).weight_algorithm == "auto"
