@@ -188,7 +188,7 @@ def test_int4_weight_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
 def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
     """HQQ: every block MatMul and the LM head become 4-bit MatMulNBits at the requested accuracy level, their
     float zero points folded into the symmetric fast-kernel form plus a per-block fp32 correction; the embedding
-    Gather still goes through RTN (ORT's GatherBlockQuantized has no float zero points); the KV-cache file
+    Gather goes through 8-bit RTN (ORT's GatherBlockQuantized has no float zero points); the KV-cache file
     passes the decoder gate and decodes like its own full recompute."""
     artifact, plan = uneven_artifact(tiny_models, "llama", tmp_path / "pruned")
     calib = tmp_path / "calib.txt"
@@ -197,7 +197,8 @@ def test_int4_weight_hqq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
                                                                calib=str(calib), gate_tokens=256), progress=False)
     manifest = read_manifest(out)
     step = manifest["steps"]["quantize"]
-    assert step["algorithm"] == "hqq" and step["embeddings"] == "GatherBlockQuantized int4"
+    # the embedding table at the 8-bit LM head's width (the same tied matrix)
+    assert step["algorithm"] == "hqq" and step["embeddings"] == "GatherBlockQuantized int8"
     assert manifest["validation"]["weight_only"]["passed"]
     graph = onnx.load(str(out / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -223,7 +224,7 @@ def test_int4_weight_gptq_uneven_decoder_with_kv_cache(tiny_models, tmp_path):
                                                                gptq_window_tokens=32, gate_tokens=256), progress=False)
     manifest = read_manifest(out)
     step = manifest["steps"]["quantize"]
-    assert step["algorithm"] == "gptq" and step["gptq"]["symmetric"] is False
+    assert step["algorithm"] == "gptq" and step["gptq"]["zero_point"] == "float"
     assert step["gptq"]["nodes"] == 7 * len(plan.shapes) and step["gptq"]["calibration_tokens"] > 32
     assert step["calibration"]["source"].startswith(str(calib)) and "windows of 32 tokens" in step["calibration"]["source"]
     assert manifest["validation"]["weight_only"]["passed"]
@@ -313,7 +314,9 @@ def test_int8_weight_encoder(tiny_models, tmp_path):
     gate = manifest["validation"]["weight_only"]
     assert gate["metric"] == "mean_cosine" and gate["passed"] and gate["value"] > 0.999
     assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert manifest["steps"]["quantize"]["bits"] == 8 and "4-bit Gather" in manifest["steps"]["quantize"]["embeddings"]
+    assert manifest["steps"]["quantize"]["bits"] == 8
+    assert manifest["steps"]["quantize"]["embeddings"] == "GatherBlockQuantized int8"
+    assert "GatherBlockQuantized" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
 
 
 @pytest.mark.parametrize("flags, message", [
