@@ -57,12 +57,13 @@ class ExportConfig(FrozenConfig):
     weight_symmetric: bool = True  # rtn only
     # auto: gptq with an 8-bit LM head for int4-weight (hqq when no calibration text is reachable), rtn for
     # int8-weight. Measured on SmolLM2-135M (docs/export.md): dense, HQQ +0.85 % perplexity at 1.80x fp32
-    # decode, RTN +21 % at 2.28x; 25 % pruned, GPTQ (256 windows of 256 tokens) +1.8 %, HQQ +11.6 %.
+    # decode, RTN +21 % at 2.28x, GPTQ -0.02 % at 1.95x; 25 % pruned, GPTQ (256 windows of 256 tokens) +1.9 %
+    # at 2.13x dense fp32 decode, HQQ +12.9 %.
     weight_algorithm: str = "auto"  # auto | rtn | hqq | gptq
     # GPTQ's calibration: windows of the --calib text run together (decoders; sentences for encoders)
     gptq_windows: int = 256
     gptq_window_tokens: int = 256
-    lm_head_bits: int | None = None  # the LM head's bits (0: fp32); None: 8 with auto/hqq int4, else the blocks' bits
+    lm_head_bits: int | None = None  # the LM head's bits (0: fp32); None: 8 with hqq/gptq int4, else the blocks' bits
     accuracy_level: int = 4  # MatMulNBits compute precision floor: 4 = int8 activations inside the kernel
     quantize_embeddings: bool = True  # embedding table as GatherBlockQuantized, 8-bit beside an 8-bit LM head
     # Decoder quality gate for quantized decoders (exporters/decoder_gate.py), against the fp32 export.
@@ -209,12 +210,9 @@ def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_pas
     length, count = config.gptq_window_tokens, config.gptq_windows
     if ctx.task != "text-generation":
         return _calibration_batches(ctx, source, input_names, config, count=count, max_length=length), source
-    ids: list[int] = []
-    for start in range(0, 10 ** 9, 512):  # tokenize only as much text as the windows need
-        sentences = read_sentences(source, limit=start + 512)[start:]
-        if not sentences:
-            break
-        ids += ctx.tokenizer("\n".join(sentences) + "\n", add_special_tokens=False)["input_ids"]
+    sentences, ids = read_sentences(source), []
+    for start in range(0, len(sentences), 512):  # tokenize only as much text as the windows need
+        ids += ctx.tokenizer("\n".join(sentences[start:start + 512]) + "\n", add_special_tokens=False)["input_ids"]
         if len(ids) >= length * count:
             break
     windows = len(ids) // length

@@ -40,7 +40,7 @@ class GPTQSettings:
     block_size: int = 32
     bits: int = 4
     damp: float = 0.01
-    zero_point: str = "integer"
+    zero_point: str = "float"
     clip_search: bool = True
     act_order: bool = False
 
@@ -76,8 +76,8 @@ def _block_grid(block: np.ndarray, importance: np.ndarray, settings: GPTQSetting
     Symmetric (zero point ``none``): the zero is the grid's middle and the signed scale puts the row's
     largest-magnitude weight on code 0, as onnxruntime's own symmetric quantizer does. Otherwise the row's
     range [min, max] spans all the codes and the zero point is a float (a block already on such a grid, e.g. a
-    dequantized GGUF Q4_1 block, is reproduced exactly) or rounded to a code. Each clip ratio shrinks that range; ``importance`` [width] (the Hessian's
-    diagonal) weights each weight's rounding error in choosing one."""
+    dequantized GGUF Q4_1 block, is reproduced exactly) or rounded to a code. Each clip ratio shrinks that
+    range; ``importance`` [width] (the Hessian's diagonal) weights each weight's rounding error in choosing one."""
     half = 1 << (settings.bits - 1)
     top = 2 * half - 1
     if settings.zero_point == "none":

@@ -208,9 +208,10 @@ def _quantize_matmuls(model, spec: WeightOnlySpec, bits: int, include: list[str]
 
 
 def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude: Sequence[str] = ()) -> dict:
-    """Replace, in place, every MatMul with a constant 2-D weight (never ``exclude``) by a symmetric
-    ``spec.bits``-bit MatMulNBits whose codes GPTQ chose from the Hessians of its input over ``calibration``
-    (feeds of the fp32 graph); returns what the manifest records."""
+    """Replace, in place, every MatMul with a constant 2-D weight (never ``exclude``) by a ``spec.bits``-bit
+    MatMulNBits (4 bits: float zero points, for ``symmetric_zero_points`` to rewrite; 8 bits: symmetric) whose
+    codes GPTQ chose from the Hessians of its input over ``calibration`` (feeds of the fp32 graph); returns
+    what the manifest records."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -234,14 +235,15 @@ def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude:
     del augmented
     masks = [feeds["attention_mask"] if "attention_mask" in feeds else np.ones(feeds["input_ids"].shape)
              for feeds in calibration]
-    hessians, tokens = gptq.accumulate_hessians(session, calibration, inputs, masks)
+    hessians, tokens = gptq.accumulate_hessians(session, _progress(calibration, "GPTQ calibration", "batch"),
+                                                inputs, masks)
     del session
     # float zero points at 4 bits: on the 25 % pruned SmolLM2 (a dequantized Q4_1 source) integer ones scored
     # ratio 1.097 against 1.018 (docs/export.md); 8 bits symmetric, the form ORT 1.32's CPU kernel loads
     settings = gptq.GPTQSettings(block_size=spec.block_size, bits=spec.bits,
                                  zero_point="float" if spec.bits == 4 else "none")
     replaced = 0
-    for node in _progress(targets, "GPTQ"):
+    for node in _progress(targets, "GPTQ", "matmul"):
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         k, n = weight.shape
         codes, scales, zeros = gptq.gptq_quantize(weight, hessians[node.input[0]], settings)
@@ -310,10 +312,10 @@ def _drop_unused_initializers(model) -> None:
     model.graph.initializer.extend(kept)
 
 
-def _progress(items, label: str):
+def _progress(items, label: str, unit: str):
     from tqdm import tqdm
 
-    return tqdm(items, desc=label, unit="matmul", leave=False)
+    return tqdm(items, desc=label, unit=unit, leave=False)
 
 
 def symmetric_zero_points(model) -> int:
