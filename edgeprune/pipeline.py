@@ -230,20 +230,38 @@ def build_variants(config: PipelineConfig, work: Path, log: Callable[[str], None
             names.append(variant.name)
     variants = {v.name: v for v in config.variants}
     depends = {name: (variants[name].reuse if variants[name].reuse in names else None) for name in names}
-    build = _VariantBuild(config.model, {name: (variants[name], *configs[name]) for name in names}, log)
+    build = _VariantBuild(config.model, {name: (variants[name], *configs[name]) for name in names}, log,
+                          reference=config.variants[0].name)
     results = run_builds(names, depends, build, work, executor or ExecutorConfig(), log)
-    built = [(name, Path(results[name].pop("export"))) for name in names]
+    built = [(name, Path(results[name].pop("export"))) for name in names if "failed" not in results[name]]
     notes.update(results)
     return built, {name: notes[name] for name in variants if name in notes}
 
 
 class _VariantBuild:
-    """compress -> export of one variant (a picklable callable, so a Ray task can run it on any host)."""
+    """compress -> export of one variant (a picklable callable, so a Ray task can run it on any host). A
+    candidate that fails (a quantization gate refuses it, its recipe cannot reach its budget) is recorded as
+    ``{"failed": message}`` and left out of the benchmark, so one refusal does not throw away the other
+    variants' builds; the dense ``reference`` failing stops the pipeline."""
 
-    def __init__(self, model: str, specs: dict[str, tuple[Any, Any, Any]], log: Callable[[str], None]) -> None:
-        self.model, self.specs, self.log = model, specs, log
+    def __init__(self, model: str, specs: dict[str, tuple[Any, Any, Any]], log: Callable[[str], None],
+                 reference: str = "") -> None:
+        self.model, self.specs, self.log, self.reference = model, specs, log, reference
 
     def __call__(self, name: str, work: Path, reused: dict | None) -> dict:
+        variant = self.specs[name][0]
+        if reused is not None and "failed" in reused:
+            self.log(f"[{name}] not built: the variant it reuses, {variant.reuse}, failed")
+            return {"failed": f"the variant it reuses, {variant.reuse}, failed"}
+        try:
+            return self._build(name, work, reused)
+        except EdgePruneError as exc:
+            if name == self.reference:
+                raise
+            self.log(f"[{name}] failed, left out of the benchmark: {exc}")
+            return {"failed": str(exc)}
+
+    def _build(self, name: str, work: Path, reused: dict | None) -> dict:
         from edgeprune.compress.api import compress
         from edgeprune.exporters.api import export
 
@@ -325,6 +343,9 @@ def run_pipeline(config: PipelineConfig, out: str | Path, overwrite: bool = Fals
     if executor.kind != "local":
         built_on = ", ".join(f"{name} on {host}" for name, host in hosts["built_on"].items())
         print(f"built by {executor.kind}: {built_on}; all timed on {hosts['timed_on']} ({hosts['timing']})")
+    for name, note in notes.items():
+        if "failed" in note:
+            print(f"not benchmarked: {name}: {note['failed']}")
     print(f"pipeline finished in {summary['seconds']:.0f}s; report: {summary['report']}")
     return summary
 

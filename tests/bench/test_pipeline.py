@@ -45,15 +45,27 @@ variants:
   - name: never-built
     reuse: dense
     requires_runtime: no-such-runtime
+  - name: refused
+    reuse: pruned
+    export: {{quantize: int8-dynamic, min_cosine: 1.5}}
+  - name: after-refused
+    reuse: refused
+    export: {{quantize: int8-dynamic}}
 bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_seconds: 0.02}}
 """)
     config = PipelineConfig.from_file(recipe)
-    summary = run_pipeline(config, tmp_path / "out", log=lambda m: None)
+    logged: list[str] = []
+    summary = run_pipeline(config, tmp_path / "out", log=logged.append)
     out = tmp_path / "out"
     report = json.loads((out / "report" / "report.json").read_text())
     assert validate(report) == []
     assert [m["label"] for m in report["models"]] == ["dense", "pruned", "pruned-int8"]
     assert "skipped" in summary["variants"]["never-built"]
+    # a refused candidate (and what reuses it) is recorded and left out; the others are still benchmarked
+    assert "below the threshold" in summary["variants"]["refused"]["failed"]
+    assert summary["variants"]["after-refused"]["failed"] == "the variant it reuses, refused, failed"
+    assert any(line.startswith("[refused] failed, left out of the benchmark") for line in logged)
+    assert not (out / "exports" / "refused").exists()  # nothing half-written
     by = {c["model"]: c for c in report["comparisons"]}
     assert by["dense"]["quality_ratio"] == pytest.approx(1.0)
     assert by["pruned"]["flops_ratio"] > 1.5  # half the heads and neurons
@@ -66,6 +78,7 @@ bench: {{batches: [2], seqs: [16], threads: 1, rounds: 2, warmup: 1, round_secon
     assert (out / "pipeline.yaml").is_file() and json.loads((out / "manifest.json").read_text())["stage"] == "pipeline"
     printed = capsys.readouterr().out
     assert "| pruned-int8 |" in printed  # the table is printed
+    assert "not benchmarked: refused: " in printed
     best = summary["best_tradeoff"]  # the fastest variant within 1 % of dense quality (or none)
     assert best is None or (best["quality_ratio"] >= 0.99 and best["model"] in by and "best trade-off" in printed)
     assert list(summary["best_by_kind"]) == ["onnxruntime fp32", "onnxruntime int8"]  # what the main job shows
