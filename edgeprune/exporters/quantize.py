@@ -390,6 +390,16 @@ def _lm_head_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.output) & outputs]
 
 
+def _embedding_note(has_gathers: bool, gather_bits: int, requested_bits: int, source_opset: int) -> str:
+    if not has_gathers:
+        return "no embedding Gather in the graph"
+    if gather_bits:
+        return f"GatherBlockQuantized int{gather_bits}"
+    if not requested_bits:
+        return "fp32 (not requested)"
+    return f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
+
+
 @_quiet
 def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
                          calibration: list[dict] | None = None) -> dict[str, Any]:
@@ -458,14 +468,7 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if not counts.get("MatMulNBits"):
         raise EdgePruneError("weight-only quantization: no MatMul with a constant weight was quantized")
-    if not gathers:
-        embedding_note = "no embedding Gather in the graph"
-    elif gather_bits:
-        embedding_note = f"GatherBlockQuantized int{gather_bits}"
-    elif not spec.embedding_bits:
-        embedding_note = "fp32 (not requested)"
-    else:
-        embedding_note = f"fp32 (opset {source_opset} could not be converted to 21, which the int4 type needs)"
+    embedding_note = _embedding_note(bool(gathers), gather_bits, spec.embedding_bits, source_opset)
     return {"method": f"int{bits}-weight", "quantizer": f"onnxruntime MatMulNBitsQuantizer ({spec.algorithm.upper()})",
             "algorithm": spec.algorithm, "bits": bits, "block_size": spec.block_size,
             "symmetric": spec.symmetric if spec.algorithm == "rtn" else None, "accuracy_level": spec.accuracy_level,
