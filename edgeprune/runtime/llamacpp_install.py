@@ -225,9 +225,14 @@ def self_test(site: Path, model: Path, threads: int = 2, timeout: int = 300) -> 
     except subprocess.TimeoutExpired:
         return {"ok": False, "reason": f"no output within {timeout}s", "model": str(model)}
     if result.returncode != 0:
+        import signal
+
         tail = (result.stderr.strip().splitlines() or [""])[-1][:300]
-        signal = -result.returncode if result.returncode < 0 else None
-        return {"ok": False, "model": str(model), "exit": result.returncode, "signal": signal, "reason": tail}
+        killed = -result.returncode if result.returncode < 0 else None
+        # a crash leaves llama.cpp's last (often harmless) log line on stderr: name the signal instead
+        reason = f"killed by {signal.Signals(killed).name}" if killed in set(signal.Signals) else tail
+        return {"ok": False, "model": str(model), "exit": result.returncode, "signal": killed, "reason": reason,
+                "stderr_tail": tail}
     try:
         reply = json.loads(result.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):

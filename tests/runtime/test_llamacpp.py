@@ -215,3 +215,19 @@ def test_a_llama_cpp_from_elsewhere_is_self_tested_before_use(tmp_path, behaviou
             assert "signal 11" in reason and "edgeprune runtime install llamacpp" in reason
         verdicts = list((tmp_path / "cache" / "llamacpp" / "existing-installs").glob("*.json"))
         assert len(verdicts) == 1 and json.loads(verdicts[0].read_text())["ok"] == (behaviour == "works")
+
+
+def test_a_crashing_build_is_reported_by_its_signal_not_its_last_log_line(tmp_path):
+    """The installer's self-test names the signal a crashing build died of; llama.cpp's last log line before
+    the crash (often a harmless warning) is kept apart, so the fallback message does not blame it."""
+    from edgeprune.runtime.llamacpp_install import self_test
+
+    package = tmp_path / "site" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import os, signal, sys\nclass Llama:\n    def __init__(self, **kw):\n"
+        "        print('llama_context: a harmless warning', file=sys.stderr, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGSEGV)\n")
+    result = self_test(tmp_path / "site", tmp_path / "model.gguf", timeout=120)
+    assert not result["ok"] and result["signal"] == 11
+    assert result["reason"] == "killed by SIGSEGV" and "harmless warning" in result["stderr_tail"]
