@@ -82,6 +82,14 @@ def run_session(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, values))
 
 
+def drop_unused_initializers(graph) -> None:
+    """Remove, in place, the initializers of ``graph`` that no node reads and no output names."""
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def opset_of(model) -> int:
     """The default-domain opset of an ``onnx.ModelProto``."""
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -118,6 +126,16 @@ def empty_past(layout: Sequence[dict[str, int]] | None, batch: int = 1) -> dict[
 
 
 # --- feeds ------------------------------------------------------------------------------------------------
+def prompt_feeds(ids: np.ndarray, input_names: Sequence[str], layout: Sequence[dict[str, int]] | None) -> dict[str, np.ndarray]:
+    """Feeds for unpadded prompts ``ids`` [B, T] from an empty cache (every position real), only the inputs
+    the graph has."""
+    ids = np.asarray(ids, dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
+             **empty_past(layout, ids.shape[0])}
+    return {k: v for k, v in feeds.items() if k in input_names}
+
+
 def random_feeds(input_names: Sequence[str], batch: int, seq: int, past: int, vocab_size: int,
                  layout: list[dict[str, int]] | None, rng: np.random.Generator, type_vocab: int = 2,
                  pad_last: bool = False) -> dict[str, np.ndarray]:

@@ -202,7 +202,7 @@ def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_pas
 
     from edgeprune.core.data_sources import resolve_data
     from edgeprune.core.datasets import read_sentences
-    from edgeprune.core.onnxio import empty_past
+    from edgeprune.core.onnxio import prompt_feeds
 
     if ctx.tokenizer is None:
         raise EdgePruneError("--weight-algorithm gptq needs the tokenizer beside the model for its calibration text")
@@ -221,13 +221,7 @@ def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_pas
     windows = min(windows, count)
     tokens = np.asarray(ids[:windows * length], dtype=np.int64).reshape(windows, length)
     layout = ctx.layout if with_past else None
-    batches = []
-    for i in range(0, windows, 8):
-        chunk = tokens[i:i + 8]
-        feeds = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-                 "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), chunk.shape).copy(),
-                 **empty_past(layout, len(chunk))}
-        batches.append({k: v for k, v in feeds.items() if k in input_names})
+    batches = [prompt_feeds(tokens[i:i + 8], input_names, layout) for i in range(0, windows, 8)]
     return batches, f"{source} ({windows} windows of {length} tokens)"
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgeprune.core.errors import EdgePruneError
+from edgeprune.core.onnxio import drop_unused_initializers
 
 UINT8_ZERO_POINT = 128
 
@@ -64,9 +65,7 @@ class _Rewrite:
         del graph.node[:]
         graph.node.extend(_topological(kept + self.added))
         graph.initializer.extend(self.new_inits.values())
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        for t in [t for t in graph.initializer if t.name not in used]:
-            graph.initializer.remove(t)
+        drop_unused_initializers(graph)
 
 
 def qdq_to_matmulinteger(model) -> dict[str, Any]:

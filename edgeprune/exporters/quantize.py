@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.logs import quiet_logs
+from edgeprune.core.onnxio import drop_unused_initializers
 
 MODES = ("none", "int8-dynamic", "int8-static", "int4-weight", "int8-weight")
 WEIGHT_ONLY_BITS = {"int4-weight": 4, "int8-weight": 8}
@@ -261,25 +262,23 @@ def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude:
         node.CopyFrom(helper.make_node("MatMulNBits", names, list(node.output), name=f"{node.name}_Q{spec.bits}",
                                        domain="com.microsoft", **attrs))
         replaced += 1
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model.graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"nodes": replaced, "calibration_tokens": tokens, "damp": settings.damp, "zero_point": settings.zero_point,
             "clip_search": settings.clip_search, "act_order": settings.act_order}
 
 
-def _gathers_to_8bit(model, block_size: int) -> int:
+def _gathers_to_8bit(model, block_size: int) -> None:
     """Replace, in place, every Gather of a constant 2-D table along axis 0 (an embedding) by an 8-bit
     ``GatherBlockQuantized``: symmetric round-to-nearest blocks of ``block_size`` along each row, uint8 codes
-    around the operator's implied zero point 128 (onnxruntime 1.32's quantizer writes only 4-bit tables).
-    Returns the number of tables quantized."""
+    around the operator's implied zero point 128 (onnxruntime 1.32's quantizer writes only 4-bit tables)."""
     from onnx import helper, numpy_helper
 
     import numpy as np
 
     inits = {i.name: i for i in model.graph.initializer}
     done: dict[str, tuple[str, str]] = {}
-    count = 0
     for node in model.graph.node:
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
@@ -300,16 +299,7 @@ def _gathers_to_8bit(model, block_size: int) -> int:
         node.CopyFrom(helper.make_node("GatherBlockQuantized", [codes_name, node.input[1], scales_name],
                                        list(node.output), name=f"{node.name}_Q8", domain="com.microsoft",
                                        gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
-        count += 1
-    _drop_unused_initializers(model)
-    return count
-
-
-def _drop_unused_initializers(model) -> None:
-    used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model.graph)
 
 
 def _progress(items, label: str, unit: str):
@@ -356,7 +346,7 @@ def symmetric_zero_points(model) -> int:
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model.graph)
     return rewritten
 
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeprune.core.errors import EdgePruneError
-from edgeprune.core.onnxio import (empty_past, has_past, mean_pool_normalize, ort_greedy, ort_session, random_feeds,
-                                   run_session)
+from edgeprune.core.onnxio import (has_past, mean_pool_normalize, ort_greedy, ort_session, random_feeds,
+                                   prompt_feeds, run_session)
 
 # (batch, sequence, past) shapes the numerical gate runs; the last encoder row of each batch is padded.
 ENCODER_SHAPES = ((1, 8, 0), (2, 13, 0), (3, 5, 0))
@@ -171,10 +171,7 @@ def ort_logits_fn(path: str | Path, layout: list[dict[str, int]] | None) -> Call
     names = [i.name for i in session.get_inputs()]
 
     def logits(ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1), **empty_past(layout)}
-        return session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+        return session.run(["logits"], prompt_feeds(np.asarray(ids).reshape(1, -1), names, layout))[0]
 
     return logits
 
