@@ -77,3 +77,19 @@ def read_corpus(path: str | Path) -> str:
     if not text.strip():
         raise EdgePruneError(f"{path}: empty text file")
     return text
+
+
+def token_windows(tokenizer, path: str | Path, length: int, count: int):
+    """Up to ``count`` windows of ``length`` tokens of the sentences of ``path`` run together (newline
+    separated; only as much text is tokenized as the windows need), as an int64 array [windows, length]."""
+    import numpy as np
+
+    sentences, ids = read_sentences(path), []
+    for start in range(0, len(sentences), 512):
+        ids += tokenizer("\n".join(sentences[start:start + 512]) + "\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= length * count:
+            break
+    windows = min(len(ids) // length, count)
+    if windows < 1:
+        raise EdgePruneError(f"{path}: {len(ids)} tokens, calibration needs at least {length}")
+    return np.asarray(ids[:windows * length], dtype=np.int64).reshape(windows, length)

@@ -409,10 +409,15 @@ def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], An
     return byte_shape, np.uint8, int(np.prod(byte_shape))
 
 
+# (hf_name, float32 tensor in the file's row order, GGUF type) -> the tensor's bytes, or None for the default
+TensorQuantizer = Callable[[str, np.ndarray, str], "np.ndarray | None"]
+
+
 def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: dict[str, tuple[int, ...]], arch: str,
                model_config, shapes, head_dim: int, vocab_size: int, qtype: str, tokenizer_items, name: str,
-               progress: bool = True) -> dict[str, Any]:
-    """Stream a GGUF file: ``state(hf_name)`` returns one float32 tensor at a time."""
+               progress: bool = True, quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
+    """Stream a GGUF file: ``state(hf_name)`` returns one float32 tensor at a time. ``quantizer`` may encode a
+    tensor itself (e.g. GPTQ); where it returns None, the gguf package rounds it to nearest."""
     import gguf
     from tqdm.auto import tqdm
 
@@ -450,7 +455,8 @@ def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: di
             data = _synthetic(plan.hf_name, hidden) if plan.hf_name.startswith(SYNTHETIC) else state(plan.hf_name)
             if plan.permute_heads:
                 data = permute_rope(data, plan.permute_heads)
-            writer.write_tensor_data(_encode(data, ttype))
+            encoded = quantizer(plan.hf_name, data, ttype) if quantizer is not None else None
+            writer.write_tensor_data(encoded if encoded is not None else _encode(data, ttype))
     finally:
         writer.close()
     return {"architecture": arch, "tensors": len(plans), "tensor_types": types, "tied_embeddings": tied}
@@ -473,16 +479,17 @@ def model_tensors(model) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[i
     return read, shapes
 
 
-def export_loaded(loaded, path: Path, qtype: str, progress: bool = True) -> dict[str, Any]:
+def export_loaded(loaded, path: Path, qtype: str, progress: bool = True,
+                  quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
     """Write ``loaded`` (an ``edgeprune.core.loading.LoadedModel``) to ``path`` as GGUF; returns what was written."""
     read, tensor_shapes = model_tensors(loaded.model)
     return export_tensors(loaded.model.config, loaded.adapter, loaded.tokenizer, loaded.source, read, tensor_shapes,
-                          path, qtype, progress)
+                          path, qtype, progress, quantizer)
 
 
 def export_tensors(config, adapter, tokenizer, source, read: Callable[[str], np.ndarray],
                    tensor_shapes: dict[str, tuple[int, ...]], path: Path, qtype: str,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
     """Write a model given as ``read(hf_name) -> float32 array`` (one tensor at a time: from a model in memory
     or straight from a checkpoint's shards) to ``path`` as GGUF; ``source`` is its ``ModelSource``."""
     check_gguf_type(qtype)
@@ -498,7 +505,7 @@ def export_tensors(config, adapter, tokenizer, source, read: Callable[[str], np.
     vocab_size = tensor_shapes["model.embed_tokens.weight"][0]
     name = source.alias or Path(source.path).stem
     info = write_gguf(path, read, tensor_shapes, arch, config, shapes, adapter.head_dim(config), vocab_size,
-                      qtype, tokenizer_items, name, progress)
+                      qtype, tokenizer_items, name, progress, quantizer)
     info.update({"quantization": qtype, "tokenizer": tokenizer_info, "bytes": path.stat().st_size,
                  "layer_shapes": [s.to_dict() for s in shapes]})
     return info

@@ -198,10 +198,8 @@ def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_pas
     ``gptq_windows`` windows of ``gptq_window_tokens`` tokens of the text run together (GPTQ wants every
     position of long sequences); encoders get as many of the text's sentences, padded (the padding is masked
     out)."""
-    import numpy as np
-
     from edgeprune.core.data_sources import resolve_data
-    from edgeprune.core.datasets import read_sentences
+    from edgeprune.core.datasets import token_windows
     from edgeprune.core.onnxio import prompt_feeds
 
     if ctx.tokenizer is None:
@@ -210,19 +208,10 @@ def _gptq_calibration(ctx: _Context, config: ExportConfig, input_names, with_pas
     length, count = config.gptq_window_tokens, config.gptq_windows
     if ctx.task != "text-generation":
         return _calibration_batches(ctx, source, input_names, config, count=count, max_length=length), source
-    sentences, ids = read_sentences(source), []
-    for start in range(0, len(sentences), 512):  # tokenize only as much text as the windows need
-        ids += ctx.tokenizer("\n".join(sentences[start:start + 512]) + "\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= length * count:
-            break
-    windows = len(ids) // length
-    if windows < 1:
-        raise EdgePruneError(f"{source}: {len(ids)} tokens, GPTQ calibration needs at least {length}")
-    windows = min(windows, count)
-    tokens = np.asarray(ids[:windows * length], dtype=np.int64).reshape(windows, length)
+    tokens = token_windows(ctx.tokenizer, source, length, count)
     layout = ctx.layout if with_past else None
-    batches = [prompt_feeds(tokens[i:i + 8], input_names, layout) for i in range(0, windows, 8)]
-    return batches, f"{source} ({windows} windows of {length} tokens)"
+    batches = [prompt_feeds(tokens[i:i + 8], input_names, layout) for i in range(0, len(tokens), 8)]
+    return batches, f"{source} ({len(tokens)} windows of {length} tokens)"
 
 
 # Text for the decoder quality gate when no --calib is given: the *end* of WikiText-2 valid, so the gate never

@@ -32,7 +32,9 @@ def register(subparsers) -> None:
                    help="weight-only: rtn (round to nearest), hqq (fitted scale and zero point per block, no "
                         "calibration data; int4 only) or gptq (error-compensated rounding from --calib text, "
                         "default STS-B train) (default auto: gptq for int4-weight, hqq when no calibration text "
-                        "is reachable; rtn for int8-weight)")
+                        "is reachable; rtn for int8-weight). GGUF (--target llamacpp): rtn or gptq onto llama.cpp's "
+                        "own block grids (default auto: gptq for q4_0/q4_1/q5_0/q5_1, rtn for q8_0 and when "
+                        "streaming or no calibration text is reachable)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="weight-only: MatMulNBits compute precision floor, 4 = int8 activations (default 4)")
     p.add_argument("--fp32-embeddings", action="store_true",

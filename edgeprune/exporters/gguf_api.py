@@ -143,13 +143,14 @@ class GGUFInput:
     reference: Callable[[np.ndarray], np.ndarray]  # ids [1, T] -> float32 logits [1, T, V]
     tensors: Callable[[], tuple]  # () -> (read(hf_name) -> float32 array, {hf_name: shape})
     streaming: bool
+    module: Any = None  # the torch model when it is in memory (GPTQ's calibration pass runs it)
 
 
 def in_memory_input(loaded) -> GGUFInput:
     from edgeprune.core.ggufio import model_tensors
 
     return GGUFInput(loaded.model.config, loaded.adapter, loaded.tokenizer, loaded.source, torch_logits(loaded.model),
-                     lambda: model_tensors(loaded.model), streaming=False)
+                     lambda: model_tensors(loaded.model), streaming=False, module=loaded.model)
 
 
 def streaming_input(source) -> GGUFInput:
@@ -189,6 +190,52 @@ def wants_streaming(source, say) -> bool:
     return True
 
 
+# auto: GPTQ for the 4/5-bit block types, round-to-nearest for q8_0 and the float types (see GPTQ_AUTO_NOTE).
+GPTQ_BY_DEFAULT = ("q4_0", "q4_1", "q5_0", "q5_1")
+GPTQ_CALIBRATION_TEXT = "stsb:train"  # as the ONNX int4 export: never the WikiText-2 that docs and gate score
+
+
+def weight_algorithm(config, qtype: str, streaming: bool, say) -> tuple[str, str | None]:
+    """(``rtn`` or ``gptq``, GPTQ's calibration text) for a GGUF export, ``auto`` resolved; checked before the
+    model is loaded. ``auto`` falls back to rtn, saying why in one line, when GPTQ cannot run (a streamed
+    export, no calibration text); an explicit ``gptq`` fails instead."""
+    from edgeprune.core.data_sources import resolve_data
+    from edgeprune.exporters.gguf_gptq import GPTQ_TYPES
+
+    algorithm, explicit = config.weight_algorithm, config.weight_algorithm != "auto"
+    if algorithm == "hqq":
+        raise EdgePruneError("--weight-algorithm hqq is for ONNX int4-weight; GGUF files take rtn or gptq")
+    if not explicit:
+        algorithm = "gptq" if qtype in GPTQ_BY_DEFAULT else "rtn"
+    if algorithm == "rtn":
+        return "rtn", None
+    if qtype not in GPTQ_TYPES:
+        raise EdgePruneError(f"--weight-algorithm gptq rounds onto the GGUF block types {', '.join(GPTQ_TYPES)}; "
+                             f"{qtype} has no grid to round onto")
+    if streaming:
+        if explicit:
+            raise EdgePruneError("--weight-algorithm gptq runs the model in memory for its calibration pass; "
+                                 "drop --streaming or use --weight-algorithm rtn")
+        say(f"{qtype} rounds to nearest (rtn), not GPTQ: GPTQ's calibration pass needs the model in memory")
+        return "rtn", None
+    try:
+        return "gptq", str(config.calib or resolve_data(GPTQ_CALIBRATION_TEXT))
+    except EdgePruneError as exc:
+        if explicit:
+            raise EdgePruneError(f"--weight-algorithm gptq needs calibration text: pass --calib PATH ({exc})") from None
+        say(f"{qtype} rounds to nearest (rtn), not GPTQ: no calibration text ({exc}); pass --calib PATH for GPTQ")
+        return "rtn", None
+
+
+def _gptq_quantizer(model: GGUFInput, config, source: str, progress: bool):
+    from edgeprune.core.datasets import token_windows
+    from edgeprune.exporters.gguf_gptq import GGUFGPTQ, linear_hessians
+
+    windows = token_windows(model.tokenizer, source, config.gptq_window_tokens, config.gptq_windows)
+    hessians, tokens = linear_hessians(model.module, windows, progress)
+    return GGUFGPTQ(hessians, tokens, f"{source} ({len(windows)} windows of {windows.shape[1]} tokens)")
+
+
 def _check_gguf_request(config) -> None:
     """Everything that can be refused before the (slow) load."""
     from edgeprune.runtime.base import get_runtime
@@ -221,16 +268,26 @@ def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle
     if streaming is None:
         streaming = wants_streaming(resolved, say)
     say(f"{'opening' if streaming else 'loading'} {source}")
+    algorithm, calibration = weight_algorithm(config, qtype, streaming, say)
     model = (streaming_input(resolved) if streaming
              else in_memory_input(load_model(source, task="text-generation", allow_pickle=allow_pickle)))
     timings["load_s"] = round(time.perf_counter() - started, 3)
     with staged_output(out, overwrite) as tmp:
+        quantizer = None
+        if algorithm == "gptq":
+            step = time.perf_counter()
+            say(f"GPTQ: Hessians of every Linear's input from {calibration}")
+            quantizer = _gptq_quantizer(model, config, calibration, progress)
+            timings["gptq_calibration_s"] = round(time.perf_counter() - step, 3)
         step = time.perf_counter()
-        say(f"writing {GGUF_FILE} ({qtype}{', streamed from the shards' if streaming else ''})")
+        say(f"writing {GGUF_FILE} ({qtype}{' by GPTQ' if quantizer else ''}"
+            f"{', streamed from the shards' if streaming else ''})")
         read, tensor_shapes = model.tensors()
         info = export_tensors(model.config, model.adapter, model.tokenizer, model.source, read, tensor_shapes,
-                              tmp / GGUF_FILE, qtype, progress)
+                              tmp / GGUF_FILE, qtype, progress, quantizer)
         info["streaming"] = streaming
+        info["weight_algorithm"] = quantizer.record() if quantizer else {"algorithm": "rtn"}
+        del quantizer  # its Hessians: the gate below needs the memory more
         timings["write_s"] = round(time.perf_counter() - step, 3)
         model.config.save_pretrained(tmp)  # vocab size, layer shapes etc. for tools that read config.json
         step = time.perf_counter()
@@ -239,7 +296,8 @@ def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle
         timings["validate_s"] = round(time.perf_counter() - step, 3)
         _raise_if_failed(validation[qtype], qtype)
         timings["total_s"] = round(time.perf_counter() - started, 3)
-        _write_gguf_manifest(tmp, source, model, config.replace(quantize=qtype), info, validation, timings)
+        _write_gguf_manifest(tmp, source, model, config.replace(quantize=qtype, weight_algorithm=algorithm), info,
+                             validation, timings)
         say(f"wrote {out}")
     return out
 
@@ -257,7 +315,8 @@ def _write_gguf_manifest(tmp: Path, source, model: GGUFInput, config, info, vali
     head_dim = model.adapter.head_dim(model.config)
     parent = source if model.source.kind == "artifact" else {"model": model.source.to_dict()}
     variant = {"file": GGUF_FILE, "format": "gguf", "bytes": info["bytes"], "quantization": config.quantize,
-               "architecture": info["architecture"], "tensor_types": info["tensor_types"]}
+               "architecture": info["architecture"], "tensor_types": info["tensor_types"],
+               "weight_algorithm": info["weight_algorithm"]}
     write_manifest(tmp, "export", config.to_dict(), parent,
                    task="text-generation", with_past=True,
                    files_by_role={"llamacpp": GGUF_FILE, "onnxruntime": None, "deepsparse": None},

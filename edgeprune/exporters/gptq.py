@@ -35,7 +35,9 @@ class GPTQSettings:
     ``none`` (onnxruntime's symmetric grid).
     ``clip_search``: fit each block's range over ``CLIP_RATIOS`` instead of taking the block's extremes.
     ``act_order``: quantize the input channels with the largest Hessian diagonal first (the scales are
-    then fixed up front from the original weights, "static groups", so every block keeps one scale)."""
+    then fixed up front from the original weights, "static groups", so every block keeps one scale).
+    ``half_grid``: the scale (and a float zero point's offset ``-scale * zero``) rounded to fp16 before any
+    code is chosen, as GGUF's block types store them, so the codes are rounded on the grid the file holds."""
 
     block_size: int = 32
     bits: int = 4
@@ -43,6 +45,7 @@ class GPTQSettings:
     zero_point: str = "float"
     clip_search: bool = True
     act_order: bool = False
+    half_grid: bool = False
 
 
 def accumulate_hessians(session, batches: Iterable[dict], inputs: Sequence[str],
@@ -96,6 +99,8 @@ def _block_grid(block: np.ndarray, importance: np.ndarray, settings: GPTQSetting
             zero = (span / 2 - middle) / scale
             if settings.zero_point == "integer":
                 zero = np.clip(np.rint(zero), 0, top)
+        if settings.half_grid:
+            scale, zero = _half_grid(scale, zero, settings.zero_point)
         codes = np.clip(np.rint(block / scale[:, None] + zero[:, None]), 0, top)
         error = (((codes - zero[:, None]) * scale[:, None] - block) ** 2 * importance).sum(axis=1)
         if best_error is None:
@@ -105,6 +110,16 @@ def _block_grid(block: np.ndarray, importance: np.ndarray, settings: GPTQSetting
             best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
             best_error = np.where(better, error, best_error)
     return best_scale, best_zero
+
+
+def _half_grid(scale: np.ndarray, zero: np.ndarray, zero_point: str) -> tuple[np.ndarray, np.ndarray]:
+    """``scale`` and ``zero`` moved onto what fp16 storage holds (a scale that fp16 flushes to 0, from a block of
+    weights below ~1e-7, stays as it was: its dequantized weights are 0 either way)."""
+    rounded = scale.astype(np.float16).astype(np.float64)
+    scale = np.where(rounded != 0, rounded, scale)
+    if zero_point == "float":
+        zero = -(-scale * zero).astype(np.float16).astype(np.float64) / scale
+    return scale, zero
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray,
@@ -192,3 +207,42 @@ def pack_zero_points(zeros: np.ndarray) -> np.ndarray:
     if codes.shape[1] % 2:
         codes = np.pad(codes, ((0, 0), (0, 1)))
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+# llama.cpp's block types GPTQ can round onto: (bits, zero point) of ``_block_grid``, 32 weights per block.
+# The symmetric grid is ggml's own (d = extreme / -2^(bits-1), code = x / d + 2^(bits-1)); q8_0 stores the
+# code minus 128 as int8, so its range is -128..127 where ggml's own quantizer uses -127..127.
+GGML_GRIDS = {"q4_0": (4, "none"), "q5_0": (5, "none"), "q8_0": (8, "none"), "q4_1": (4, "float"),
+              "q5_1": (5, "float")}
+GGML_BLOCK = 32
+
+
+def ggml_settings(qtype: str, **overrides) -> GPTQSettings:
+    if qtype not in GGML_GRIDS:
+        raise EdgePruneError(f"GPTQ writes the GGUF block types {', '.join(GGML_GRIDS)}, not {qtype!r}")
+    bits, zero_point = GGML_GRIDS[qtype]
+    return GPTQSettings(block_size=GGML_BLOCK, bits=bits, zero_point=zero_point, half_grid=True, **overrides)
+
+
+def pack_ggml_blocks(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype: str) -> np.ndarray:
+    """``gptq_quantize``'s result under ``ggml_settings(qtype)`` (K a whole number of blocks) as the bytes of
+    the GGUF tensor [N, blocks * block bytes], in ggml's block layouts (ggml-common.h): fp16 ``d`` (and ``m``
+    for the ``_1`` types), for 5 bits a 32-bit mask of the codes' high bits, then the low nibbles with element
+    j and j + 16 sharing byte j; q8_0 holds int8 codes."""
+    n, k = codes.shape
+    if k % GGML_BLOCK or scales.shape != (n, k // GGML_BLOCK):
+        raise EdgePruneError(f"GGUF packing: {k} weights per row are not whole {GGML_BLOCK}-weight blocks")
+    q = codes.reshape(n, k // GGML_BLOCK, GGML_BLOCK).astype(np.uint8)
+    halves = lambda values: values.astype(np.float16)[:, :, None].view(np.uint8)  # noqa: E731 [n, blocks, 2]
+    parts = [halves(scales)]
+    if GGML_GRIDS[qtype][1] == "float":
+        parts.append(halves(-scales.astype(np.float64) * zeros))
+    if qtype == "q8_0":
+        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if GGML_GRIDS[qtype][0] == 5:
+            high = ((q >> 4) & 1).astype(np.uint32) << np.arange(GGML_BLOCK, dtype=np.uint32)
+            parts.append(high.sum(axis=2, dtype=np.uint32).astype("<u4")[:, :, None].view(np.uint8))
+        low = q & 0x0F
+        parts.append(low[:, :, :16] | (low[:, :, 16:] << 4))
+    return np.concatenate(parts, axis=2).reshape(n, -1)

@@ -6,6 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.onnxio import ort_session
 from edgeprune.exporters import gptq
 
@@ -112,7 +113,46 @@ def test_hessians_skip_masked_rows():
 
 
 def test_a_singular_hessian_is_one_clear_error():
-    from edgeprune.core.errors import EdgePruneError
-
     with pytest.raises(EdgePruneError, match="not positive definite"):
         gptq.gptq_quantize(np.ones((32, 4)), -np.eye(32), gptq.GPTQSettings(damp=0.0))
+
+
+@pytest.mark.parametrize("qtype", sorted(gptq.GGML_GRIDS))
+def test_ggml_blocks_read_back_by_the_gguf_package_as_gptq_chose_them(qtype):
+    """llama.cpp's block layouts (read by the gguf package's own dequantizer) hold exactly the grid values
+    GPTQ rounded to, fp16 scales (and q4_1/q5_1 offsets) included."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    k, n = 96, 10
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((400, k)) @ rng.standard_normal((k, k))
+    codes, scales, zeros = gptq.gptq_quantize(weight, x.T @ x, gptq.ggml_settings(qtype))
+    raw = gptq.pack_ggml_blocks(codes, scales, zeros, qtype)
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    assert raw.dtype == np.uint8 and raw.shape == tuple(gguf.quant_shape_to_byte_shape((n, k), kind))
+    np.testing.assert_allclose(gguf.dequantize(raw, kind), gptq.dequantize(codes, scales, zeros, k).T,
+                               rtol=0, atol=1e-6)
+    assert (scales.astype(np.float16).astype(np.float32) == scales).all()  # on the stored fp16 grid
+
+
+def test_gptq_on_the_q4_0_grid_beats_ggmls_round_to_nearest_on_correlated_inputs():
+    import gguf
+
+    rng = np.random.default_rng(4)
+    k, n = 128, 32
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((2000, k)) @ (np.eye(k) + 0.6 * rng.standard_normal((k, k)))
+    codes, scales, zeros = gptq.gptq_quantize(weight, x.T @ x, gptq.ggml_settings("q4_0"))
+    ours = gguf.dequantize(gptq.pack_ggml_blocks(codes, scales, zeros, "q4_0"), gguf.GGMLQuantizationType.Q4_0)
+    rtn = gguf.dequantize(gguf.quantize(weight.T.copy(), gguf.GGMLQuantizationType.Q4_0),
+                          gguf.GGMLQuantizationType.Q4_0)
+    error = lambda w: float(np.square(x @ (w.T - weight)).mean())  # noqa: E731
+    assert error(ours) < 0.7 * error(rtn)
+
+
+def test_ggml_packing_refuses_partial_blocks_and_unknown_types():
+    with pytest.raises(EdgePruneError, match="whole 32-weight blocks"):
+        gptq.pack_ggml_blocks(np.zeros((2, 40), np.uint8), np.ones((2, 2), np.float32), np.zeros((2, 2)), "q4_0")
+    with pytest.raises(EdgePruneError, match="not 'q6_k'"):
+        gptq.ggml_settings("q6_k")
