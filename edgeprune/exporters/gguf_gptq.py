@@ -47,12 +47,15 @@ def linear_hessians(model, windows: np.ndarray, progress: bool = True) -> tuple[
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)]
     device = next(model.parameters()).device
+    # a tied LM head is the embedding table, written without GPTQ: skip its logits (~20 % of the forward)
+    tied = getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "base_model")
+    body = model.base_model if tied else model
     try:
         with torch.inference_mode():
             starts = range(0, len(windows), CALIBRATION_BATCH)
             for start in tqdm(starts, desc="GPTQ calibration", unit="batch", disable=not progress, leave=False):
                 batch = torch.as_tensor(windows[start:start + CALIBRATION_BATCH], device=device)
-                model(input_ids=batch, use_cache=False)
+                body(input_ids=batch, use_cache=False)
                 last["input"] = last["owner"] = None  # never hold a batch's activations past its forward
     finally:
         for handle in handles:
