@@ -77,19 +77,21 @@ def permute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _tensor_type(qtype: str, name: str, shape: tuple[int, ...], tied_output: bool) -> str:
+def _tensor_type(qtype: str, name: str, shape: tuple[int, ...], tied_output: bool, head_type: str | None = None) -> str:
     """Norms and biases stay f32; a row length the block size does not divide falls back to f16 (as
     convert_hf_to_gguf does). The LM head (the token embedding when tied) stays q8_0 under 4/5-bit types:
     llama.cpp's own quantizer keeps it at higher precision too (Q6_K, which gguf cannot write). Under q8_0,
     the type chosen for fidelity, it stays f16: measured on SmolLM2-135M (WikiText-2, 4,095 tokens), an
     all-q8_0 file is +0.51 % perplexity over PyTorch fp32 and the f16 LM head +0.07 % (f16 alone: +0.01 %),
-    for an 18 % larger file and ~9 % slower decode (docs/llamacpp.md)."""
+    for an 18 % larger file and ~9 % slower decode (docs/llamacpp.md). ``head_type`` overrides the LM head's."""
     import gguf
 
     if len(shape) < 2 or qtype == "f32":
         return "f32"
     lm_head = name == "output.weight" or (tied_output and name == "token_embd.weight")
-    if lm_head and qtype in LOW_BIT:
+    if lm_head and head_type:
+        qtype = head_type
+    elif lm_head and qtype in LOW_BIT:
         qtype = "q8_0"
     elif lm_head and qtype == "q8_0":
         return "f16"
@@ -415,9 +417,11 @@ TensorQuantizer = Callable[[str, np.ndarray, str], "np.ndarray | None"]
 
 def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: dict[str, tuple[int, ...]], arch: str,
                model_config, shapes, head_dim: int, vocab_size: int, qtype: str, tokenizer_items, name: str,
-               progress: bool = True, quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
+               progress: bool = True, quantizer: TensorQuantizer | None = None,
+               head_type: str | None = None) -> dict[str, Any]:
     """Stream a GGUF file: ``state(hf_name)`` returns one float32 tensor at a time. ``quantizer`` may encode a
-    tensor itself (e.g. GPTQ); where it returns None, the gguf package rounds it to nearest."""
+    tensor itself (e.g. GPTQ); where it returns None, the gguf package rounds it to nearest. ``head_type``:
+    the LM head's GGUF type (None: ``_tensor_type``'s rule)."""
     import gguf
     from tqdm.auto import tqdm
 
@@ -442,7 +446,7 @@ def write_gguf(path: Path, state: Callable[[str], np.ndarray], tensor_shapes: di
         resolved = []
         for plan in plans:
             shape = tuple(int(d) for d in tensor_shapes[plan.hf_name])
-            ttype = _tensor_type(qtype, plan.gguf_name, shape, tied)
+            ttype = _tensor_type(qtype, plan.gguf_name, shape, tied, head_type)
             info_shape, dtype, nbytes = _byte_shape(shape, ttype)
             raw = None if ttype in ("f32", "f16") else _ggml_type(ttype)
             writer.add_tensor_info(plan.gguf_name, info_shape, np.dtype(dtype), nbytes, raw_dtype=raw)
@@ -479,17 +483,18 @@ def model_tensors(model) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[i
     return read, shapes
 
 
-def export_loaded(loaded, path: Path, qtype: str, progress: bool = True,
-                  quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
+def export_loaded(loaded, path: Path, qtype: str, progress: bool = True, quantizer: TensorQuantizer | None = None,
+                  head_type: str | None = None) -> dict[str, Any]:
     """Write ``loaded`` (an ``edgeprune.core.loading.LoadedModel``) to ``path`` as GGUF; returns what was written."""
     read, tensor_shapes = model_tensors(loaded.model)
     return export_tensors(loaded.model.config, loaded.adapter, loaded.tokenizer, loaded.source, read, tensor_shapes,
-                          path, qtype, progress, quantizer)
+                          path, qtype, progress, quantizer, head_type)
 
 
 def export_tensors(config, adapter, tokenizer, source, read: Callable[[str], np.ndarray],
                    tensor_shapes: dict[str, tuple[int, ...]], path: Path, qtype: str,
-                   progress: bool = True, quantizer: TensorQuantizer | None = None) -> dict[str, Any]:
+                   progress: bool = True, quantizer: TensorQuantizer | None = None,
+                   head_type: str | None = None) -> dict[str, Any]:
     """Write a model given as ``read(hf_name) -> float32 array`` (one tensor at a time: from a model in memory
     or straight from a checkpoint's shards) to ``path`` as GGUF; ``source`` is its ``ModelSource``."""
     check_gguf_type(qtype)
@@ -505,7 +510,7 @@ def export_tensors(config, adapter, tokenizer, source, read: Callable[[str], np.
     vocab_size = tensor_shapes["model.embed_tokens.weight"][0]
     name = source.alias or Path(source.path).stem
     info = write_gguf(path, read, tensor_shapes, arch, config, shapes, adapter.head_dim(config), vocab_size,
-                      qtype, tokenizer_items, name, progress, quantizer)
+                      qtype, tokenizer_items, name, progress, quantizer, head_type)
     info.update({"quantization": qtype, "tokenizer": tokenizer_info, "bytes": path.stat().st_size,
                  "layer_shapes": [s.to_dict() for s in shapes]})
     return info

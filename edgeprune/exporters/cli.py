@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--asymmetric", action="store_true", help="weight-only: per-block zero points (default symmetric)")
     p.add_argument("--lm-head-bits", type=int, choices=[0, 4, 8],
                    help="weight-only: bits of the LM head (the MatMul writing logits), 0 = keep it fp32 "
-                        "(default: 8 for hqq and gptq int4, else the same as the blocks)")
+                        "(default: 8 for hqq and gptq int4, else the same as the blocks). GGUF: 8 = q8_0 (the "
+                        "default under 4/5-bit types), 4 = the blocks' q4 type (by GPTQ with the head's own "
+                        "Hessian), 0 = f16")
     p.add_argument("--weight-algorithm", choices=["auto", "rtn", "hqq", "gptq"],
                    help="weight-only: rtn (round to nearest), hqq (fitted scale and zero point per block, no "
                         "calibration data; int4 only) or gptq (error-compensated rounding from --calib text, "

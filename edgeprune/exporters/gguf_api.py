@@ -227,12 +227,26 @@ def weight_algorithm(config, qtype: str, streaming: bool, say) -> tuple[str, str
         return "rtn", None
 
 
-def _gptq_quantizer(model: GGUFInput, config, source: str, progress: bool):
+def lm_head_type(config, qtype: str) -> str | None:
+    """The LM head's GGUF type ``--lm-head-bits`` asks for (None: ``core.ggufio._tensor_type``'s rule, q8_0
+    under the 4/5-bit types): 8 -> q8_0, 0 -> f16, 4 -> the blocks' own 4-bit type."""
+    bits = config.lm_head_bits
+    if bits is None:
+        return None
+    if bits == 4 and qtype not in ("q4_0", "q4_1"):
+        raise EdgePruneError(f"--lm-head-bits 4 writes the LM head in the blocks' 4-bit type; --quantize {qtype} "
+                             "has none (use q4_0 or q4_1)")
+    return {0: "f16", 8: "q8_0", 4: qtype}[bits]
+
+
+def _gptq_quantizer(model: GGUFInput, config, source: str, progress: bool, head_type: str | None):
     from edgeprune.core.datasets import token_windows
     from edgeprune.exporters.gguf_gptq import GGUFGPTQ, linear_hessians
 
     windows = token_windows(model.tokenizer, source, config.gptq_window_tokens, config.gptq_windows)
-    hessians, tokens = linear_hessians(model.module, windows, progress)
+    # the LM head (the tied table) by GPTQ only when it is as coarse as the blocks: at q8_0 it rounds to nearest
+    head = head_type in ("q4_0", "q4_1", "q5_0", "q5_1")
+    hessians, tokens = linear_hessians(model.module, windows, progress, lm_head=head)
     return GGUFGPTQ(hessians, tokens, f"{source} ({len(windows)} windows of {windows.shape[1]} tokens)")
 
 
@@ -269,6 +283,7 @@ def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle
         streaming = wants_streaming(resolved, say)
     say(f"{'opening' if streaming else 'loading'} {source}")
     algorithm, calibration = weight_algorithm(config, qtype, streaming, say)
+    head_type = lm_head_type(config, qtype)
     model = (streaming_input(resolved) if streaming
              else in_memory_input(load_model(source, task="text-generation", allow_pickle=allow_pickle)))
     timings["load_s"] = round(time.perf_counter() - started, 3)
@@ -277,14 +292,14 @@ def export_gguf(source, out: Path, config, overwrite: bool = False, allow_pickle
         if algorithm == "gptq":
             step = time.perf_counter()
             say(f"GPTQ: Hessians of every Linear's input from {calibration}")
-            quantizer = _gptq_quantizer(model, config, calibration, progress)
+            quantizer = _gptq_quantizer(model, config, calibration, progress, head_type)
             timings["gptq_calibration_s"] = round(time.perf_counter() - step, 3)
         step = time.perf_counter()
         say(f"writing {GGUF_FILE} ({qtype}{' by GPTQ' if quantizer else ''}"
             f"{', streamed from the shards' if streaming else ''})")
         read, tensor_shapes = model.tensors()
         info = export_tensors(model.config, model.adapter, model.tokenizer, model.source, read, tensor_shapes,
-                              tmp / GGUF_FILE, qtype, progress, quantizer)
+                              tmp / GGUF_FILE, qtype, progress, quantizer, head_type)
         info["streaming"] = streaming
         info["weight_algorithm"] = quantizer.record() if quantizer else {"algorithm": "rtn"}
         del quantizer  # its Hessians: the gate below needs the memory more

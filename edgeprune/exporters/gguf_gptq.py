@@ -20,10 +20,13 @@ GPTQ_TYPES = tuple(gptq.GGML_GRIDS)
 CALIBRATION_BATCH = 8  # windows per forward pass
 
 
-def linear_hessians(model, windows: np.ndarray, progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
+def linear_hessians(model, windows: np.ndarray, progress: bool = True,
+                    lm_head: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """``sum x x^T`` (float32, [in, in]) of the input of every ``torch.nn.Linear`` of ``model`` over the token
     windows [count, length], keyed by the weight's parameter name; and the number of tokens. Linears that read
-    the same tensor (q/k/v, gate/up) share one Hessian, computed once."""
+    the same tensor (q/k/v, gate/up) share one Hessian, computed once. ``lm_head``: the LM head's too (under
+    the embedding table's name as well when the two are tied); else its logits (~20 % of the forward) are
+    never computed."""
     import torch
     from tqdm.auto import tqdm
 
@@ -47,9 +50,7 @@ def linear_hessians(model, windows: np.ndarray, progress: bool = True) -> tuple[
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)]
     device = next(model.parameters()).device
-    # a tied LM head is the embedding table, written without GPTQ: skip its logits (~20 % of the forward)
-    tied = getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "base_model")
-    body = model.base_model if tied else model
+    body = model if lm_head or not hasattr(model, "base_model") else model.base_model
     try:
         with torch.inference_mode():
             starts = range(0, len(windows), CALIBRATION_BATCH)
@@ -62,6 +63,10 @@ def linear_hessians(model, windows: np.ndarray, progress: bool = True) -> tuple[
             handle.remove()
     arrays = {owner: gram.cpu().numpy() for owner, gram in sums.items()}
     hessians = {f"{name}.weight": arrays[owner] for name, owner in owner_of.items()}
+    if not lm_head:
+        hessians.pop("lm_head.weight", None)
+    elif getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in hessians:
+        hessians["model.embed_tokens.weight"] = hessians["lm_head.weight"]  # what the GGUF file writes
     return hessians, int(windows.size)
 
 

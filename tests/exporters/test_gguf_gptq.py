@@ -124,3 +124,26 @@ def test_gptq_q4_0_export_validates_in_llamacpp_and_records_its_calibration(bpe_
     assert record["algorithm"] == "gptq" and record["tensors"] == 14 and record["calibration_tokens"] == 16 * 32
     assert manifest["config"]["weight_algorithm"] == "gptq" and manifest["validation"]["q4_0"]["passed"]
     assert (out / GGUF_FILE).is_file()
+
+
+def test_a_4_bit_lm_head_is_the_tied_table_rounded_by_gptq_with_the_heads_own_hessian(bpe_llama, tmp_path):
+    from edgeprune.core.ggufio import iter_gguf_shapes
+    from edgeprune.exporters.gguf_api import lm_head_type
+
+    config = ExportConfig(target="llamacpp", quantize="q4_0")
+    assert lm_head_type(config, "q4_0") is None
+    assert [lm_head_type(config.replace(lm_head_bits=b), "q4_0") for b in (8, 4, 0)] == ["q8_0", "q4_0", "f16"]
+    with pytest.raises(EdgePruneError, match="--lm-head-bits 4 .* q8_0 has none"):
+        lm_head_type(config.replace(lm_head_bits=4), "q8_0")
+    loaded = load_model(bpe_llama)
+    windows = _windows(loaded.tokenizer)
+    without, _ = linear_hessians(loaded.model, windows, progress=False)
+    hessians, tokens = linear_hessians(loaded.model, windows, progress=False, lm_head=True)
+    assert "lm_head.weight" not in without and "model.embed_tokens.weight" not in without
+    assert hessians["model.embed_tokens.weight"] is hessians["lm_head.weight"]
+    np.testing.assert_allclose(hessians["model.layers.0.mlp.down_proj.weight"],
+                               without["model.layers.0.mlp.down_proj.weight"], rtol=1e-6)
+    quantizer = GGUFGPTQ(hessians, tokens, "sample text")
+    export_loaded(loaded, tmp_path / GGUF_FILE, "q4_0", progress=False, quantizer=quantizer, head_type="q4_0")
+    types = {name: t for name, _, t in iter_gguf_shapes(tmp_path / GGUF_FILE)}
+    assert types["token_embd.weight"] == "Q4_0" and "model.embed_tokens.weight" in quantizer.quantized
