@@ -90,6 +90,117 @@ def drop_unused_initializers(graph) -> None:
     graph.initializer.extend(kept)
 
 
+# --- files: one protobuf, or a graph plus one external weight file ----------------------------------------
+# protobuf refuses to serialise a message over 2 GiB; above this many bytes of weights (64 MiB left for the
+# graph itself) a model is saved with its tensors in ``NAME.data`` beside ``NAME`` (ONNX external data).
+ONNX_SINGLE_FILE_BYTES = 2**31
+EXTERNAL_DATA_ABOVE_BYTES = ONNX_SINGLE_FILE_BYTES - 2**26
+
+
+def _tensor_nbytes(tensor) -> int:
+    import onnx
+
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every initializer (dense, sparse, and Constant-node tensors) at their element type."""
+    total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    total += sum(_tensor_nbytes(s.values) + _tensor_nbytes(s.indices) for s in model.graph.sparse_initializer)
+    total += sum(_tensor_nbytes(a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+                 if a.name == "value")
+    return total
+
+
+def needs_external_data(model) -> bool:
+    return weight_bytes(model) > EXTERNAL_DATA_ABOVE_BYTES
+
+
+def external_files(path: str | Path) -> list[Path]:
+    """The external data files an ONNX file refers to (beside it), without reading them."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    tensors = [*graph.initializer, *(s.values for s in graph.sparse_initializer),
+               *(a.t for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)]
+    names = {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
+    return [path.parent / name for name in sorted(names)]
+
+
+def is_external(path: str | Path) -> bool:
+    """Whether the ONNX file at ``path`` keeps its weights in external data files."""
+    return bool(external_files(path))
+
+
+def onnx_file_set(path: str | Path) -> list[Path]:
+    """``path`` and its external data files: what has to travel together."""
+    return [Path(path), *external_files(path)]
+
+
+def save_onnx(model, path: str | Path) -> Path:
+    """Save ``model`` to ``path``: one file, or (weights over ``EXTERNAL_DATA_ABOVE_BYTES``) the graph plus
+    ``path.name + '.data'`` beside it. External files the old file at ``path`` referred to are removed, and
+    ``model`` keeps its tensor data in memory (onnx moves it out while saving; it is read back)."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    path = Path(path)
+    stale = set(external_files(path)) if path.is_file() else set()
+    if needs_external_data(model):
+        location = path.name + ".data"
+        (path.parent / location).unlink(missing_ok=True)  # onnx appends to an existing file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        shutil.copymode(path, path.parent / location)  # onnx creates the data file private (0600)
+        load_external_data_for_model(model, str(path.parent))
+        stale.discard(path.parent / location)
+    else:
+        onnx.save_model(model, str(path))
+    for old in stale:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def move_onnx(src: str | Path, dst: str | Path) -> Path:
+    """Move an ONNX file and its external data into ``dst``'s directory; the data files keep their names,
+    which the graph refers to."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    for data in external_files(src):
+        target = dst.parent / data.name
+        if target.exists() and target != data:
+            raise EdgePruneError(f"cannot move {src}: {target} exists")
+        shutil.move(str(data), str(target))
+    shutil.move(str(src), str(dst))
+    return dst
+
+
+def check_onnx_model(model, path: str | Path) -> None:
+    """``onnx.checker`` on a model; a model too large for one protobuf is checked from its file."""
+    import onnx
+
+    if needs_external_data(model):
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(model)
+
+
+def session_for_model(model, scratch: str | Path, **options):
+    """An ORT session on an in-memory graph: from its bytes, or (too large for one protobuf) from a copy
+    saved with external data under ``scratch``."""
+    if not needs_external_data(model):
+        return ort_session(model.SerializeToString(), **options)
+    path = Path(scratch) / "session-graph.onnx"
+    save_onnx(model, path)
+    return ort_session(path, **options)
+
+
 def opset_of(model) -> int:
     """The default-domain opset of an ``onnx.ModelProto``."""
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

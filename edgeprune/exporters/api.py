@@ -285,6 +285,7 @@ def _target_file(target, selected: bool, final, current: Path, tmp: Path, kv_dec
     accepts it, else (only for the selected --target) a dense copy it accepts; None when it gets none."""
     import onnx
 
+    from edgeprune.core.onnxio import save_onnx
     from edgeprune.exporters.sparse import variant_record
     from edgeprune.exporters.validate import check_onnx_file
 
@@ -303,7 +304,7 @@ def _target_file(target, selected: bool, final, current: Path, tmp: Path, kv_dec
     problems = target.ready(dense_copy)
     if problems:
         raise EdgePruneError(f"cannot make a {target.display} file: {'; '.join(problems)}")
-    onnx.save(dense_copy, str(tmp / DENSE_FILE))
+    save_onnx(dense_copy, tmp / DENSE_FILE)
     check_onnx_file(tmp / DENSE_FILE)
     variants.append(variant_record(tmp / DENSE_FILE, dense_copy, quantization, target.name))
     if rewrites:
@@ -330,6 +331,7 @@ def _target_check(target, path: Path, ctx: _Context) -> dict[str, Any]:
 
 # --- pipeline -----------------------------------------------------------------------------------------------
 def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, allow_pickle: bool):
+    from edgeprune.core.onnxio import move_onnx
     from edgeprune.exporters.onnx_export import ONNX_FILE, export_with_optimum
     from edgeprune.exporters.validate import torch_reference
     from edgeprune.core.loading import load_model
@@ -340,7 +342,7 @@ def _prepare_from_model(source, config: ExportConfig, tmp: Path, work: Path, all
     decoder = loaded.task == "text-generation"
     with_past = decoder and config.with_past
     info = export_with_optimum(loaded, tmp, loaded.task, with_past, config.opset)
-    shutil.move(str(tmp / ONNX_FILE), work / "fp32.onnx")
+    move_onnx(tmp / ONNX_FILE, work / "fp32.onnx")  # with its external data, if any
     model_config = loaded.model.config
     ctx = _Context(loaded.task, decoder, info.get("kv_layout"), model_config.vocab_size,
                    getattr(model_config, "type_vocab_size", 2), torch_reference(loaded.model), "PyTorch",
@@ -371,8 +373,7 @@ def _model_stats(loaded) -> dict[str, Any]:
 
 
 def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: Path):
-    import onnx
-
+    from edgeprune.core.onnxio import external_files, save_onnx
     from edgeprune.exporters.sparse import densify
     from edgeprune.exporters.validate import check_onnx_file, onnx_reference
 
@@ -390,15 +391,17 @@ def _prepare_from_onnx(onnx_path: Path, config: ExportConfig, tmp: Path, work: P
     src_dir = onnx_path.parent
     if not (src_dir / "config.json").is_file():
         raise EdgePruneError(f"{src_dir}: no config.json beside {onnx_path.name}; an export directory needs one")
+    weights = set(external_files(onnx_path))
     for item in src_dir.iterdir():  # config, tokenizer, generation config; not the ONNX files or manifest
-        if item.is_file() and item.suffix != ".onnx" and item.name != MANIFEST and not item.name.endswith(".onnx_data"):
+        if item.is_file() and item.suffix != ".onnx" and item.name != MANIFEST and item not in weights \
+                and not item.name.endswith((".onnx_data", ".onnx.data")):
             shutil.copy2(item, tmp / item.name)
     manifest = read_manifest(src_dir) if is_artifact(src_dir) else {}
     if any(n.domain not in ("", "ai.onnx") for n in model.graph.node) and (config.quantize != "none" or config.optimize):
         raise EdgePruneError(f"{onnx_path}: already optimised or quantised (non-standard operators); "
                              "re-export from the model or compressed artifact instead")
     densify(model)
-    onnx.save(model, str(work / "fp32.onnx"))
+    save_onnx(model, work / "fp32.onnx")
     names = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
     decoder = "logits" in outputs and any(n.startswith("past_key_values.") for n in names) or \
@@ -523,12 +526,13 @@ def _to_deepsparse_int8(path: Path) -> dict[str, Any]:
     """Rewrite the static QDQ file at ``path`` into MatMulInteger form in place (exporters/deepsparse_int8.py)."""
     import onnx
 
+    from edgeprune.core.onnxio import check_onnx_model, save_onnx
     from edgeprune.exporters.deepsparse_int8 import qdq_to_matmulinteger
 
     model = onnx.load(str(path))
     info = qdq_to_matmulinteger(model)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    save_onnx(model, path)
+    check_onnx_model(model, path)
     return info
 
 
@@ -608,13 +612,14 @@ def _write_final(run: _Run):
     against its dense source."""
     import onnx
 
+    from edgeprune.core.onnxio import save_onnx
     from edgeprune.exporters.sparse import sparsify
 
     config, tmp = run.config, run.tmp
     final = onnx.load(str(run.current))
     sparsify(final, config.sparse_initializers)
     run.steps["sparse_initializers"] = {"mode": config.sparse_initializers, "tensors": len(final.graph.sparse_initializer)}
-    onnx.save(final, str(tmp / DEFAULT_ONNX))
+    save_onnx(final, tmp / DEFAULT_ONNX)
     if final.graph.sparse_initializer:
         run.say(f"checking the sparse-initializer file ({len(final.graph.sparse_initializer)} sparse tensors)")
         worst = _max_abs_vs_current(run, tmp / DEFAULT_ONNX)
@@ -672,7 +677,7 @@ def _check_request(source, out: Path, config: ExportConfig, overwrite: bool, tar
     if not target.kv_cache and config.with_past and _source_is_decoder(source):
         raise EdgePruneError(_kv_refusal(target))
     if target.file_format != "gguf" and _onnx_source(source) is None:
-        _check_onnx_fits_one_file(source)
+        _check_onnx_export_fits_memory(source)
     config = _resolve_gptq_data(config)
     if not config.calib:
         return config, None
@@ -708,13 +713,16 @@ def _resolve_gptq_data(config: ExportConfig) -> ExportConfig:
     return config
 
 
-ONNX_SINGLE_FILE_BYTES = 2**31  # protobuf's limit on one serialised ModelProto
+# The in-memory ONNX export (trace, optimum's post-processing, shape folding, the gate's ORT sessions beside
+# the PyTorch model) peaks at this multiple of the float32 weights; measured in benchmarks/RESULTS.md
+# ("ONNX external data": 9.69 GB for a 0.57 B Llama's 2.27 GB, 4.27x). A model whose peak would exceed the
+# available memory is refused before loading.
+ONNX_EXPORT_PEAK_RATIO = 4.3
 
 
-def _check_onnx_fits_one_file(source) -> None:
-    """Refuse, before loading, a model whose float32 weights exceed one ONNX file's 2 GB: every step here
-    (optimum's tied-weight pass, the shape folding, quantization) saves the graph as one protobuf. Measured:
-    a 1.07 B Llama failed in optimum's post-processing after 1 min 52 s at a 17.0 GB peak."""
+def _check_onnx_export_fits_memory(source) -> None:
+    import psutil
+
     from edgeprune.compress.lazy_weights import checkpoint_numel
     from edgeprune.core.loading import resolve
 
@@ -723,11 +731,14 @@ def _check_onnx_fits_one_file(source) -> None:
     except EdgePruneError:
         return  # loading reports it
     numel = checkpoint_numel(resolved)
-    if numel is not None and numel * 4 > ONNX_SINGLE_FILE_BYTES:
+    if numel is None:
+        return
+    need, available = numel * 4 * ONNX_EXPORT_PEAK_RATIO, psutil.virtual_memory().available
+    if need > available:
         raise EdgePruneError(
-            f"{source}: {numel / 1e9:.2f} B parameters are {numel * 4 / 1e9:.1f} GB in float32, over one ONNX "
-            "file's 2 GB (protobuf limit) and ONNX external data is not supported yet; export it with "
-            "--target llamacpp (GGUF, streamed from the shards)")
+            f"{source}: {numel / 1e9:.2f} B parameters; the ONNX export traces the model in memory and needs "
+            f"~{need / 1e9:.1f} GB ({ONNX_EXPORT_PEAK_RATIO:g}x the float32 weights), more than the "
+            f"{available / 1e9:.1f} GB available; export it with --target llamacpp (GGUF, streamed from the shards)")
 
 
 def export(source: str | Path, out: str | Path, config: ExportConfig | None = None, overwrite: bool = False,

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.logs import quiet_logs
+from edgeprune.core import onnxio
 
 # edgeprune task -> optimum task (decoders with KV cache get "-with-past").
 OPTIMUM_TASKS = {
@@ -108,6 +109,9 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
         optimum_task += "-with-past"
     onnx_config = _onnx_config(loaded.model, optimum_task, layout if decoder and with_past else None,
                                [loaded.tokenizer])
+    # optimum's post-processing (the tied-weight pass) sizes the whole graph as one protobuf, which fails over
+    # 2 GB; there the same pass runs here and saves with external data
+    large = sum(p.numel() for p in loaded.model.parameters()) * 4 > onnxio.EXTERNAL_DATA_ABOVE_BYTES
     # optimum and torch.onnx are chatty (tracer warnings); failures still raise.
     with quiet_logs("optimum"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -115,6 +119,7 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
             onnx_export_from_model(
                 loaded.model, out_dir, task=optimum_task, opset=opset, do_validation=False,
                 custom_onnx_configs={"model": onnx_config}, preprocessors=[loaded.tokenizer],
+                no_post_process=large,
             )
         except (ValueError, KeyError, RuntimeError) as exc:
             raise EdgePruneError(f"ONNX export failed for {loaded.model.config.model_type} ({optimum_task}): "
@@ -126,11 +131,37 @@ def export_with_optimum(loaded, out_dir: Path, task: str, with_past: bool, opset
     if not (out_dir / ONNX_FILE).is_file():
         raise EdgePruneError(f"ONNX export wrote no {ONNX_FILE} (files: {sorted(p.name for p in out_dir.iterdir())})")
     info: dict[str, Any] = {"optimum_task": optimum_task}
+    if large:
+        info["tied_weights"] = deduplicate_tied_weights(loaded.model, out_dir / ONNX_FILE)
     if decoder:
         info["kv_layout"] = layout
         if with_past:
             info["past_tolerant"] = make_past_tolerant(out_dir / ONNX_FILE, layout, ort_assumed_layout(loaded.model.config))
     return info
+
+
+def deduplicate_tied_weights(model, path: Path) -> str:
+    """optimum's tied-weight pass (one initializer for a tied embedding and LM head) on a graph over 2 GB, with
+    optimum's own helpers, saved with external data; what it did, for the manifest."""
+    import onnx
+
+    from edgeprune.core.onnxio import save_onnx
+
+    try:
+        from accelerate.utils import find_tied_parameters
+        from optimum.onnx.transformations_utils import (_deduplicate_gather_matmul, _find_matching_initializers,
+                                                        _get_weights_to_tie)
+    except ImportError:  # helpers of optimum~=2.1; without them the tied table is stored twice
+        return "kept twice (optimum's tied-weight helpers not found)"
+    tied = find_tied_parameters(model)
+    if not tied:
+        return "none tied"
+    onnx_model = onnx.load(str(path))
+    with_op, to_tie, _ = _get_weights_to_tie(tied, model)
+    index = {init.name: i for i, init in enumerate(onnx_model.graph.initializer)}
+    groups = _find_matching_initializers(with_op, onnx_model, index)
+    save_onnx(_deduplicate_gather_matmul(onnx_model, to_tie, groups, index), path)
+    return "deduplicated"
 
 
 def make_past_tolerant(path: Path, layout: list[dict[str, int]], assumed: tuple[int, int]) -> bool:
@@ -144,6 +175,8 @@ def make_past_tolerant(path: Path, layout: list[dict[str, int]], assumed: tuple[
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
+
+    from edgeprune.core.onnxio import save_onnx
 
     if all((layer["kv_heads"], layer["head_dim"]) == assumed for layer in layout):
         return False
@@ -174,7 +207,7 @@ def make_past_tolerant(path: Path, layout: list[dict[str, int]], assumed: tuple[
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save(model, str(path))
+    save_onnx(model, path)
     return True
 
 

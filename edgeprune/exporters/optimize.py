@@ -28,6 +28,8 @@ def optimize(src: Path, dst: Path, decoder: bool, quantized: bool = False) -> di
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from edgeprune.core.onnxio import needs_external_data
+
     model_type = MODEL_TYPES["decoder" if decoder else "encoder"]
     options = FusionOptions(model_type)
     options.enable_skip_layer_norm = False
@@ -42,5 +44,5 @@ def optimize(src: Path, dst: Path, decoder: bool, quantized: bool = False) -> di
     except Exception as exc:  # the optimizer raises bare AssertionErrors on patterns it cannot handle
         raise EdgePruneError(f"graph optimisation failed ({model_type}): {exc.__class__.__name__}: {exc}") from None
     fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
-    optimized.save_model_to_file(str(dst))
+    optimized.save_model_to_file(str(dst), use_external_data_format=needs_external_data(optimized.model))
     return {"model_type": model_type, "fused_operators": fused}

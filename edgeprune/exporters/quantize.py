@@ -4,6 +4,7 @@ weights, fp32 activations)."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -39,9 +40,12 @@ def quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> dict[str, Any]:
     """INT8 weights for MatMul/Gemm (per output channel when asked), activations quantized on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
 
+    from edgeprune.core.onnxio import is_external
+
     try:
         ort_quantize_dynamic(str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=per_channel,
-                             weight_type=QuantType.QInt8, extra_options=_extra_options())
+                             weight_type=QuantType.QInt8, extra_options=_extra_options(),
+                             use_external_data_format=is_external(src))
     except Exception as exc:
         raise EdgePruneError(f"dynamic quantization failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
     return {"method": "int8-dynamic", "per_channel": per_channel, "weight_type": "int8", "ops": list(DYNAMIC_OPS)}
@@ -112,6 +116,8 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], per_channel: bool
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
+    from edgeprune.core.onnxio import is_external
+
     if not batches:
         raise EdgePruneError("int8-static needs calibration data (--calib)")
     reader = type("EdgePruneCalibReader", (_FeedReader, CalibrationDataReader), {})(batches)
@@ -123,7 +129,8 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], per_channel: bool
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
             nodes_to_quantize=nodes, per_channel=per_channel, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            extra_options=_extra_options(ActivationSymmetric=False, WeightSymmetric=True))
+            extra_options=_extra_options(ActivationSymmetric=False, WeightSymmetric=True),
+            use_external_data_format=is_external(src))
     except EdgePruneError:
         raise
     except Exception as exc:
@@ -218,7 +225,7 @@ def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude:
 
     import numpy as np
 
-    from edgeprune.core.onnxio import ort_session
+    from edgeprune.core.onnxio import session_for_model
     from edgeprune.exporters import gptq
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -232,7 +239,8 @@ def _gptq_matmuls(model, spec: WeightOnlySpec, calibration: list[dict], exclude:
     augmented.CopyFrom(model)
     known = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs if name not in known)
-    session = ort_session(augmented.SerializeToString())
+    with tempfile.TemporaryDirectory(prefix="edgeprune-gptq-") as scratch:  # used only for graphs over 2 GB
+        session = session_for_model(augmented, scratch)
     del augmented
     masks = [feeds["attention_mask"] if "attention_mask" in feeds else np.ones(feeds["input_ids"].shape)
              for feeds in calibration]
@@ -410,7 +418,7 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
     import onnx.version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgeprune.core.onnxio import opset_of
+    from edgeprune.core.onnxio import opset_of, save_onnx
 
     bits = spec.bits
     model = onnx.load(str(src))
@@ -421,7 +429,7 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
     if gather_bits == 4 and source_opset < 21:
         try:  # the int4 tensor type needs opset 21; convert properly (Reduce*/Split changed since 17)
             model = onnx.version_converter.convert_version(model, 21)
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(model)  # over 2 GB this raises: the table stays fp32
             converted = True
         except Exception:  # noqa: BLE001 - keep the source opset and the embedding table fp32
             model = onnx.load(str(src))
@@ -445,7 +453,7 @@ def quantize_weight_only(src: Path, dst: Path, spec: WeightOnlySpec,
                                              op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
             quantizer.process()
             model = quantizer.model.model
-        onnx.save(model, str(dst))
+        save_onnx(model, dst)
     except EdgePruneError:
         raise
     except Exception as exc:

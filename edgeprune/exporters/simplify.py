@@ -11,6 +11,7 @@ alone, and the export gate re-validates the result numerically.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,6 +89,29 @@ def _symbolic_shapes(model):
         inference._infer_impl()
     inference._update_output_from_vi()
     return inference.out_mp_
+
+
+@contextlib.contextmanager
+def _large_weights_set_aside(model):
+    """For a graph over protobuf's 2 GB (shape inference serialises it): the data of initializers too large to
+    be shape values is taken out for the duration (their dims and types stay, which is all inference reads)
+    and put back after. Smaller graphs are left as they are."""
+    from edgeprune.core.onnxio import needs_external_data
+
+    if not needs_external_data(model):
+        yield
+        return
+    aside = {}
+    for init in model.graph.initializer:
+        if np.prod(init.dims, dtype=np.int64) > _MAX_FOLDED_ELEMENTS and init.HasField("raw_data"):
+            aside[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    try:
+        yield
+    finally:
+        for init in model.graph.initializer:
+            if init.name in aside:
+                init.raw_data = aside[init.name]
 
 
 def _as_sym(value: np.ndarray) -> _Sym | None:
@@ -211,13 +235,16 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
     """Write ``src`` with shape arithmetic folded to ``dst``; returns operator counts before/after."""
     import onnx
     from onnx import numpy_helper
+    from edgeprune.core.onnxio import save_onnx
+
     model = onnx.load(str(src))
     nodes_before = len(model.graph.node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     try:
-        inferred = _symbolic_shapes(model)
+        with _large_weights_set_aside(model):
+            inferred = _symbolic_shapes(model)
     except Exception:  # graphs symbolic inference cannot follow are exported as they are
-        onnx.save(model, str(dst))
+        save_onnx(model, dst)
         return {"nodes_before": nodes_before, "nodes_after": nodes_before, "skipped": "symbolic shape inference failed"}
     dims = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -247,10 +274,10 @@ def simplify(src: Path, dst: Path) -> dict[str, Any]:
 
     _propagate(graph, dims, known, sym, scalar_sym, folded, reshape_shapes, record, opset)
     if not folded and not reshape_shapes:
-        onnx.save(model, str(dst))
+        save_onnx(model, dst)
         return {"nodes_before": nodes_before, "nodes_after": nodes_before, "reshapes_made_static": 0}
 
     constants_folded = _rewrite(graph, known, folded, reshape_shapes)
-    onnx.save(model, str(dst))
+    save_onnx(model, dst)
     return {"nodes_before": nodes_before, "nodes_after": len(graph.node),
             "reshapes_made_static": len(reshape_shapes), "constants_folded": constants_folded}

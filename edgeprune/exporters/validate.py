@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeprune.core.errors import EdgePruneError
-from edgeprune.core.onnxio import (has_past, mean_pool_normalize, ort_greedy, ort_session, random_feeds,
-                                   prompt_feeds, run_session)
+from edgeprune.core.onnxio import (check_onnx_model, has_past, mean_pool_normalize, ort_greedy, ort_session,
+                                   prompt_feeds, random_feeds, run_session)
 
 # (batch, sequence, past) shapes the numerical gate runs; the last encoder row of each batch is padded.
 ENCODER_SHAPES = ((1, 8, 0), (2, 13, 0), (3, 5, 0))
@@ -34,7 +34,7 @@ def check_onnx_file(path: str | Path) -> Any:
         raise EdgePruneError(f"{path}: not a readable ONNX model (corrupt or truncated: "
                              f"{exc.__class__.__name__})") from None
     try:
-        onnx.checker.check_model(model)
+        check_onnx_model(model, path)
     except onnx.checker.ValidationError as exc:
         raise EdgePruneError(f"{path}: invalid ONNX model ({str(exc).splitlines()[0]})") from None
     if not model.graph.node:

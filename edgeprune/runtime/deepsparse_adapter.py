@@ -298,7 +298,7 @@ np.savez(out_path, *outputs)
 def deepsparse_check(path: Path, feeds: dict[str, np.ndarray], timeout: int = 900) -> dict[str, Any]:
     """Compile ``path`` with DeepSparse in its own interpreter and compare one inference on ``feeds`` (one
     static shape) with onnxruntime."""
-    from edgeprune.core.onnxio import ort_session, run_session
+    from edgeprune.core.onnxio import external_files, ort_session, run_session
 
     python = deepsparse_python()
     if python is None:
@@ -310,6 +310,8 @@ def deepsparse_check(path: Path, feeds: dict[str, np.ndarray], timeout: int = 90
         np.savez(Path(tmp) / "feeds.npz", **feeds)
         # A copy: DeepSparse rewrites the input shapes of the file it compiles, in place.
         shutil.copy2(path, Path(tmp) / "model.onnx")
+        for data in external_files(path):  # the weights beside a graph over 2 GB stay where they are
+            (Path(tmp) / data.name).symlink_to(data.resolve())
         cmd = [python, "-c", _DS_SCRIPT, str(Path(tmp) / "model.onnx"), str(Path(tmp) / "feeds.npz"), str(Path(tmp) / "out.npz"),
                json.dumps(names)]
         started = time.perf_counter()
