@@ -160,16 +160,17 @@ def test_default_pipeline_builds_the_distilled_variant_in_fp32_and_int8():
 
     config = default_recipe()
     by = {v.name: v for v in config.variants}
-    assert list(by) == ["dense", "distilled-60", "distilled-60-fused", "distilled-60-int8", "distilled-60-ds-int8"]
+    assert list(by) == ["dense", "distilled-60", "distilled-60-fused", "distilled-60-fused-int8",
+                        "distilled-60-ds-int8"]
     assert by["distilled-60"].recipe.endswith("minilm-60-distill.yaml")
     assert by["distilled-60-fused"].reuse == "distilled-60" and by["distilled-60-fused"].export["optimize"]
-    assert by["distilled-60-int8"].reuse == "distilled-60"
-    assert by["distilled-60-int8"].export["quantize"] == "int8-dynamic"
+    assert by["distilled-60-fused-int8"].reuse == "distilled-60"
+    assert by["distilled-60-fused-int8"].export == {"optimize": True, "quantize": "int8-dynamic"}
     ds = by["distilled-60-ds-int8"]  # built only where DeepSparse is installed
     assert ds.reuse == "distilled-60" and ds.requires_runtime == "deepsparse"
     assert ds.export == {"target": "deepsparse", "quantize": "int8-static", "calib": "stsb:train"}
     assert variant_precisions(config) == {"dense": "fp32", "distilled-60": "fp32", "distilled-60-fused": "fp32",
-                                          "distilled-60-int8": "int8", "distilled-60-ds-int8": "int8"}
+                                          "distilled-60-fused-int8": "int8", "distilled-60-ds-int8": "int8"}
     assert config.data == "stsb:dev" and "deepsparse" in config.optional_runtimes
 
 
