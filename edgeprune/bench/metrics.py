@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeprune.core.artifacts import is_artifact, read_manifest
+from edgeprune.core.onnxio import onnx_file_set
 from edgeprune.exporters.sparse import gzip_size, weight_stats
 
 
@@ -56,9 +57,8 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     size: dict[str, Any] = {"file": onnx_path.name}
     manifest = read_manifest(model_dir) if Path(model_dir).is_dir() and is_artifact(model_dir) else {}
     variant = next((v for v in manifest.get("variants", []) if v.get("file") == onnx_path.name), {})
-    files = [onnx_path] + [p for p in onnx_path.parent.glob(onnx_path.name + "*.data")]
-    size["bytes"] = variant.get("bytes") or sum(p.stat().st_size for p in files if p.is_file())
-    size["gzip_bytes"] = variant.get("gzip_bytes") or sum(gzip_size(p) for p in files if p.is_file())
+    size["bytes"] = variant.get("bytes") or sum(p.stat().st_size for p in onnx_file_set(onnx_path))
+    size["gzip_bytes"] = variant.get("gzip_bytes") or gzip_size(onnx_path)  # with its external data
     counts = gguf_counts(onnx_path) if onnx_path.suffix == ".gguf" else onnx_counts(onnx_path)
     size["initializer_elements"] = counts["initializer_elements"]
     size["nonzeros"] = variant.get("nonzeros") or counts["nonzeros"]

@@ -136,8 +136,10 @@ def is_external(path: str | Path) -> bool:
 
 
 def onnx_file_set(path: str | Path) -> list[Path]:
-    """``path`` and its external data files: what has to travel together."""
-    return [Path(path), *external_files(path)]
+    """``path`` and, for an ONNX file, its external data files: what has to travel together (a GGUF or other
+    file is itself alone)."""
+    path = Path(path)
+    return [path, *external_files(path)] if path.suffix == ".onnx" else [path]
 
 
 def save_onnx(model, path: str | Path) -> Path:

@@ -95,3 +95,16 @@ def test_save_onnx_below_the_threshold_is_one_file_and_removes_stale_data(tiny_m
     monkeypatch.setattr(onnxio, "EXTERNAL_DATA_ABOVE_BYTES", 2**40)
     save_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx.data").exists() and external_files(tmp_path / "m.onnx") == []
+
+
+def test_a_file_that_is_not_onnx_is_its_own_file_set(tmp_path):
+    """GGUF files go through the same size code (bench): no ONNX parsing, gzip of the file alone."""
+    import gzip
+
+    from edgeprune.core.onnxio import onnx_file_set
+    from edgeprune.exporters.sparse import gzip_size
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    assert onnx_file_set(path) == [path]
+    assert gzip_size(path) == len(gzip.compress(path.read_bytes(), compresslevel=6))
