@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeprune.core.artifacts import is_artifact, read_manifest
 from edgeprune.core.onnxio import onnx_file_set
-from edgeprune.exporters.sparse import gzip_size, weight_stats
+from edgeprune.exporters.sparse import gzip_size_of, weight_stats
 
 
 def latency_stats(seconds: Sequence[float], batch: int, seq: int) -> dict[str, Any]:
@@ -57,8 +57,11 @@ def model_size(model_dir: Path, onnx_path: Path) -> dict[str, Any]:
     size: dict[str, Any] = {"file": onnx_path.name}
     manifest = read_manifest(model_dir) if Path(model_dir).is_dir() and is_artifact(model_dir) else {}
     variant = next((v for v in manifest.get("variants", []) if v.get("file") == onnx_path.name), {})
-    size["bytes"] = variant.get("bytes") or sum(p.stat().st_size for p in onnx_file_set(onnx_path))
-    size["gzip_bytes"] = variant.get("gzip_bytes") or gzip_size(onnx_path)  # with its external data
+    size["bytes"], size["gzip_bytes"] = variant.get("bytes"), variant.get("gzip_bytes")
+    if not size["bytes"] or not size["gzip_bytes"]:  # not in the manifest: read the file and its external data
+        files = onnx_file_set(onnx_path)
+        size["bytes"] = size["bytes"] or sum(p.stat().st_size for p in files)
+        size["gzip_bytes"] = size["gzip_bytes"] or gzip_size_of(files)
     counts = gguf_counts(onnx_path) if onnx_path.suffix == ".gguf" else onnx_counts(onnx_path)
     size["initializer_elements"] = counts["initializer_elements"]
     size["nonzeros"] = variant.get("nonzeros") or counts["nonzeros"]

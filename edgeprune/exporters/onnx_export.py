@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgeprune.core import onnxio
 from edgeprune.core.errors import EdgePruneError
 from edgeprune.core.logs import quiet_logs
-from edgeprune.core import onnxio
 
 # edgeprune task -> optimum task (decoders with KV cache get "-with-past").
 OPTIMUM_TASKS = {
@@ -145,8 +145,6 @@ def deduplicate_tied_weights(model, path: Path) -> str:
     optimum's own helpers, saved with external data; what it did, for the manifest."""
     import onnx
 
-    from edgeprune.core.onnxio import save_onnx
-
     try:
         from accelerate.utils import find_tied_parameters
         from optimum.onnx.transformations_utils import (_deduplicate_gather_matmul, _find_matching_initializers,
@@ -160,7 +158,7 @@ def deduplicate_tied_weights(model, path: Path) -> str:
     with_op, to_tie, _ = _get_weights_to_tie(tied, model)
     index = {init.name: i for i, init in enumerate(onnx_model.graph.initializer)}
     groups = _find_matching_initializers(with_op, onnx_model, index)
-    save_onnx(_deduplicate_gather_matmul(onnx_model, to_tie, groups, index), path)
+    onnxio.save_onnx(_deduplicate_gather_matmul(onnx_model, to_tie, groups, index), path)
     return "deduplicated"
 
 
@@ -175,8 +173,6 @@ def make_past_tolerant(path: Path, layout: list[dict[str, int]], assumed: tuple[
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
-
-    from edgeprune.core.onnxio import save_onnx
 
     if all((layer["kv_heads"], layer["head_dim"]) == assumed for layer in layout):
         return False
@@ -207,7 +203,7 @@ def make_past_tolerant(path: Path, layout: list[dict[str, int]], assumed: tuple[
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    save_onnx(model, path)
+    onnxio.save_onnx(model, path)
     return True
 
 
